@@ -1,0 +1,55 @@
+"""Helpers to reach the plain network inside nnU-Net's wrappers.
+
+nnU-Net may wrap its network in ``torch.compile`` (names gain ``_orig_mod.``) and in
+``DistributedDataParallel`` (names gain ``module.``). Everything in this package selects parameters by
+the names of the *unwrapped* network, so the unwrapping lives here, once.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """Return the plain network inside DDP and/or ``torch.compile`` wrappers (any nesting order)."""
+    while True:
+        if isinstance(network, nn.parallel.DistributedDataParallel):
+            network = network.module
+        elif hasattr(network, "_orig_mod") and isinstance(getattr(network, "_orig_mod"), nn.Module):
+            network = network._orig_mod
+        else:
+            return network
+
+
+def strip_prefixes(name: str) -> str:
+    """``module._orig_mod.encoder.x`` -> ``encoder.x``."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if name.startswith(p):
+                name = name[len(p):]
+                changed = True
+    return name
+
+
+def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes from every key and move tensors to the CPU."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        out[strip_prefixes(k)] = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def unique_named_parameters(network: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of the unwrapped network by canonical name.
+
+    dynamic-network-architectures aliases modules (``decoder.encoder`` *is* the encoder, every conv is
+    also ``all_modules.k``); ``named_parameters()`` de-duplicates and yields the first registered name,
+    which is the canonical one used everywhere in this package.
+    """
+    return dict(unwrap(network).named_parameters())
