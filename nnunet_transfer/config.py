@@ -1,0 +1,190 @@
+"""One validated settings object for every trainer of this package.
+
+Settings have one path: the trainer class's defaults, overridden by the ``"nnunet_transfer"`` dict in
+the plans *configuration* the run uses (``nnunet_transfer configure`` writes such configurations).
+nnU-Net rebuilds a trainer from its ``__init__`` signature, so settings cannot be constructor arguments.
+
+Unknown keys, wrong types and values out of range raise :class:`ConfigError` naming the key, the value
+and what is valid, before anything is trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from nnunet_transfer.errors import ConfigError
+
+PLANS_KEY = "nnunet_transfer"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_at_least(lo: int):
+    def check(key: str, v: Any) -> None:
+        if not _is_int(v) or v < lo:
+            raise ConfigError(f"setting {key!r} must be an integer >= {lo}, got {v!r}")
+    return check
+
+
+def _optional_int_at_least(lo: int):
+    inner = _int_at_least(lo)
+
+    def check(key: str, v: Any) -> None:
+        if v is not None:
+            inner(key, v)
+    return check
+
+
+def _positive_float(key: str, v: Any) -> None:
+    if not _is_number(v) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"setting {key!r} must be a finite number > 0, got {v!r}")
+
+
+def _non_negative_float_or_inf(key: str, v: Any) -> None:
+    if not _is_number(v) or math.isnan(v) or v < 0:
+        raise ConfigError(f"setting {key!r} must be a number >= 0 (or inf), got {v!r}")
+
+
+def _optional_non_negative_float(key: str, v: Any) -> None:
+    if v is not None and (not _is_number(v) or not math.isfinite(v) or v < 0):
+        raise ConfigError(f"setting {key!r} must be a finite number >= 0 or null, got {v!r}")
+
+
+def _optional_spec(key: str, v: Any) -> None:
+    if v is not None and (not isinstance(v, str) or not v.strip()):
+        raise ConfigError(f"setting {key!r} must be a non-empty block spec string (e.g. 'encoder', "
+                          f"'blocks:1,2', a preset name) or null, got {v!r}")
+
+
+def _spec(key: str, v: Any) -> None:
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(f"setting {key!r} must be a non-empty block spec string, got {v!r}")
+
+
+def _bool(key: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(f"setting {key!r} must be true or false, got {v!r}")
+
+
+def _choice(*choices: str):
+    def check(key: str, v: Any) -> None:
+        if v not in choices:
+            raise ConfigError(f"setting {key!r} must be one of {list(choices)}, got {v!r}")
+    return check
+
+
+def _setting(default: Any, check, doc: str):
+    return field(default=default, metadata={"check": check, "doc": doc})
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Every setting of every trainer; a trainer declares which of them it reads (``transfer_keys``)."""
+
+    # -- training length and schedule (all trainers) --
+    num_epochs: int = _setting(1000, _int_at_least(1), "epochs (nnU-Net default 1000)")
+    num_iterations_per_epoch: int = _setting(250, _int_at_least(1), "training iterations per epoch")
+    num_val_iterations_per_epoch: int = _setting(50, _int_at_least(1),
+                                                 "validation iterations per epoch")
+    lr_scale: float = _setting(1.0, _positive_float,
+                               "multiplies nnU-Net's initial_lr (1e-2); Finetune defaults to 0.5")
+    seed: int | None = _setting(None, _optional_int_at_least(0),
+                                "seeds python/numpy/torch before the network is built (nnU-Net sets none)")
+    warmup_epochs: int = _setting(0, _int_at_least(0),
+                                  "linear LR ramp over this many epochs before the poly schedule")
+    snapshot_every: int = _setting(0, _int_at_least(0),
+                                   "save weights-only snapshots at the start and every N epochs (0 = off)")
+    # -- freezing (issue: freezing strategies) --
+    trainable: str | None = _setting(None, _optional_spec,
+                                     "block spec of what trains; everything else is frozen")
+    freeze_seg: bool = _setting(False, _bool,
+                                "allow freezing the segmentation heads (never loaded by nnU-Net)")
+    # -- L2-SP --
+    l2sp_alpha: float = _setting(0.0, _non_negative_float_or_inf,
+                                 "lambda of lambda*||theta_S - theta_S0||^2 over the scope; inf = freeze")
+    l2sp_beta: float | None = _setting(None, _optional_non_negative_float,
+                                       "L2 toward zero outside the scope (null = nnU-Net weight decay)")
+    l2sp_scope: str = _setting("encoder", _spec, "block spec of the anchored parameters")
+    decoder_init: str = _setting("pretrained", _choice("pretrained", "random"),
+                                 "decoder from the checkpoint or re-initialised (Sagie: random)")
+    allow_random_anchor: bool = _setting(False, _bool,
+                                         "allow L2-SP without pretrained weights (anchor = random init)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            f.metadata["check"](f.name, getattr(self, f.name))
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def docs(cls) -> dict[str, tuple[Any, str]]:
+        return {f.name: (f.default, f.metadata["doc"]) for f in fields(cls)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, defaults: Mapping[str, Any] | None = None,
+                     allowed: set[str] | None = None, owner: str = "this trainer") -> "TransferConfig":
+        """Build from class defaults overridden by ``values`` (the plans' ``nnunet_transfer`` dict)."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"the plans configuration's {PLANS_KEY!r} entry must be a JSON object "
+                              f"of settings, got {type(values).__name__}: {values!r}")
+        known = set(cls.keys())
+        valid = sorted(allowed if allowed is not None else known)
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown setting {key!r}; valid settings for {owner}: {valid}")
+            if allowed is not None and key not in allowed:
+                raise ConfigError(f"setting {key!r} is not used by {owner}; valid settings for "
+                                  f"{owner}: {valid} (use another configuration for other trainers)")
+        merged = {**(defaults or {}), **values}
+        return cls(**{k: _coerce_special(k, v) for k, v in merged.items()})
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        # JSON has no infinity; keep the file valid JSON and round-trippable
+        return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json_dict(), indent=2, sort_keys=True)
+
+
+def _coerce_special(key: str, v: Any) -> Any:
+    # JSON cannot hold infinity: "inf" (any case) is accepted for number settings that allow it
+    if key == "l2sp_alpha" and isinstance(v, str) and v.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    return v
+
+
+def parse_cli_value(key: str, text: str) -> Any:
+    """Turn ``--set key=value`` text into the JSON value the plans will hold."""
+    if key not in TransferConfig.keys():
+        raise ConfigError(f"unknown setting {key!r}; valid settings: {sorted(TransferConfig.keys())}")
+    t = text.strip()
+    if t.lower() in ("null", "none"):
+        return None
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    if t.lower() in ("inf", "infinity"):
+        return "inf"
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    try:
+        value = float(t)
+    except ValueError:
+        return t
+    if math.isnan(value):
+        raise ConfigError(f"setting {key!r} cannot be NaN, got {text!r}")
+    return value

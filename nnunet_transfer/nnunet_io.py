@@ -1,0 +1,108 @@
+"""Reading nnU-Net's folders and plans, with errors that say what to fix.
+
+Everything here reads the environment at call time (nnU-Net's own path objects do too), so tests and
+notebooks may set ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` after import.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from nnunet_transfer.errors import DataError
+
+ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def env_folder(var: str) -> Path:
+    """The folder an nnU-Net environment variable points at; it must be set and exist."""
+    value = os.environ.get(var)
+    if not value:
+        raise DataError(f"environment variable {var} is not set; fix: export {var}=/path/to/{var}")
+    path = Path(value)
+    if not path.is_dir():
+        raise DataError(f"{var}={value} does not exist or is not a folder; fix: mkdir -p {value}")
+    return path
+
+
+def dataset_name(dataset: str | int) -> str:
+    """``902`` / ``"902"`` / ``"Dataset902_X"`` -> ``"Dataset902_X"``, found in raw or preprocessed."""
+    text = str(dataset).strip()
+    m = re.fullmatch(r"(?:Dataset)?(\d{1,3})(?:_.*)?", text)
+    if not m:
+        raise DataError(f"dataset {dataset!r} is neither an id (e.g. 902) nor a name like "
+                        f"'Dataset902_Name'")
+    if text.startswith("Dataset") and "_" in text:
+        return text
+    wanted = f"Dataset{int(m.group(1)):03d}_"
+    found: set[str] = set()
+    for var in ENV_VARS:
+        root = os.environ.get(var)
+        if root and Path(root).is_dir():
+            found |= {p.name for p in Path(root).iterdir() if p.name.startswith(wanted)}
+    if not found:
+        roots = ", ".join(f"{v}={os.environ.get(v, '<unset>')}" for v in ENV_VARS)
+        raise DataError(f"no dataset with id {int(m.group(1))} ({wanted}*) in {roots}")
+    if len(found) > 1:
+        raise DataError(f"dataset id {int(m.group(1))} is ambiguous: {sorted(found)}; pass the full name")
+    return found.pop()
+
+
+def load_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+
+
+def plans_path(dataset: str | int, plans: str = "nnUNetPlans") -> Path:
+    name = dataset_name(dataset)
+    path = env_folder("nnUNet_preprocessed") / name / f"{plans}.json"
+    if not path.is_file():
+        raise DataError(f"plans {path} not found; run nnUNetv2_plan_and_preprocess -d {name} first "
+                        f"(or give the plans identifier with -p)")
+    return path
+
+
+def load_plans(dataset: str | int, plans: str = "nnUNetPlans") -> dict:
+    return load_json(plans_path(dataset, plans))
+
+
+def load_dataset_json(dataset: str | int) -> dict:
+    """dataset.json from the preprocessed folder (what training uses), else from the raw folder."""
+    name = dataset_name(dataset)
+    for var in ("nnUNet_preprocessed", "nnUNet_raw"):
+        root = os.environ.get(var)
+        if root and (Path(root) / name / "dataset.json").is_file():
+            return load_json(Path(root) / name / "dataset.json")
+    raise DataError(f"dataset.json of {name} not found in nnUNet_preprocessed or nnUNet_raw")
+
+
+def check_configuration(plans: dict, configuration: str) -> None:
+    configs = plans.get("configurations", {})
+    if configuration not in configs:
+        raise DataError(f"configuration {configuration!r} is not in plans {plans.get('plans_name')!r}; "
+                        f"available: {sorted(configs)}")
+
+
+def build_network(plans: dict, configuration: str, dataset_json: dict, *,
+                  deep_supervision: bool = True):
+    """The network nnU-Net would build for these plans (random init), on the CPU."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    check_configuration(plans, configuration)
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    lm = pm.get_label_manager(dataset_json)
+    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                  cm.network_arch_init_kwargs_req_import,
+                                  determine_num_input_channels(pm, cm, dataset_json),
+                                  lm.num_segmentation_heads, allow_init=True,
+                                  deep_supervision=deep_supervision)
