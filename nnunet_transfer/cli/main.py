@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "trainer_path",
     "doctor",
     "configure",
+    "blocks",
     "demo",
 ]
 

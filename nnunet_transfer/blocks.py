@@ -1,0 +1,532 @@
+"""The U-Net block model and the block-spec grammar: one vocabulary for what trains, what L2-SP
+anchors and which layers ``analyze`` hooks.
+
+Block model
+-----------
+A U-Net with ``N`` resolution stages (nnU-Net plans give 4–8) has ``2N − 1`` blocks, numbered along
+the path an image takes (Amiri et al., "Fine-tuning U-Net for ultrasound image segmentation:
+different layers, different outcomes", IEEE TUFFC 2020, https://doi.org/10.1109/TUFFC.2020.3015081)::
+
+    1 ─────────────────────────────── 2N−1        resolution level 0 (full resolution)
+      2 ─────────────────────── 2N−2              level 1
+        …                   …
+          N−1 ───────── N+1                       level N−2
+                   N                              level N−1 (bottleneck)
+
+=========  ============  ===================================================================
+block      group         modules (dynamic-network-architectures 0.4.4)
+=========  ============  ===================================================================
+1          encoder       ``encoder.stem`` (ResEnc only) + ``encoder.stages.0``
+2..N−1     encoder       ``encoder.stages.{k−1}``
+N          bottleneck    ``encoder.stages.{N−1}``
+N+1..2N−1  decoder       ``decoder.transpconvs.{j}`` + ``decoder.stages.{j}``, j = k − N − 1
+seg        seg           ``decoder.seg_layers.*`` (all deep-supervision heads)
+=========  ============  ===================================================================
+
+Decoder index 0 is the *deepest* decoder stage, so block ``N+1+j`` holds decoder index ``j`` and
+block ``2N − k`` works at the resolution of block ``k``. Depth, both of Amiri's schemes:
+
+* scheme 1 (path order): depth = block number, 1..2N−1;
+* scheme 2 (distance from the top of the "U" through the skip connections): blocks ``k`` and
+  ``2N − k`` have depth ``k``, the bottleneck has depth ``N``.
+
+Parameter names are those of the *unwrapped* network's ``named_parameters()``: wrappers
+(``module.``, ``_orig_mod.``) are removed once by :func:`nnunet_transfer.netutil.unwrap`, and the
+aliases dynamic-network-architectures creates (``decoder.encoder`` *is* the encoder, every conv is
+also ``all_modules.k``) are resolved by module identity, so each parameter belongs to exactly one
+block or to ``seg``.
+
+Spec grammar
+------------
+A spec is terms joined by ``+`` (union); whitespace is ignored, names are case-insensitive::
+
+    spec   := term ("+" term)*
+    term   := group | "blocks:" items | preset
+    group  := "encoder" (blocks 1..N, bottleneck included: nnU-Net's ``encoder`` module)
+            | "decoder" (blocks N+1..2N−1) | "bottleneck" (block N)
+            | "seg" (the segmentation heads) | "all" (every block and seg)
+    items  := item ("," item)*      item := k | a "-" b       (1 <= k, a <= b <= 2N−1)
+
+Presets never include ``seg``: nnU-Net re-initialises the heads when it loads
+``-pretrained_weights``, so a trainer adds ``+seg`` itself when the heads must train.
+
+Presets — Amiri's 12 fine-tuning strategies, generalised to any N (numbers follow the order of the
+strategy list this package was specified with; the sets for N = 5 are those of the paper's 9-block
+U-Net):
+
+====  ==================  ============================  =============  =========
+ #    preset              blocks (any N)                N = 5          min N
+====  ==================  ============================  =============  =========
+ 1    whole               1..2N−1                       1–9            2
+ 2    contracting         1..N−1                        1–4            2
+ 3    expanding           N+1..2N−1                     6–9            2
+ 4    exceptBottleneck    all but N                     1–4, 6–9       2
+ 5    bottleneck          N                             5              2
+ 6    outer               {1, 2, 2N−2, 2N−1}            1, 2, 8, 9     4
+ 7    inner               3..2N−3                       3–7            4
+ 8    first               {1}                           1              2
+ 9    last                {2N−1}                        9              2
+10    firstLast           {1, 2N−1}                     1, 9           2
+11    first2              {1, 2}                        1, 2           3
+12    deepEncoder         {N−2, N−1}                    3, 4           4
+====  ==================  ============================  =============  =========
+
+Why the minimum N: ``outer`` is the two outer resolution levels on both sides and ``inner`` the rest;
+at N = 3 they would equal ``exceptBottleneck`` and ``bottleneck``. ``first2`` at N = 2 would take the
+bottleneck as its second "encoder" block. ``deepEncoder`` (the two encoder blocks just above the
+bottleneck) at N = 3 would equal ``first2``. Degenerate presets are refused, not silently reduced.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from torch import nn
+
+from nnunet_transfer.errors import ArchitectureError, SpecError
+from nnunet_transfer.netutil import unwrap
+
+GROUPS = ("encoder", "bottleneck", "decoder", "seg", "all")
+SUPPORTED_ARCHITECTURES = (
+    "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+    "dynamic_network_architectures.architectures.unet.ResidualUNet",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# presets
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preset:
+    """One of Amiri's fine-tuning strategies as a function of the stage count ``N``."""
+
+    name: str
+    amiri: int
+    rule: str
+    min_stages: int
+    why_min: str
+    _blocks: Callable[[int], Iterable[int]] = field(repr=False, compare=False)
+
+    def blocks(self, n_stages: int) -> frozenset[int]:
+        """The block numbers for a network with ``n_stages`` stages (no minimum check)."""
+        return frozenset(self._blocks(n_stages))
+
+
+def _r(a: int, b: int) -> range:
+    return range(a, b + 1)
+
+
+_PRESET_LIST = (
+    Preset("whole", 1, "1..2N-1", 2, "", lambda n: _r(1, 2 * n - 1)),
+    Preset("contracting", 2, "1..N-1", 2, "", lambda n: _r(1, n - 1)),
+    Preset("expanding", 3, "N+1..2N-1", 2, "", lambda n: _r(n + 1, 2 * n - 1)),
+    Preset("exceptBottleneck", 4, "all but N", 2, "",
+           lambda n: [k for k in _r(1, 2 * n - 1) if k != n]),
+    Preset("bottleneck", 5, "N", 2, "", lambda n: [n]),
+    Preset("outer", 6, "{1,2,2N-2,2N-1}", 4, "at N=3 it equals exceptBottleneck",
+           lambda n: [1, 2, 2 * n - 2, 2 * n - 1]),
+    Preset("inner", 7, "3..2N-3", 4, "at N=3 it equals bottleneck", lambda n: _r(3, 2 * n - 3)),
+    Preset("first", 8, "{1}", 2, "", lambda n: [1]),
+    Preset("last", 9, "{2N-1}", 2, "", lambda n: [2 * n - 1]),
+    Preset("firstLast", 10, "{1,2N-1}", 2, "", lambda n: [1, 2 * n - 1]),
+    Preset("first2", 11, "{1,2}", 3, "at N=2 block 2 is the bottleneck", lambda n: [1, 2]),
+    Preset("deepEncoder", 12, "{N-2,N-1}", 4, "at N=3 it equals first2", lambda n: [n - 2, n - 1]),
+)
+#: Presets by their canonical (camelCase) name, in Amiri order.
+PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
+_PRESETS_LOWER = {name.lower(): p for name, p in PRESETS.items()}
+
+
+def preset_names() -> list[str]:
+    """Canonical preset names in Amiri order (1–12)."""
+    return list(PRESETS)
+
+
+# --------------------------------------------------------------------------------------------------
+# spec parsing (needs only the stage count)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Selection:
+    """What a spec selects: block numbers and whether the segmentation heads are in."""
+
+    spec: str
+    n_stages: int
+    blocks: frozenset[int]
+    seg: bool
+
+    def describe(self) -> str:
+        """``"blocks 1-4 + seg"``: compact, for logs and tables."""
+        parts = []
+        if self.blocks:
+            parts.append("blocks " + format_block_ranges(self.blocks))
+        if self.seg:
+            parts.append("seg")
+        return " + ".join(parts) if parts else "nothing"
+
+
+def format_block_ranges(numbers: Iterable[int]) -> str:
+    """``{1, 2, 3, 8, 9}`` -> ``"1-3,8-9"``."""
+    nums = sorted(set(numbers))
+    out: list[str] = []
+    i = 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _grammar_help(n_stages: int) -> str:
+    top = 2 * n_stages - 1
+    return (f"a term is a group ({', '.join(GROUPS)}), 'blocks:' with numbers and ranges in 1..{top} "
+            f"(e.g. blocks:1,2,{top - 1}-{top}), or a preset ({', '.join(PRESETS)}); join terms with '+'")
+
+
+def _range_text(n_stages: int) -> str:
+    n = n_stages
+    return (f"valid range 1..{2 * n - 1} for this network (N={n} stages: encoder 1..{n - 1}, "
+            f"bottleneck {n}, decoder {n + 1}..{2 * n - 1})")
+
+
+def _parse_blocks_term(term: str, body: str, spec: str, n_stages: int) -> set[int]:
+    top = 2 * n_stages - 1
+    items = [s.strip() for s in body.split(",")]
+    if not body.strip() or any(not s for s in items):
+        raise SpecError(f"malformed term {term!r} in spec {spec!r}: 'blocks:' needs comma-separated "
+                        f"numbers or ranges without empty items, e.g. blocks:1,2,{top - 1}-{top}")
+    out: set[int] = set()
+    for item in items:
+        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", item)
+        if not m:
+            raise SpecError(f"malformed item {item!r} in term {term!r} of spec {spec!r}: expected a "
+                            f"block number (e.g. 3) or a range (e.g. 2-4)")
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if a > b:
+            raise SpecError(f"malformed range {item!r} in spec {spec!r}: it runs backwards; write {b}-{a}")
+        for k in (a, b):
+            if not 1 <= k <= top:
+                raise SpecError(f"block {k} in spec {spec!r} is out of range: {_range_text(n_stages)}")
+        out.update(_r(a, b))
+    return out
+
+
+def parse_spec(spec: str, n_stages: int) -> Selection:
+    """Parse ``spec`` for a U-Net with ``n_stages`` stages.
+
+    Raises :class:`SpecError` for an empty spec, a malformed term, an out-of-range block, an unknown
+    name (with the list of what exists and the closest match) or a preset that is degenerate at this
+    ``n_stages``.
+    """
+    if not isinstance(n_stages, int) or n_stages < 2:
+        raise ValueError(f"n_stages must be an int >= 2, got {n_stages!r}")
+    if not isinstance(spec, str):
+        raise SpecError(f"a spec must be a string, got {type(spec).__name__} {spec!r}")
+    if not spec.strip():
+        raise SpecError(f"the spec is empty and selects nothing; {_grammar_help(n_stages)}")
+    n = n_stages
+    blocks: set[int] = set()
+    seg = False
+    for raw in spec.split("+"):
+        term = raw.strip()
+        low = term.lower()
+        if not term:
+            raise SpecError(f"malformed spec {spec!r}: empty term (a '+' with nothing on one side); "
+                            f"{_grammar_help(n)}")
+        if low.startswith("blocks:"):
+            blocks |= _parse_blocks_term(term, term[len("blocks:"):], spec, n)
+        elif low == "encoder":
+            blocks |= set(_r(1, n))
+        elif low == "bottleneck":
+            blocks.add(n)
+        elif low == "decoder":
+            blocks |= set(_r(n + 1, 2 * n - 1))
+        elif low == "seg":
+            seg = True
+        elif low == "all":
+            blocks |= set(_r(1, 2 * n - 1))
+            seg = True
+        elif low in _PRESETS_LOWER:
+            p = _PRESETS_LOWER[low]
+            if n < p.min_stages:
+                raise SpecError(
+                    f"preset {p.name!r} ({p.rule}) needs a network with at least {p.min_stages} stages "
+                    f"({p.why_min}); this network has N={n}. Select the blocks explicitly instead "
+                    f"with blocks:... ({_range_text(n)})")
+            blocks |= p.blocks(n)
+        else:
+            names = [*GROUPS, *PRESETS, "blocks:"]
+            close = difflib.get_close_matches(low, [x.lower() for x in names], n=1)
+            hint = ""
+            if close:
+                hint = f" (did you mean {next(x for x in names if x.lower() == close[0])!r}?)"
+            elif re.fullmatch(r"[\d,\s-]+", term):
+                hint = f" (block numbers need the prefix: blocks:{term})"
+            raise SpecError(f"unknown term {term!r} in spec {spec!r}{hint}; {_grammar_help(n)}")
+    return Selection(spec=spec, n_stages=n, blocks=frozenset(blocks), seg=seg)
+
+
+def spec_blocks(spec: str, n_stages: int) -> list[int]:
+    """The sorted block numbers a spec selects (``seg`` is not a block and is not listed)."""
+    return sorted(parse_spec(spec, n_stages).blocks)
+
+
+# --------------------------------------------------------------------------------------------------
+# block model of a real network
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Block:
+    """One U-Net block. ``param_names`` are canonical names in ``named_parameters()`` order."""
+
+    number: int
+    group: str  # 'encoder' | 'bottleneck' | 'decoder'
+    module_names: tuple[str, ...]
+    output_module: str  # the module whose output is this block's output (for forward hooks)
+    param_names: tuple[str, ...]
+    n_params: int
+    depth_scheme1: int
+    depth_scheme2: int
+    resolution_level: int  # 0 = full resolution, N-1 = bottleneck
+
+
+def _supported_classes() -> tuple[type, ...]:
+    from dynamic_network_architectures.architectures.unet import (
+        PlainConvUNet,
+        ResidualEncoderUNet,
+        ResidualUNet,
+    )
+    return PlainConvUNet, ResidualEncoderUNet, ResidualUNet
+
+
+def _unsupported(net: nn.Module, why: str) -> ArchitectureError:
+    cls = type(net)
+    return ArchitectureError(
+        f"{cls.__module__}.{cls.__qualname__} is not supported by the U-Net block model ({why}); "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (and their subclasses). Transformer "
+        f"networks such as Primus have no encoder/decoder stages to select.")
+
+
+@dataclass(frozen=True)
+class BlockModel:
+    """Blocks of a PlainConvUNet / ResidualEncoderUNet / ResidualUNet with any stage count.
+
+    Build it with :meth:`from_network`; it holds only names and counts, no reference to the network.
+    """
+
+    architecture: str
+    n_stages: int
+    blocks: tuple[Block, ...]
+    seg_module_names: tuple[str, ...]
+    seg_param_names: tuple[str, ...]
+    n_seg_params: int
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_network(cls, network: nn.Module) -> "BlockModel":
+        """Describe ``network`` (DDP / ``torch.compile`` wrappers are removed first)."""
+        net = unwrap(network)
+        if not isinstance(net, _supported_classes()):
+            raise _unsupported(net, "not a convolutional U-Net of dynamic-network-architectures")
+        enc, dec = net.encoder, net.decoder
+        n = len(enc.stages)
+        if n < 2:
+            raise _unsupported(net, f"it has {n} stage(s); a U-Net needs at least 2")
+        for part in ("stages", "transpconvs", "seg_layers"):
+            got = len(getattr(dec, part))
+            if got != n - 1:
+                raise _unsupported(net, f"decoder.{part} has {got} entries, expected N-1 = {n - 1} "
+                                        f"for {n} encoder stages")
+
+        specs: list[tuple[int, str, tuple[str, ...], str]] = []
+        for k in _r(1, n):
+            mods = (f"encoder.stages.{k - 1}",)
+            if k == 1 and getattr(enc, "stem", None) is not None:
+                mods = ("encoder.stem",) + mods
+            specs.append((k, "bottleneck" if k == n else "encoder", mods, f"encoder.stages.{k - 1}"))
+        for j in range(n - 1):
+            specs.append((n + 1 + j, "decoder", (f"decoder.transpconvs.{j}", f"decoder.stages.{j}"),
+                          f"decoder.stages.{j}"))
+        seg_modules = tuple(f"decoder.seg_layers.{j}" for j in range(n - 1))
+
+        # Assign by module identity, then name by the canonical (first registered) name, so the
+        # aliases (decoder.encoder, all_modules.k) cannot put a parameter in two places.
+        params = dict(net.named_parameters())
+        canonical = {id(p): name for name, p in params.items()}
+        order = {pid: i for i, pid in enumerate(canonical)}
+        owner: dict[int, str] = {}
+
+        def collect(mod_names: Iterable[str], label: str) -> tuple[tuple[str, ...], int]:
+            ids = []
+            for m in mod_names:
+                for p in net.get_submodule(m).parameters():
+                    if id(p) in owner and owner[id(p)] != label:
+                        raise _unsupported(net, f"parameter {canonical[id(p)]} is shared by "
+                                                f"{owner[id(p)]} and {label}")
+                    if id(p) not in owner:
+                        owner[id(p)] = label
+                        ids.append(id(p))
+            ids.sort(key=order.__getitem__)
+            return tuple(canonical[i] for i in ids), sum(params[canonical[i]].numel() for i in ids)
+
+        blocks = []
+        for k, group, mods, out in specs:
+            names, count = collect(mods, f"block {k}")
+            blocks.append(Block(number=k, group=group, module_names=mods, output_module=out,
+                                param_names=names, n_params=count, depth_scheme1=k,
+                                depth_scheme2=min(k, 2 * n - k), resolution_level=min(k, 2 * n - k) - 1))
+        seg_names, seg_count = collect(seg_modules, "seg")
+        missing = [name for pid, name in canonical.items() if pid not in owner]
+        if missing:
+            raise _unsupported(net, f"{len(missing)} parameter(s) belong to no block, e.g. "
+                                    f"{missing[:3]}")
+        cls_ = type(net)
+        return cls(architecture=cls_.__name__, n_stages=n, blocks=tuple(blocks),
+                   seg_module_names=seg_modules, seg_param_names=seg_names, n_seg_params=seg_count)
+
+    # ---- plain facts --------------------------------------------------------------------------------
+    @property
+    def n_blocks(self) -> int:
+        return 2 * self.n_stages - 1
+
+    @property
+    def all_param_names(self) -> tuple[str, ...]:
+        """Every parameter: blocks 1..2N−1 in order, then the seg heads."""
+        return tuple(n for b in self.blocks for n in b.param_names) + self.seg_param_names
+
+    @property
+    def n_params(self) -> int:
+        return sum(b.n_params for b in self.blocks) + self.n_seg_params
+
+    def block(self, number: int) -> Block:
+        if not 1 <= number <= self.n_blocks:
+            raise SpecError(f"block {number} is out of range: {_range_text(self.n_stages)}")
+        return self.blocks[number - 1]
+
+    # ---- spec resolution ----------------------------------------------------------------------------
+    def select(self, spec: str | Selection) -> Selection:
+        if isinstance(spec, Selection):
+            if spec.n_stages != self.n_stages:
+                raise SpecError(f"selection {spec.spec!r} was parsed for N={spec.n_stages} stages; "
+                                f"this network has N={self.n_stages}")
+            return spec
+        return parse_spec(spec, self.n_stages)
+
+    def param_names(self, spec: str | Selection) -> set[str]:
+        """Canonical names of the parameters a spec selects; raises if it selects none."""
+        sel = self.select(spec)
+        names = {n for k in sel.blocks for n in self.blocks[k - 1].param_names}
+        if sel.seg:
+            names |= set(self.seg_param_names)
+        if not names:
+            raise SpecError(f"spec {sel.spec!r} ({sel.describe()}) matches no parameter of this "
+                            f"{self.architecture}")
+        return names
+
+    def module_names(self, spec: str | Selection) -> list[str]:
+        """Names of the modules a spec selects, in block order (seg heads last)."""
+        sel = self.select(spec)
+        out = [m for k in sorted(sel.blocks) for m in self.blocks[k - 1].module_names]
+        return out + (list(self.seg_module_names) if sel.seg else [])
+
+    def output_modules(self, spec: str | Selection) -> dict[int, str]:
+        """``{block number: name of the module whose output is the block's output}``."""
+        sel = self.select(spec)
+        return {k: self.blocks[k - 1].output_module for k in sorted(sel.blocks)}
+
+    # ---- presentation -------------------------------------------------------------------------------
+    def to_dict(self, spec: str | Selection | None = None) -> dict:
+        """Everything :meth:`table` shows, plus parameter names, as JSON-ready data."""
+        sel = self.select(spec) if spec is not None else None
+        total = self.n_params
+
+        def frac(c: int) -> float:
+            return c / total if total else 0.0
+
+        rows = []
+        for b in self.blocks:
+            row = {"block": b.number, "group": b.group, "modules": list(b.module_names),
+                   "output_module": b.output_module, "n_params": b.n_params,
+                   "fraction": frac(b.n_params), "depth_scheme1": b.depth_scheme1,
+                   "depth_scheme2": b.depth_scheme2, "resolution_level": b.resolution_level,
+                   "param_names": list(b.param_names)}
+            if sel is not None:
+                row["trainable"] = b.number in sel.blocks
+            rows.append(row)
+        seg = {"modules": list(self.seg_module_names), "n_params": self.n_seg_params,
+               "fraction": frac(self.n_seg_params), "param_names": list(self.seg_param_names)}
+        if sel is not None:
+            seg["trainable"] = sel.seg
+        out = {"architecture": self.architecture, "n_stages": self.n_stages, "n_blocks": self.n_blocks,
+               "n_params": total, "blocks": rows, "seg": seg}
+        if sel is not None:
+            n_train = sum(self.blocks[k - 1].n_params for k in sel.blocks) + (
+                self.n_seg_params if sel.seg else 0)
+            out["spec"] = {"spec": sel.spec, "blocks": sorted(sel.blocks), "seg": sel.seg,
+                           "n_trainable_params": n_train, "trainable_fraction": frac(n_train)}
+        return out
+
+    def table(self, spec: str | Selection | None = None) -> str:
+        """A text table in the manner of Amiri's Table II; with ``spec`` a ``train`` column."""
+        sel = self.select(spec) if spec is not None else None
+        total = self.n_params
+
+        def pct(c: int) -> str:
+            if not total:
+                return "-"
+            share = 100.0 * c / total
+            return "<0.01%" if 0 < share < 0.005 else f"{share:.2f}%"
+
+        header = ["block", "group", "modules", "params", "share", "depth1", "depth2", "level"]
+        if sel is not None:
+            header.append("train")
+        rows = []
+        for b in self.blocks:
+            row = [str(b.number), b.group, " + ".join(b.module_names), f"{b.n_params:,}",
+                   pct(b.n_params), str(b.depth_scheme1), str(b.depth_scheme2), str(b.resolution_level)]
+            if sel is not None:
+                row.append("yes" if b.number in sel.blocks else "-")
+            rows.append(row)
+        seg_row = ["seg", "seg", f"decoder.seg_layers.0-{self.n_stages - 2}", f"{self.n_seg_params:,}",
+                   pct(self.n_seg_params), "-", "-", "-"]
+        if sel is not None:
+            seg_row.append("yes" if sel.seg else "-")
+        rows.append(seg_row)
+        total_row = ["total", "", "", f"{total:,}", pct(total), "", "", ""]
+        if sel is not None:
+            n_train = sum(self.blocks[k - 1].n_params for k in sel.blocks) + (
+                self.n_seg_params if sel.seg else 0)
+            total_row.append(f"{n_train:,} ({pct(n_train)})")
+        rows.append(total_row)
+        right = {3, 4, 5, 6, 7}
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+        def fmt(r: list[str]) -> str:
+            cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+            return "  ".join(cells).rstrip()
+
+        title = (f"{self.architecture}: N={self.n_stages} stages, {self.n_blocks} blocks, "
+                 f"{total:,} parameters")
+        if sel is not None:
+            title += f"; spec {sel.spec!r} trains {sel.describe()}"
+        lines = [title, fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows[:-1]),
+                 fmt(["-" * w for w in widths]), fmt(rows[-1])]
+        return "\n".join(lines)
+
+
+def block_model(network_or_model: nn.Module | BlockModel) -> BlockModel:
+    if isinstance(network_or_model, BlockModel):
+        return network_or_model
+    return BlockModel.from_network(network_or_model)
+
+
+def resolve_spec(network_or_model: nn.Module | BlockModel, spec: str | Selection) -> set[str]:
+    """Canonical parameter names (of the unwrapped network) that ``spec`` selects."""
+    return block_model(network_or_model).param_names(spec)

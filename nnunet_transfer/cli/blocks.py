@@ -1,0 +1,42 @@
+"""``nnunet_transfer blocks``: the block table of the network a plans configuration builds.
+
+Shows what a block spec (``--spec``) selects before any training is started: block number, group,
+modules, parameter count and share of the total, depth under Amiri's two schemes, resolution level.
+"""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "blocks", help="print the U-Net blocks of a plans configuration (and what a spec selects)",
+        description="Build the network nnU-Net would build for the plans configuration (random "
+                    "init, CPU) and print its blocks. A spec is terms joined by '+': a group "
+                    "(encoder, bottleneck, decoder, seg, all), block numbers 'blocks:1,2,8-9', or a "
+                    "preset (whole, contracting, expanding, exceptBottleneck, bottleneck, outer, "
+                    "inner, first, last, firstLast, first2, deepEncoder).")
+    p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
+    p.add_argument("-c", dest="configuration", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--spec", help="mark the blocks this spec selects (a 'train' column), e.g. contracting+seg")
+    p.add_argument("--json", action="store_true", help="print JSON (with parameter names) instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    from nnunet_transfer.blocks import BlockModel
+    from nnunet_transfer.nnunet_io import build_network, load_dataset_json, load_plans
+
+    plans = load_plans(args.dataset, args.plans)
+    network = build_network(plans, args.configuration, load_dataset_json(args.dataset))
+    model = BlockModel.from_network(network)
+    if args.json:
+        data = model.to_dict(args.spec)
+        data = {"dataset": plans.get("dataset_name", str(args.dataset)), "plans": args.plans,
+                "configuration": args.configuration, **data}
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"{plans.get('dataset_name', args.dataset)} / {args.plans} / {args.configuration}")
+        print(model.table(args.spec))
+    return 0
