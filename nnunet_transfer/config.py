@@ -101,6 +101,8 @@ class TransferConfig:
                                 "seeds python/numpy/torch before the network is built (nnU-Net sets none)")
     warmup_epochs: int = _setting(0, _int_at_least(0),
                                   "linear LR ramp over this many epochs before the poly schedule")
+    save_every: int = _setting(50, _int_at_least(1),
+                               "write checkpoint_latest.pth every N epochs (nnU-Net default 50)")
     snapshot_every: int = _setting(0, _int_at_least(0),
                                    "save weights-only snapshots at the start and every N epochs (0 = off)")
     # -- freezing (issue: freezing strategies) --

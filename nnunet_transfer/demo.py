@@ -1,0 +1,148 @@
+"""The whole pipeline on generated data: pretrain on a source, transfer to a small target, compare.
+
+Every step runs nnU-Net's (or this package's) own command-line program as a subprocess, exactly as a
+user would type it; each step's output is in ``OUT/logs/``. The result is a table of test Dice per
+strategy with training time, printed and written as ``OUT/results.md`` and ``OUT/results.json``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from nnunet_transfer.data import LABELS, make_transfer_pair
+from nnunet_transfer.experiments.metrics import dice_folder
+from nnunet_transfer.pipeline import TRAIN_ENV, nnunet_environment, run_step, train_args
+
+SOURCE_ID, TARGET_ID = 901, 902
+BASE_CONFIG = "3d_fullres"
+DEMO_CONFIG = "demo"  # tiny network: features 8-16-32, patch 32^3, batch 2
+TARGET_CONFIG = "target"  # inherits DEMO_CONFIG in the moved plans, with the fine-tuning schedule
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One row of the table: a trainer, its settings, and whether it starts from the source model."""
+
+    name: str
+    trainer: str
+    pretrained: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+    slug: str = ""
+
+    @property
+    def configuration(self) -> str:
+        return f"{TARGET_CONFIG}_{self.slug}" if self.settings else TARGET_CONFIG
+
+
+STRATEGIES: list[Strategy] = [
+    Strategy("from scratch (random init)", "nnUNetTrainerTransferBase", pretrained=False),
+    Strategy("fine-tune all layers, LR/2 (Karimi)", "nnUNetTrainerFinetune", pretrained=True),
+]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    pretrain_epochs: int = 12
+    finetune_epochs: int = 8
+    iterations: int = 20
+    val_iterations: int = 4
+
+
+QUICK = Schedule(pretrain_epochs=2, finetune_epochs=2, iterations=4, val_iterations=2)
+
+
+def _settings(epochs: int, sched: Schedule, seed: int) -> list[str]:
+    return ["--set", f"num_epochs={epochs}", "--set", f"num_iterations_per_epoch={sched.iterations}",
+            "--set", f"num_val_iterations_per_epoch={sched.val_iterations}", "--set", f"seed={seed}",
+            "--set", "save_every=1"]
+
+
+def _set_args(settings: dict[str, Any]) -> list[str]:
+    return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+
+
+def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: list[Strategy] | None = None,
+             seed: int = 0, say: Callable[[str], None] = print) -> dict:
+    out = Path(out).resolve()
+    strategies = STRATEGIES if strategies is None else strategies
+    if out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)  # the demo owns OUT; a rerun starts clean so results never mix
+    env = nnunet_environment(out)
+    logs = out / "logs"
+    t_start = time.perf_counter()
+
+    def step(what: str, args: list[str], log: str, train: bool = False) -> float:
+        say(f"[{time.perf_counter() - t_start:6.0f}s] {what}")
+        return run_step(args, env=env, log=logs / log, what=what, extra_env=TRAIN_ENV if train else None)
+
+    say(f"[{0:6.0f}s] generating source (good scanner) and target (low-quality centre) datasets in {out}/raw")
+    src, tgt = make_transfer_pair(out / "raw", source_id=SOURCE_ID, target_id=TARGET_ID, seed=seed)
+
+    step("planning + preprocessing the source", ["nnUNetv2_plan_and_preprocess", "-d", SOURCE_ID, "-c",
+                                                  BASE_CONFIG, "-np", 1, "-npfp", 1,
+                                                  "--verify_dataset_integrity"], "01_plan_source.log")
+    step("adding the small CPU configuration to the source plans",
+         ["nnunet_transfer", "configure", "-d", SOURCE_ID, "-c", BASE_CONFIG, "-n", DEMO_CONFIG,
+          "--features", "8,16,32", "--patch", "32,32,32", "--batch-size", 2,
+          *_settings(schedule.pretrain_epochs, schedule, seed)], "02_configure_source.log")
+    step("pretraining on the source (nnUNetTrainerTransferBase)",
+         train_args(SOURCE_ID, DEMO_CONFIG, 0, "nnUNetTrainerTransferBase"), "03_pretrain.log", train=True)
+    source_ckpt = (out / "results" / src / f"nnUNetTrainerTransferBase__nnUNetPlans__{DEMO_CONFIG}"
+                   / "fold_0" / "checkpoint_final.pth")
+
+    # Move the source plans to the target so that the architectures match.
+    step("target fingerprint", ["nnUNetv2_extract_fingerprint", "-d", TARGET_ID, "-np", 1],
+         "04_fingerprint_target.log")
+    step("moving the source plans to the target",
+         ["nnUNetv2_move_plans_between_datasets", "-s", SOURCE_ID, "-t", TARGET_ID, "-sp", "nnUNetPlans",
+          "-tp", "nnUNetPlans"], "05_move_plans.log")
+    shutil.copy(out / "raw" / tgt / "dataset.json", out / "preprocessed" / tgt / "dataset.json")
+    step("preprocessing the target with the source plans",
+         ["nnUNetv2_preprocess", "-d", TARGET_ID, "-plans_name", "nnUNetPlans", "-c", BASE_CONFIG,
+          "-np", 1], "06_preprocess_target.log")
+    step("setting the target's schedule",
+         ["nnunet_transfer", "configure", "-d", TARGET_ID, "-c", DEMO_CONFIG, "-n", TARGET_CONFIG,
+          *_settings(schedule.finetune_epochs, schedule, seed)], "07_configure_target.log")
+
+    rows = []
+    for i, s in enumerate(strategies):
+        if s.settings:
+            step(f"configuration {s.configuration}", ["nnunet_transfer", "configure", "-d", TARGET_ID, "-c",
+                                                      TARGET_CONFIG, "-n", s.configuration,
+                                                      *_set_args(s.settings)], f"1{i}_configure.log")
+        seconds = step(f"training on the target: {s.name} ({s.trainer})",
+                       train_args(TARGET_ID, s.configuration, 0, s.trainer,
+                                  pretrained=source_ckpt if s.pretrained else None),
+                       f"1{i}_train_{s.trainer}.log", train=True)
+        pred = out / "predictions" / f"{s.trainer}__{s.configuration}"
+        step(f"predicting the target test cases with {s.trainer}",
+             ["nnUNetv2_predict", "-i", out / "raw" / tgt / "imagesTs", "-o", pred, "-d", TARGET_ID, "-c",
+              s.configuration, "-f", 0, "-tr", s.trainer, "-device", "cpu", "-npp", 1, "-nps", 1,
+              "--disable_progress_bar"], f"1{i}_predict_{s.trainer}.log")
+        scores = dice_folder(pred, out / "raw" / tgt / "labelsTs", [v for v in LABELS.values() if v])
+        rows.append({"strategy": s.name, "trainer": s.trainer, "configuration": s.configuration,
+                     "pretrained": s.pretrained, "dice_mean": scores["mean"],
+                     "dice_per_label": {name: scores["mean_per_label"][v] for name, v in LABELS.items() if v},
+                     "train_seconds": round(seconds, 1)})
+    results = {"source": src, "target": tgt, "schedule": schedule.__dict__, "seed": seed,
+               "rows": rows, "total_seconds": round(time.perf_counter() - t_start, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = format_table(rows)
+    (out / "results.md").write_text(table + "\n")
+    say("")
+    say(table)
+    say(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}; logs in {logs}")
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| strategy | trainer | test Dice (mean) | organ | lesion | train time [s] |\n"
+            "|---|---|---|---|---|---|")
+    lines = [f"| {r['strategy']} | `{r['trainer']}` | {r['dice_mean']:.3f} | "
+             f"{r['dice_per_label']['organ']:.3f} | {r['dice_per_label']['lesion']:.3f} | "
+             f"{r['train_seconds']:.0f} |" for r in rows]
+    return "\n".join([head, *lines])

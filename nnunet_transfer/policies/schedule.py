@@ -1,0 +1,44 @@
+"""Learning-rate schedule: nnU-Net's poly decay, an optional linear warm-up, per-group factors.
+
+nnU-Net's ``PolyLRScheduler`` writes one learning rate into every parameter group; strategies that
+give groups different rates (``lr_factor`` in a group) need this one. With ``warmup_steps=0`` and no
+factors it reproduces ``PolyLRScheduler`` exactly.
+"""
+from __future__ import annotations
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import _LRScheduler
+
+
+def poly_warmup_lr(step: int, *, initial_lr: float, max_steps: int, warmup_steps: int = 0,
+                   exponent: float = 0.9) -> float:
+    """lr(step) = initial_lr · (step+1)/warmup for step < warmup, else initial_lr · (1 − step/max)^0.9."""
+    if step < warmup_steps:
+        return initial_lr * (step + 1) / warmup_steps
+    return initial_lr * (1 - step / max_steps) ** exponent
+
+
+class WarmupPolyLRScheduler(_LRScheduler):
+    """Stepped once per epoch by nnU-Net with the epoch index, like ``PolyLRScheduler``."""
+
+    def __init__(self, optimizer: Optimizer, initial_lr: float, max_steps: int, *,
+                 warmup_steps: int = 0, exponent: float = 0.9):
+        self.initial_lr = initial_lr
+        self.max_steps = max_steps
+        self.warmup_steps = warmup_steps
+        self.exponent = exponent
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        lr = poly_warmup_lr(current_step, initial_lr=self.initial_lr, max_steps=self.max_steps,
+                            warmup_steps=self.warmup_steps, exponent=self.exponent)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_factor", 1.0)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr

@@ -1,0 +1,66 @@
+"""Weights-only training snapshots for representation analysis.
+
+Layout in a fold folder::
+
+    snapshots/epoch_0000.pth   # the network as training starts (pretrained weights already loaded)
+    snapshots/epoch_0005.pth   # after 5 completed epochs
+    snapshots/index.json       # [{"epoch", "file", "mean_fg_dice", "ema_fg_dice"}, ...]
+
+``epoch`` counts *completed* epochs, so epoch 0 is the initial state. Each file holds
+``{"network_weights": state_dict (CPU, no wrapper prefixes), "epoch": int, "trainer_name": str}``,
+which is also what nnU-Net's ``-pretrained_weights`` reads, so any snapshot can seed another run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnunet_transfer.netutil import clean_state_dict, unwrap
+
+SNAPSHOT_DIR = "snapshots"
+INDEX_FILE = "index.json"
+
+
+def snapshot_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}.pth"
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def read_index(fold_folder: str | Path) -> list[dict]:
+    path = Path(fold_folder) / SNAPSHOT_DIR / INDEX_FILE
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())
+
+
+def save_snapshot(network: nn.Module, fold_folder: str | Path, epoch: int, *, trainer_name: str,
+                  mean_fg_dice: float | None = None, ema_fg_dice: float | None = None) -> Path:
+    """Write one snapshot and record it in the index (replacing an entry for the same epoch)."""
+    folder = Path(fold_folder) / SNAPSHOT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / snapshot_name(epoch)
+    tmp = path.with_suffix(".pth.tmp")
+    torch.save({"network_weights": clean_state_dict(unwrap(network).state_dict()), "epoch": epoch,
+                "trainer_name": trainer_name}, tmp)
+    os.replace(tmp, path)
+    index = [e for e in read_index(fold_folder) if e["epoch"] != epoch]
+    index.append({"epoch": epoch, "file": path.name,
+                  "mean_fg_dice": None if mean_fg_dice is None else float(mean_fg_dice),
+                  "ema_fg_dice": None if ema_fg_dice is None else float(ema_fg_dice)})
+    _atomic_write_json(folder / INDEX_FILE, sorted(index, key=lambda e: e["epoch"]))
+    return path
+
+
+def load_snapshot_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["network_weights"] if isinstance(ckpt, dict) and "network_weights" in ckpt else ckpt

@@ -1,0 +1,333 @@
+"""The base trainer: settings, seeding, schedule, pretrained-weight detection, snapshots, checkpoints.
+
+Strategy trainers are declarations on top of this class: they set ``transfer_defaults`` and
+``transfer_keys`` and override at most the small hooks ``trainable_spec``, ``_param_groups``,
+``_on_weights_ready`` and ``_after_backward``.
+
+Where things happen (nnU-Net 2.8 order of events, see DESIGN.md):
+
+* ``__init__``: settings are read and validated *before* nnU-Net creates any folder.
+* ``initialize`` (runs before ``-pretrained_weights`` are loaded): seed, build, then
+  ``configure_optimizers`` freezes and builds the optimizer *before* a DDP wrap, and a fingerprint of
+  the fresh weights is taken.
+* ``on_train_start`` (after ``-pretrained_weights`` or ``--c``): compare the fingerprint to learn whether
+  pretrained weights were loaded, let the strategy react (capture an anchor, refuse, re-initialise),
+  write ``transfer_config.json`` and the start snapshot.
+* ``save_checkpoint`` / ``load_checkpoint``: the effective settings and strategy state travel in every
+  checkpoint under the key ``"nnunet_transfer"``; ``--c`` restores them and refuses changed strategy
+  settings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_transfer.config import PLANS_KEY, TransferConfig
+from nnunet_transfer.errors import ConfigError, TransferError
+from nnunet_transfer.netutil import unique_named_parameters, unwrap
+from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
+from nnunet_transfer.policies.snapshots import save_snapshot, snapshot_name, SNAPSHOT_DIR
+
+CHECKPOINT_KEY = "nnunet_transfer"
+CONFIG_FILE = "transfer_config.json"
+
+# Settings that only say how long / how often: they may change between a run and its ``--c`` resume
+# (e.g. to train a finished run for longer). Everything else defines the experiment and must not.
+RESUMABLE_KEYS = frozenset({"num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
+                            "snapshot_every", "save_every"})
+
+BASE_KEYS = frozenset({"num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
+                       "lr_scale", "seed", "warmup_epochs", "snapshot_every", "save_every"})
+
+
+def _pretrained_weights_argument() -> str | None:
+    """The file given to ``nnUNetv2_train -pretrained_weights`` (for the log only; may be None).
+
+    nnU-Net never tells the trainer; whether weights were loaded is decided from the weights
+    themselves (see ``_weights_fingerprint``), this only names the file when it can.
+    """
+    argv = sys.argv
+    for i, a in enumerate(argv[:-1]):
+        if a in ("-pretrained_weights", "--pretrained_weights"):
+            return os.path.abspath(argv[i + 1])
+    return None
+
+
+class nnUNetTrainerTransferBase(nnUNetTrainer):
+    """Stock nnU-Net training with this package's settings, seeding, warm-up and snapshots.
+
+    Use it for the *pretraining* run on the source dataset and for from-scratch baselines, so that
+    every run of a comparison shares the same settings path.
+    """
+
+    transfer_defaults: dict[str, Any] = {}
+    transfer_keys: frozenset[str] = BASE_KEYS
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # validate before nnU-Net creates the output folder: bad settings leave nothing behind
+        self.transfer_config = self.read_transfer_config(plans, configuration)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        cfg = self.transfer_config
+        self.num_epochs = cfg.num_epochs
+        self.num_iterations_per_epoch = cfg.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = cfg.num_val_iterations_per_epoch
+        self.save_every = cfg.save_every
+        self.initial_lr = self.initial_lr * cfg.lr_scale
+        self.transfer_state: dict[str, Any] = {"pretrained_loaded": None, "pretrained_source": None,
+                                               "parameters": None}
+        self._fresh_fingerprint: torch.Tensor | None = None
+        self._resumed = False
+
+    # ------------------------------------------------------------------ settings
+    @classmethod
+    def read_transfer_config(cls, plans: dict, configuration: str) -> TransferConfig:
+        plans = {k: v for k, v in plans.items() if k != "continue_training"}
+        conf = PlansManager(plans).get_configuration(configuration).configuration
+        return TransferConfig.from_mapping(conf.get(PLANS_KEY, {}), defaults=cls.transfer_defaults,
+                                           allowed=set(cls.transfer_keys), owner=cls.__name__)
+
+    def _log_settings(self) -> None:
+        cfg = self.transfer_config.to_json_dict()
+        used = {k: v for k, v in cfg.items() if k in self.transfer_keys}
+        self.print_to_log_file(f"nnunet_transfer settings ({self.__class__.__name__}): "
+                               + json.dumps(used, sort_keys=True))
+
+    # ------------------------------------------------------------------ build and optimizer
+    def initialize(self):
+        seed = self.transfer_config.seed
+        if seed is not None:
+            # nnU-Net sets no seed; ours makes the random init (and a random frozen encoder) and
+            # the single-process data augmentation reproducible
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        super().initialize()
+        self._fresh_fingerprint = self._weights_fingerprint()
+
+    def trainable_spec(self) -> str | None:
+        """Block spec of the parameters that train (None: all). Frozen-strategy trainers override."""
+        return self.transfer_config.trainable
+
+    def _param_groups(self, trainable: dict[str, nn.Parameter]) -> list[dict]:
+        """Optimizer parameter groups; L2-SP overrides this to drop weight decay on its scope."""
+        return [{"params": list(trainable.values())}]
+
+    def configure_optimizers(self):
+        # runs after build and torch.compile and before nnU-Net's DDP wrap: freezing here is what DDP
+        # needs (parameters frozen later would be reported as unused by every rank)
+        trainable = self._apply_trainable_spec()
+        optimizer = torch.optim.SGD(self._param_groups(trainable), self.initial_lr,
+                                    weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
+        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs,
+                                          warmup_steps=self.transfer_config.warmup_epochs)
+        return optimizer, scheduler
+
+    def _apply_trainable_spec(self) -> dict[str, nn.Parameter]:
+        params = unique_named_parameters(self.network)
+        total = sum(p.numel() for p in params.values())
+        self.transfer_state["parameters"] = {"trainable": total, "frozen": 0, "total": total}
+        return params
+
+    # ------------------------------------------------------------------ pretrained weights
+    def _weights_fingerprint(self) -> torch.Tensor:
+        # one float64 per parameter tensor: cheap, and any load of real weights changes it
+        with torch.no_grad():
+            return torch.stack([p.detach().double().sum() + p.detach().double().abs().sum()
+                                for p in unique_named_parameters(self.network).values()]).cpu()
+
+    def _detect_pretrained(self) -> bool:
+        if self._fresh_fingerprint is None:
+            return False
+        return not torch.equal(self._fresh_fingerprint, self._weights_fingerprint())
+
+    def _on_weights_ready(self, pretrained_loaded: bool) -> None:
+        """Called once at the start of a new (not resumed) run, after pretrained weights loaded."""
+
+    # ------------------------------------------------------------------ train start
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if not self._resumed:
+            loaded = self._detect_pretrained()
+            self.transfer_state["pretrained_loaded"] = loaded
+            self.transfer_state["pretrained_source"] = _pretrained_weights_argument() if loaded else None
+            # strategies may refuse here, before nnU-Net unpacks data and copies plans
+            self._on_weights_ready(loaded)
+        super().on_train_start()
+        self._log_settings()
+        st = self.transfer_state
+        if st["pretrained_loaded"]:
+            self.print_to_log_file(f"nnunet_transfer: pretrained weights loaded"
+                                   f"{' from ' + st['pretrained_source'] if st['pretrained_source'] else ''}"
+                                   f" (all layers but the segmentation heads)")
+        else:
+            self.print_to_log_file("nnunet_transfer: no pretrained weights were loaded; the network "
+                                   "starts from its random initialisation")
+        p = st["parameters"]
+        self.print_to_log_file(f"nnunet_transfer: trainable parameters {p['trainable']:,} of {p['total']:,}"
+                               f" (frozen {p['frozen']:,})")
+        if self.local_rank == 0:
+            self._write_config_file()
+            if self.transfer_config.snapshot_every and not self._resumed:
+                save_snapshot(self.network, self.output_folder, 0, trainer_name=self.__class__.__name__)
+
+    def _config_file_content(self) -> dict:
+        return {"trainer": self.__class__.__name__, "configuration": self.configuration_name,
+                "settings": self.transfer_config.to_json_dict(),
+                "settings_used": sorted(self.transfer_keys), **self.transfer_state}
+
+    def _write_config_file(self) -> None:
+        path = os.path.join(self.output_folder, CONFIG_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self._config_file_content(), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ epochs
+    def on_epoch_end(self):
+        super().on_epoch_end()  # increments current_epoch: it now counts completed epochs
+        every = self.transfer_config.snapshot_every
+        done = self.current_epoch
+        if self.local_rank == 0 and every and (done % every == 0 or done == self.num_epochs):
+            save_snapshot(self.network, self.output_folder, done, trainer_name=self.__class__.__name__,
+                          mean_fg_dice=self.logger.get_value("mean_fg_dice", step=-1),
+                          ema_fg_dice=self.logger.get_value("ema_fg_dice", step=-1))
+
+    # ------------------------------------------------------------------ train step
+    def _after_backward(self) -> None:
+        """Hook between backward (and grad unscaling) and gradient clipping; L2-SP adds its gradient."""
+
+    def train_step(self, batch: dict) -> dict:
+        if type(self)._after_backward is nnUNetTrainerTransferBase._after_backward:
+            return super().train_step(batch)
+        return self._train_step_with_hook(batch)
+
+    def _train_step_with_hook(self, batch: dict) -> dict:
+        # nnU-Net's train_step with one call added between (unscaled) backward and clipping, so that
+        # clipping and the optimizer see the gradient of the full objective
+        from nnunetv2.utilities.helpers import dummy_context
+        from torch import autocast
+
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            loss = self.loss(output, target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            self._after_backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            self._after_backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def _transfer_checkpoint_state(self) -> dict:
+        """What a strategy needs after ``--c`` (subclasses extend)."""
+        return {"trainer": self.__class__.__name__, "settings": self.transfer_config.to_json_dict(),
+                **self.transfer_state}
+
+    def _restore_transfer_checkpoint_state(self, state: dict) -> None:
+        for k in self.transfer_state:
+            if k in state:
+                self.transfer_state[k] = state[k]
+
+    def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net 2.8 builds and writes its checkpoint dict inside this one method with no hook for
+        # extra entries. We write the same dict plus our key, so one file holds everything that
+        # resume, prediction and analysis need (the dependency pin <2.9 guards this copy).
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        mod = self.network.module if self.is_ddp else self.network
+        if isinstance(mod, OptimizedModule):
+            mod = mod._orig_mod
+        checkpoint = {
+            "network_weights": mod.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            CHECKPOINT_KEY: self._transfer_checkpoint_state(),
+        }
+        tmp = filename + ".tmp"
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            # nnU-Net 2.8's load_checkpoint fails when handed a dict (it never binds its local
+            # variable), so it gets the file name again; mmap keeps this first read cheap
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise TransferError(
+                f"checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''} "
+                f"was not written by an nnunet_transfer trainer (no {CHECKPOINT_KEY!r} entry); resume it "
+                f"with the trainer that wrote it ({checkpoint.get('trainer_name')}), or start a new run "
+                f"with -pretrained_weights")
+        self._check_resume_settings(state.get("settings", {}))
+        super().load_checkpoint(filename_or_checkpoint)
+        self._restore_transfer_checkpoint_state(state)
+        self._resumed = True
+
+    def _check_resume_settings(self, saved: dict) -> None:
+        now = self.transfer_config.to_json_dict()
+        changed = {k: (saved.get(k), now.get(k)) for k in now
+                   if k not in RESUMABLE_KEYS and saved.get(k, now.get(k)) != now.get(k)}
+        if changed:
+            diff = ", ".join(f"{k}: checkpoint {a!r} vs plans {b!r}" for k, (a, b) in changed.items())
+            raise ConfigError(f"cannot resume with changed settings ({diff}); only "
+                              f"{sorted(RESUMABLE_KEYS)} may change on --c. Restore the plans "
+                              f"configuration or train into a new configuration "
+                              f"(nnunet_transfer configure -n NEW ...)")
+        longer = {k: (saved.get(k), now[k]) for k in RESUMABLE_KEYS if k in saved and saved[k] != now[k]}
+        if longer:
+            self.print_to_log_file(f"nnunet_transfer: resuming with changed schedule settings {longer}")
+
+
+class nnUNetTrainerFinetune(nnUNetTrainerTransferBase):
+    """Pretrain-then-fine-tune (Karimi et al. 2021): every layer trains, initial LR halved.
+
+    Use with ``nnUNetv2_train ... -tr nnUNetTrainerFinetune -pretrained_weights SOURCE.pth``; nnU-Net
+    loads every layer except the segmentation heads.
+    """
+
+    transfer_defaults = {"lr_scale": 0.5}
+
+    def _on_weights_ready(self, pretrained_loaded: bool) -> None:
+        if not pretrained_loaded:
+            self.print_to_log_file(
+                "WARNING nnunet_transfer: nnUNetTrainerFinetune started WITHOUT pretrained weights — this "
+                "run is training from scratch with a halved learning rate. Pass -pretrained_weights "
+                "SOURCE_CHECKPOINT to fine-tune.")

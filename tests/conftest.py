@@ -1,0 +1,112 @@
+"""Shared fixtures. ``workspace`` is a real nnU-Net tree on generated data, built once per session:
+
+source dataset planned + preprocessed, a tiny configuration (features 8-16-32, patch 32³, batch 2),
+a source model pretrained with ``nnUNetTrainerTransferBase``, and the target preprocessed with the
+source's plans. Everything runs through nnU-Net's own command-line programs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_transfer.data import make_transfer_pair
+from nnunet_transfer.pipeline import TRAIN_ENV, nnunet_environment, run_step, train_args
+
+SOURCE_ID, TARGET_ID = 901, 902
+TINY = "tiny"
+# short runs: 2 epochs x 3 iterations; a checkpoint every epoch
+QUICK_SETTINGS = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1,
+                  "save_every": 1, "seed": 0}
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = nnunet_environment(root)
+        self.logs = root / "logs"
+        self.n_logs = 0
+
+    # -- running programs -------------------------------------------------
+    def run(self, args, what: str, train: bool = False) -> float:
+        self.n_logs += 1
+        log = self.logs / f"{self.n_logs:03d}_{Path(str(args[0])).name}.log"
+        return run_step(args, env=self.env, log=log, what=what, extra_env=TRAIN_ENV if train else None)
+
+    def run_expect_failure(self, args, train: bool = False):
+        import subprocess
+        from nnunet_transfer.pipeline import executable
+
+        env = {**self.env, **(TRAIN_ENV if train else {})}
+        return subprocess.run([executable(args[0]), *map(str, args[1:])], env=env, capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL)
+
+    def configure(self, dataset, base: str, new: str, settings: dict, force: bool = True, **kw) -> None:
+        from nnunet_transfer.plans.configure import configure
+
+        configure(dataset, base=base, new=new, settings=settings, force=force, **kw)
+
+    def train(self, dataset, configuration: str, trainer: str, *, pretrained=None, cont=False,
+              fold=0) -> Path:
+        self.run(train_args(dataset, configuration, fold, trainer, pretrained=pretrained, cont=cont),
+                 f"train {trainer} {configuration}", train=True)
+        return self.fold_folder(dataset, configuration, trainer, fold)
+
+    def fold_folder(self, dataset, configuration: str, trainer: str, fold=0) -> Path:
+        name = self.dataset_name(dataset)
+        return self.root / "results" / name / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
+
+    def predict(self, dataset, configuration: str, trainer: str, out: Path) -> Path:
+        name = self.dataset_name(dataset)
+        self.run(["nnUNetv2_predict", "-i", self.root / "raw" / name / "imagesTs", "-o", out, "-d", dataset,
+                  "-c", configuration, "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1,
+                  "--disable_tta", "--disable_progress_bar"], f"predict {trainer}")
+        return out
+
+    def dataset_name(self, dataset) -> str:
+        return {SOURCE_ID: self.source, TARGET_ID: self.target}[int(dataset)]
+
+    @property
+    def source_checkpoint(self) -> Path:
+        return self.fold_folder(SOURCE_ID, TINY, "nnUNetTrainerTransferBase") / "checkpoint_final.pth"
+
+    def plans(self, dataset) -> dict:
+        return json.loads((self.root / "preprocessed" / self.dataset_name(dataset) / "nnUNetPlans.json")
+                          .read_text())
+
+    # -- the shared setup ---------------------------------------------------
+    def build(self) -> "Workspace":
+        self.source, self.target = make_transfer_pair(self.root / "raw", source_id=SOURCE_ID,
+                                                      target_id=TARGET_ID, n_source=6, n_target=6,
+                                                      n_test=2, seed=0, physical_size=32.0)
+        self.run(["nnUNetv2_plan_and_preprocess", "-d", SOURCE_ID, "-c", "3d_fullres", "-np", 1,
+                  "-npfp", 1], "plan source")
+        self.configure(SOURCE_ID, "3d_fullres", TINY, QUICK_SETTINGS, features="8,16,32",
+                       patch="32,32,32", batch_size=2)
+        self.train(SOURCE_ID, TINY, "nnUNetTrainerTransferBase")
+        self.run(["nnUNetv2_extract_fingerprint", "-d", TARGET_ID, "-np", 1], "fingerprint target")
+        self.run(["nnUNetv2_move_plans_between_datasets", "-s", SOURCE_ID, "-t", TARGET_ID, "-sp",
+                  "nnUNetPlans", "-tp", "nnUNetPlans"], "move plans")
+        shutil.copy(self.root / "raw" / self.target / "dataset.json",
+                    self.root / "preprocessed" / self.target / "dataset.json")
+        self.run(["nnUNetv2_preprocess", "-d", TARGET_ID, "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
+                  "-np", 1], "preprocess target")
+        return self
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("nnunet_ws")
+    ws = Workspace(root)
+    # in-process API calls (configure, analysis) read the same folders as the subprocesses
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        os.environ[var] = ws.env[var]
+    return ws.build()
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
