@@ -103,6 +103,8 @@ class TransferConfig:
                                   "linear LR ramp over this many epochs before the poly schedule")
     save_every: int = _setting(50, _int_at_least(1),
                                "write checkpoint_latest.pth every N epochs (nnU-Net default 50)")
+    final_validation: bool = _setting(True, _bool,
+                                      "run nnU-Net's full validation of the fold at the end (and --val)")
     snapshot_every: int = _setting(0, _int_at_least(0),
                                    "save weights-only snapshots at the start and every N epochs (0 = off)")
     # -- freezing (issue: freezing strategies) --

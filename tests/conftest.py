@@ -21,7 +21,10 @@ SOURCE_ID, TARGET_ID = 901, 902
 TINY = "tiny"
 # short runs: 2 epochs x 3 iterations; a checkpoint every epoch
 QUICK_SETTINGS = {"num_epochs": 2, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1,
-                  "save_every": 1, "seed": 0}
+                  "save_every": 1, "seed": 0, "final_validation": False}
+# the source model trains a little longer so that transfer has something to transfer
+PRETRAIN_SETTINGS = {**QUICK_SETTINGS, "num_epochs": 5, "num_iterations_per_epoch": 10,
+                     "final_validation": True}
 
 
 class Workspace:
@@ -85,7 +88,7 @@ class Workspace:
                                                       n_test=2, seed=0, physical_size=32.0)
         self.run(["nnUNetv2_plan_and_preprocess", "-d", SOURCE_ID, "-c", "3d_fullres", "-np", 1,
                   "-npfp", 1], "plan source")
-        self.configure(SOURCE_ID, "3d_fullres", TINY, QUICK_SETTINGS, features="8,16,32",
+        self.configure(SOURCE_ID, "3d_fullres", TINY, PRETRAIN_SETTINGS, features="8,16,32",
                        patch="32,32,32", batch_size=2)
         self.train(SOURCE_ID, TINY, "nnUNetTrainerTransferBase")
         self.run(["nnUNetv2_extract_fingerprint", "-d", TARGET_ID, "-np", 1], "fingerprint target")

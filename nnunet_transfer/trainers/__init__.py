@@ -3,9 +3,12 @@
 Every class listed in ``__all__`` is re-exported by the ``nnUNet_extTrainer`` shim; names must never
 collide with nnU-Net's built-in trainers (nnU-Net searches its own package first).
 """
+from nnunet_transfer.trainers import freezing as _freezing
 from nnunet_transfer.trainers.base import nnUNetTrainerFinetune, nnUNetTrainerTransferBase
+from nnunet_transfer.trainers.freezing import *  # noqa: F401,F403 - 12 generated preset classes
 
 __all__ = [
     "nnUNetTrainerTransferBase",
     "nnUNetTrainerFinetune",
+    *_freezing.__all__,
 ]

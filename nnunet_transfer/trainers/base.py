@@ -33,9 +33,11 @@ from torch._dynamo import OptimizedModule
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_transfer.blocks import BlockModel, parse_spec
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
-from nnunet_transfer.errors import ConfigError, TransferError
+from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
+from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
 from nnunet_transfer.policies.snapshots import save_snapshot, snapshot_name, SNAPSHOT_DIR
 
@@ -45,10 +47,11 @@ CONFIG_FILE = "transfer_config.json"
 # Settings that only say how long / how often: they may change between a run and its ``--c`` resume
 # (e.g. to train a finished run for longer). Everything else defines the experiment and must not.
 RESUMABLE_KEYS = frozenset({"num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
-                            "snapshot_every", "save_every"})
+                            "snapshot_every", "save_every", "final_validation"})
 
 BASE_KEYS = frozenset({"num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
-                       "lr_scale", "seed", "warmup_epochs", "snapshot_every", "save_every"})
+                       "lr_scale", "seed", "warmup_epochs", "snapshot_every", "save_every",
+                       "final_validation"})
 
 
 def _pretrained_weights_argument() -> str | None:
@@ -88,6 +91,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.transfer_state: dict[str, Any] = {"pretrained_loaded": None, "pretrained_source": None,
                                                "parameters": None}
         self._fresh_fingerprint: torch.Tensor | None = None
+        self._freeze_report = None
         self._resumed = False
 
     # ------------------------------------------------------------------ settings
@@ -95,8 +99,22 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
     def read_transfer_config(cls, plans: dict, configuration: str) -> TransferConfig:
         plans = {k: v for k, v in plans.items() if k != "continue_training"}
         conf = PlansManager(plans).get_configuration(configuration).configuration
-        return TransferConfig.from_mapping(conf.get(PLANS_KEY, {}), defaults=cls.transfer_defaults,
-                                           allowed=set(cls.transfer_keys), owner=cls.__name__)
+        cfg = TransferConfig.from_mapping(conf.get(PLANS_KEY, {}), defaults=cls.transfer_defaults,
+                                          allowed=set(cls.transfer_keys), owner=cls.__name__)
+        cls.check_config(cfg, conf)
+        return cfg
+
+    @classmethod
+    def check_config(cls, cfg: TransferConfig, configuration: dict) -> None:
+        """Strategy-specific checks at start; block specs are parsed against the planned stage count."""
+        n_stages = configuration.get("architecture", {}).get("arch_kwargs", {}).get("n_stages")
+        for key in ("trainable", "l2sp_scope"):
+            spec = getattr(cfg, key)
+            if key in cls.transfer_keys | set(cls.transfer_defaults) and spec is not None and n_stages:
+                try:
+                    parse_spec(spec, int(n_stages))
+                except SpecError as e:
+                    raise ConfigError(f"setting {key!r}: {e}") from None
 
     def _log_settings(self) -> None:
         cfg = self.transfer_config.to_json_dict()
@@ -135,10 +153,38 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         return optimizer, scheduler
 
     def _apply_trainable_spec(self) -> dict[str, nn.Parameter]:
-        params = unique_named_parameters(self.network)
-        total = sum(p.numel() for p in params.values())
-        self.transfer_state["parameters"] = {"trainable": total, "frozen": 0, "total": total}
-        return params
+        """Freeze everything outside ``trainable_spec()`` (+ the segmentation heads, see below)."""
+        spec = self.trainable_spec()
+        net = unwrap(self.network)
+        if spec is None:
+            params = unique_named_parameters(net)
+            total = sum(p.numel() for p in params.values())
+            self.transfer_state["parameters"] = {"trainable": total, "frozen": 0, "total": total,
+                                                 "trainable_blocks": "all"}
+            return params
+        model = BlockModel.from_network(net)
+        sel = model.select(spec)
+        names = model.param_names(sel)
+        if not self.transfer_config.freeze_seg:
+            # nnU-Net never loads the segmentation heads from -pretrained_weights: frozen, they would
+            # stay random. They train unless the user explicitly forces freeze_seg.
+            names |= set(model.seg_param_names)
+        report = apply_freeze(net, names)
+        self._freeze_report = report
+        self.transfer_state["parameters"] = {
+            "trainable": report.n_trainable_scalars, "frozen": report.n_frozen_scalars,
+            "total": report.n_trainable_scalars + report.n_frozen_scalars, "spec": spec,
+            "trainable_blocks": sorted(sel.blocks),
+            "frozen_blocks": sorted(set(range(1, model.n_blocks + 1)) - sel.blocks),
+            "seg_trainable": not self.transfer_config.freeze_seg or sel.seg}
+        params = unique_named_parameters(net)
+        return {n: params[n] for n in report.trainable_names}
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # calls network.train()
+        if self._freeze_report is not None and self._freeze_report.frozen_module_names:
+            # BatchNorm-type layers in frozen blocks must not update running statistics
+            keep_frozen_norms_in_eval(self.network, self._freeze_report.frozen_module_names)
 
     # ------------------------------------------------------------------ pretrained weights
     def _weights_fingerprint(self) -> torch.Tensor:
@@ -205,6 +251,13 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                           mean_fg_dice=self.logger.get_value("mean_fg_dice", step=-1),
                           ema_fg_dice=self.logger.get_value("ema_fg_dice", step=-1))
 
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if not self.transfer_config.final_validation:
+            self.print_to_log_file("nnunet_transfer: final validation skipped (final_validation=false); "
+                                   "set it to true and run nnUNetv2_train ... --val to validate later")
+            return
+        super().perform_actual_validation(save_probabilities)
+
     # ------------------------------------------------------------------ train step
     def _after_backward(self) -> None:
         """Hook between backward (and grad unscaling) and gradient clipping; L2-SP adds its gradient."""
@@ -249,6 +302,11 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                 **self.transfer_state}
 
     def _restore_transfer_checkpoint_state(self, state: dict) -> None:
+        saved, now = state.get("parameters") or {}, self.transfer_state.get("parameters") or {}
+        for key in ("trainable", "trainable_blocks"):
+            if key in saved and key in now and saved[key] != now[key]:
+                raise TransferError(f"the checkpoint was trained with {key}={saved[key]!r} but this run "
+                                    f"would use {now[key]!r}; resume with the same trainer and settings")
         for k in self.transfer_state:
             if k in state:
                 self.transfer_state[k] = state[k]

@@ -1,0 +1,140 @@
+"""Freezing strategies end to end through nnUNetv2_train / nnUNetv2_predict on generated data.
+
+For each strategy: every frozen parameter in checkpoint_final.pth is bit-identical to its value at the
+start of training (random init or pretrained), trainable ones moved; the same after a ``--c`` resume.
+Expected frozen sets come from prefix rules written here, independent of the block model.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = {**QUICK_SETTINGS, "snapshot_every": 1}
+
+
+def parameters(state: dict) -> dict:
+    # state_dict holds aliases of the same tensors (decoder.encoder.* is the encoder, every conv is also
+    # all_modules.k); the canonical parameter names are the others
+    return {k: v for k, v in state.items() if not k.startswith("decoder.encoder.") and ".all_modules." not in k}
+
+
+# tiny network: N = 3 stages -> blocks 1,2 encoder, 3 bottleneck, 4,5 decoder (decoder index 0 = block 4)
+FROZEN_RULES = {
+    "nnUNetTrainerFrozenEncoder": lambda k: k.startswith("encoder."),
+    "nnUNetTrainerFrozenDecoder": lambda k: k.startswith(("decoder.stages.", "decoder.transpconvs.")),
+    "nnUNetTrainerPartialFT_firstLast": lambda k: not k.startswith(
+        ("encoder.stages.0.", "decoder.stages.1.", "decoder.transpconvs.1.", "decoder.seg_layers.")),
+}
+
+
+def check_frozen(final: dict, start: dict, is_frozen) -> None:
+    final, start = parameters(final), parameters(start)
+    assert final.keys() == start.keys()
+    frozen = [k for k in final if is_frozen(k)]
+    trainable = [k for k in final if not is_frozen(k)]
+    assert frozen and trainable
+    changed_frozen = [k for k in frozen if not torch.equal(final[k], start[k])]
+    assert not changed_frozen, f"frozen parameters changed: {changed_frozen}"
+    assert any(not torch.equal(final[k], start[k]) for k in trainable if k.endswith("weight"))
+    assert all(not torch.equal(final[k], start[k]) for k in trainable if k.endswith("conv.weight"))
+
+
+CASES = [
+    # (trainer, configuration, pretrained)
+    ("nnUNetTrainerFrozenEncoder", "fe_random", False),
+    ("nnUNetTrainerFrozenEncoder", "fe_pretrained", True),
+    ("nnUNetTrainerFrozenDecoder", "fd", True),
+    ("nnUNetTrainerPartialFT_firstLast", "pft", True),
+]
+
+
+@pytest.mark.parametrize("trainer, configuration, pretrained", CASES, ids=[c[1] for c in CASES])
+def test_frozen_parameters_stay_bit_identical_and_survive_resume(workspace, trainer, configuration,
+                                                                 pretrained):
+    ws = workspace
+    ws.configure(TARGET_ID, TINY, configuration, SETTINGS)
+    fold = ws.train(TARGET_ID, configuration, trainer,
+                    pretrained=ws.source_checkpoint if pretrained else None)
+    start = load_checkpoint(fold / "snapshots" / "epoch_0000.pth")["network_weights"]
+    if pretrained:
+        source = parameters(load_checkpoint(ws.source_checkpoint)["network_weights"])
+        assert all(torch.equal(start[k], v) for k, v in source.items() if ".seg_layers." not in k)
+    final = load_checkpoint(fold / "checkpoint_final.pth")
+    check_frozen(final["network_weights"], start, FROZEN_RULES[trainer])
+
+    info = json.loads((fold / "transfer_config.json").read_text())
+    p = info["parameters"]
+    n_frozen = sum(v.numel() for k, v in parameters(start).items() if FROZEN_RULES[trainer](k))
+    assert (p["frozen"], p["trainable"] + p["frozen"]) == (n_frozen,
+                                                          sum(v.numel() for v in parameters(start).values()))
+    assert info["pretrained_loaded"] is pretrained
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert f"trainable parameters {p['trainable']:,} of {p['total']:,} (frozen {p['frozen']:,})" in log
+    if trainer == "nnUNetTrainerFrozenEncoder":
+        assert ("encoder frozen at the PRETRAINED weights" if pretrained
+                else "encoder frozen at its RANDOM initialisation (seed=0)") in log
+
+    # resume for one more epoch: the frozen set is the same and still untouched
+    ws.configure(TARGET_ID, TINY, configuration, {**SETTINGS, "num_epochs": 3})
+    ws.train(TARGET_ID, configuration, trainer, cont=True)
+    resumed = load_checkpoint(fold / "checkpoint_final.pth")
+    assert resumed["current_epoch"] == 3
+    check_frozen(resumed["network_weights"], start, FROZEN_RULES[trainer])
+    moved = [k for k in parameters(final["network_weights"])
+             if not FROZEN_RULES[trainer](k) and k.endswith("conv.weight")
+             and not torch.equal(final["network_weights"][k], resumed["network_weights"][k])]
+    assert moved, "the resumed epoch did not train"
+    assert resumed["nnunet_transfer"]["parameters"] == final["nnunet_transfer"]["parameters"]
+
+
+def test_random_frozen_encoder_is_reproducible_with_seed(workspace):
+    # the from-scratch start of another trainer with the same seed has the same random encoder
+    ws = workspace
+    ws.configure(TARGET_ID, TINY, "fe_random_b", SETTINGS | {"num_epochs": 1})
+    fold = ws.train(TARGET_ID, "fe_random_b", "nnUNetTrainerTransferBase")
+    other = ws.fold_folder(TARGET_ID, "fe_random", "nnUNetTrainerFrozenEncoder")
+    a = load_checkpoint(fold / "snapshots" / "epoch_0000.pth")["network_weights"]
+    b = load_checkpoint(other / "snapshots" / "epoch_0000.pth")["network_weights"]
+    assert all(torch.equal(a[k], b[k]) for k in parameters(a))
+
+
+def test_predict_with_frozen_encoder_trainer(workspace, tmp_path):
+    out = workspace.predict(TARGET_ID, "fe_random", "nnUNetTrainerFrozenEncoder", tmp_path / "pred")
+    assert len(list(out.glob("*.nii.gz"))) == len(list((workspace.root / "raw" / workspace.target /
+                                                         "imagesTs").glob("*.nii.gz")))
+
+
+def test_frozen_decoder_refuses_without_pretrained_weights(workspace):
+    ws = workspace
+    ws.configure(TARGET_ID, TINY, "fd_nopre", SETTINGS)
+    proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, "fd_nopre", 0, "-tr",
+                                  "nnUNetTrainerFrozenDecoder", "-device", "cpu"], train=True)
+    assert proc.returncode != 0
+    assert ("nnunet_transfer: error: nnUNetTrainerFrozenDecoder keeps the PRETRAINED decoder frozen, but no "
+            "pretrained weights were loaded; add -pretrained_weights SOURCE_CHECKPOINT") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("settings, trainer, message", [
+    ({}, "nnUNetTrainerPartialFT", "nnUNetTrainerPartialFT needs the setting 'trainable'"),
+    ({"trainable": "blocks:1,7"}, "nnUNetTrainerPartialFT",
+     "setting 'trainable': block 7 in spec 'blocks:1,7' is out of range: valid range 1..5"),
+    ({"trainable": "middle"}, "nnUNetTrainerPartialFT", "setting 'trainable': unknown term 'middle'"),
+    ({}, "nnUNetTrainerPartialFT_outer", "setting 'trainable': preset 'outer' ({1,2,2N-2,2N-1}) needs a network with at "
+     "least 4 stages"),
+])
+def test_bad_trainable_specs_fail_before_training(workspace, settings, trainer, message):
+    ws = workspace
+    ws.configure(TARGET_ID, TINY, "badspec", {**SETTINGS, **settings})
+    proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, "badspec", 0, "-tr", trainer, "-device",
+                                  "cpu"], train=True)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not ws.fold_folder(TARGET_ID, "badspec", trainer).parent.exists()
