@@ -31,6 +31,8 @@ Conventions (shared by every measure):
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +71,15 @@ _FLATTEN_HINT = (
 
 class SimilarityWarning(UserWarning):
     """A similarity was computed from too few samples, or from a layer without live channels."""
+
+
+def _warn(message: str) -> None:
+    """Warn at the first caller outside this package folder (the user's line, not ours)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, SimilarityWarning, stacklevel=level)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,10 +174,11 @@ def chunk_statistics(
         z = np.empty((n, cx + cy), dtype=np.float64)
         z[:, :cx] = np.asarray(x)
         z[:, cx:] = np.asarray(y)
-        mean = z.mean(axis=0) if n else np.zeros(cx + cy)
-        z -= mean
-        scatter = z.T @ z  # numpy dispatches Aᵀ A to syrk: half the work of a general matmul
-        null = None if perm is None else z[:, :cx].T @ z[perm, cx:]
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported below
+            mean = z.mean(axis=0) if n else np.zeros(cx + cy)
+            z -= mean
+            scatter = z.T @ z  # numpy dispatches Aᵀ A to syrk: half the work of a general matmul
+            null = None if perm is None else z[:, :cx].T @ z[perm, cx:]
     for name, sl in (("x", slice(0, cx)), ("y", slice(cx, cx + cy))):
         if not (np.isfinite(mean[sl]).all() and np.isfinite(np.diag(scatter)[sl]).all()):
             raise ValueError(
@@ -182,8 +194,10 @@ def _torch_chunk(x: Any, y: Any, perm: np.ndarray | None) -> tuple[np.ndarray, n
     device = x.device if _is_torch(x) else y.device
     xt = torch.as_tensor(x.detach() if _is_torch(x) else np.asarray(x))
     yt = torch.as_tensor(y.detach() if _is_torch(y) else np.asarray(y))
-    z = torch.cat([xt.to(device=device, dtype=torch.float64), yt.to(device=device, dtype=torch.float64)], dim=1)
     cx = xt.shape[1]
+    z = torch.empty((xt.shape[0], cx + yt.shape[1]), dtype=torch.float64, device=device)
+    z[:, :cx] = xt  # one float64 copy of the chunk, converted in place
+    z[:, cx:] = yt
     mean = z.mean(dim=0) if z.shape[0] else torch.zeros(z.shape[1], dtype=torch.float64, device=device)
     z -= mean
     scatter = z.T @ z
@@ -388,12 +402,10 @@ def similarity_from_statistics(
         )
     c = max(cx, cy)
     if n < MIN_SAMPLES_PER_CHANNEL * c:
-        warnings.warn(
+        _warn(
             f"similarity from only n={n} samples for c={c} channels: even independent layers score "
             f"about sqrt(c/n) = {math.sqrt(c / n):.2f}; use at least {MIN_SAMPLES_PER_CHANNEL}×c = "
-            f"{MIN_SAMPLES_PER_CHANNEL * c} samples and read the value beside its null baseline",
-            SimilarityWarning,
-            stacklevel=3,
+            f"{MIN_SAMPLES_PER_CHANNEL * c} samples and read the value beside its null baseline"
         )
     cov = np.asarray(cov, dtype=np.float64)
     if cov.shape != (cx + cy, cx + cy):
@@ -404,11 +416,9 @@ def similarity_from_statistics(
                 rank_y=sy.rank, keep=float(keep), side=side)
     nan = float("nan")
     if sx.rank == 0 or sy.rank == 0:
-        warnings.warn(
+        _warn(
             f"no live channel left (dead_x={sx.dead} of cx={cx}, dead_y={sy.dead} of cy={cy}): "
-            "a layer whose channels are all constant has no similarity; every measure is NaN",
-            SimilarityWarning,
-            stacklevel=3,
+            "a layer whose channels are all constant has no similarity; every measure is NaN"
         )
         empty = np.zeros(0)
         return SimilarityResult(**base, mean_cca=nan, svcca=nan, pwcca=nan, linear_cka=nan,
