@@ -41,6 +41,12 @@ class Strategy:
 STRATEGIES: list[Strategy] = [
     Strategy("from scratch (random init)", "nnUNetTrainerTransferBase", pretrained=False),
     Strategy("fine-tune all layers, LR/2 (Karimi)", "nnUNetTrainerFinetune", pretrained=True),
+    Strategy("random frozen encoder, decoder trained (Karimi)", "nnUNetTrainerFrozenEncoder",
+             pretrained=False),
+    Strategy("block-wise: all but the bottleneck (Amiri #4)", "nnUNetTrainerPartialFT_exceptBottleneck",
+             pretrained=True),
+    Strategy("L2-SP on the encoder, decoder from scratch (Sagie, lambda=8)", "nnUNetTrainerL2SP_Sagie",
+             pretrained=True),
 ]
 
 

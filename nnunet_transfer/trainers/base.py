@@ -1,8 +1,8 @@
 """The base trainer: settings, seeding, schedule, pretrained-weight detection, snapshots, checkpoints.
 
 Strategy trainers are declarations on top of this class: they set ``transfer_defaults`` and
-``transfer_keys`` and override at most the small hooks ``trainable_spec``, ``_param_groups``,
-``_on_weights_ready`` and ``_after_backward``.
+``transfer_keys`` and override at most the small hooks ``trainable_spec`` / ``_trainable_names``,
+``_param_groups``, ``_on_weights_ready`` and ``_gradient_penalty``.
 
 Where things happen (nnU-Net 2.8 order of events, see DESIGN.md):
 
@@ -28,9 +28,11 @@ from typing import Any, Union
 import numpy as np
 import torch
 from torch import nn
+from torch import autocast
 from torch._dynamo import OptimizedModule
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
@@ -38,6 +40,7 @@ from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
+from nnunet_transfer.policies.l2sp import penalised_step
 from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
 from nnunet_transfer.policies.snapshots import save_snapshot, snapshot_name, SNAPSHOT_DIR
 
@@ -152,32 +155,34 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                                           warmup_steps=self.transfer_config.warmup_epochs)
         return optimizer, scheduler
 
-    def _apply_trainable_spec(self) -> dict[str, nn.Parameter]:
-        """Freeze everything outside ``trainable_spec()`` (+ the segmentation heads, see below)."""
+    def _trainable_names(self, net: nn.Module) -> set[str] | None:
+        """Canonical names of the parameters that train; None = all (no block model needed)."""
         spec = self.trainable_spec()
+        return None if spec is None else BlockModel.from_network(net).param_names(spec)
+
+    def _apply_trainable_spec(self) -> dict[str, nn.Parameter]:
+        """Freeze everything outside ``_trainable_names`` (+ the segmentation heads, see below)."""
         net = unwrap(self.network)
-        if spec is None:
-            params = unique_named_parameters(net)
+        params = unique_named_parameters(net)
+        names = self._trainable_names(net)
+        if names is None:
             total = sum(p.numel() for p in params.values())
             self.transfer_state["parameters"] = {"trainable": total, "frozen": 0, "total": total,
                                                  "trainable_blocks": "all"}
             return params
         model = BlockModel.from_network(net)
-        sel = model.select(spec)
-        names = model.param_names(sel)
         if not self.transfer_config.freeze_seg:
             # nnU-Net never loads the segmentation heads from -pretrained_weights: frozen, they would
             # stay random. They train unless the user explicitly forces freeze_seg.
-            names |= set(model.seg_param_names)
+            names = names | set(model.seg_param_names)
         report = apply_freeze(net, names)
         self._freeze_report = report
         self.transfer_state["parameters"] = {
             "trainable": report.n_trainable_scalars, "frozen": report.n_frozen_scalars,
-            "total": report.n_trainable_scalars + report.n_frozen_scalars, "spec": spec,
-            "trainable_blocks": sorted(sel.blocks),
-            "frozen_blocks": sorted(set(range(1, model.n_blocks + 1)) - sel.blocks),
-            "seg_trainable": not self.transfer_config.freeze_seg or sel.seg}
-        params = unique_named_parameters(net)
+            "total": report.n_trainable_scalars + report.n_frozen_scalars,
+            "trainable_blocks": [b.number for b in model.blocks if set(b.param_names) <= names],
+            "frozen_blocks": [b.number for b in model.blocks if not set(b.param_names) & names],
+            "seg_trainable": set(model.seg_param_names) <= names}
         return {n: params[n] for n in report.trainable_names}
 
     def on_train_epoch_start(self):
@@ -259,20 +264,18 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         super().perform_actual_validation(save_probabilities)
 
     # ------------------------------------------------------------------ train step
-    def _after_backward(self) -> None:
-        """Hook between backward (and grad unscaling) and gradient clipping; L2-SP adds its gradient."""
+    def _gradient_penalty(self):
+        """An object whose ``add_to_grads()`` runs between backward and clipping (L2-SP), or None."""
+        return None
 
     def train_step(self, batch: dict) -> dict:
-        if type(self)._after_backward is nnUNetTrainerTransferBase._after_backward:
+        penalty = self._gradient_penalty()
+        if penalty is None:
             return super().train_step(batch)
-        return self._train_step_with_hook(batch)
-
-    def _train_step_with_hook(self, batch: dict) -> dict:
-        # nnU-Net's train_step with one call added between (unscaled) backward and clipping, so that
-        # clipping and the optimizer see the gradient of the full objective
-        from nnunetv2.utilities.helpers import dummy_context
-        from torch import autocast
-
+        # nnU-Net's train_step, with the backward/clip/step block replaced by penalised_step: the
+        # penalty gradient enters after (unscaled) backward and before clipping, so clipping and the
+        # optimizer see the gradient of the whole objective (tested against autograd in
+        # tests/policies/test_l2sp.py)
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
@@ -281,18 +284,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
             loss = self.loss(output, target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            self._after_backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            self._after_backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        penalised_step(loss, optimizer=self.optimizer, parameters=self.network.parameters(), penalty=penalty,
+                       grad_scaler=self.grad_scaler, max_norm=12)
         return {"loss": loss.detach().cpu().numpy()}
 
     # ------------------------------------------------------------------ checkpoints

@@ -1,0 +1,178 @@
+r"""L2-SP fine-tuning: a penalty toward the pretrained weights on a block-spec scope.
+
+Cost(θ) = Loss(θ) + α‖θ_S − θ̄_S‖² (+ β‖θ_N‖² on the trainable parameters N outside the scope), with
+θ̄ the network right after ``-pretrained_weights`` were loaded (Sagie, Greenspan & Goldberger 2021;
+Li, Grandvalet & Davoine 2018 — their α/2 is our α). α = 0 is plain fine-tuning; α = inf freezes the
+scope (done by freezing, not by a huge number). The penalty gradient is added after backward (and
+after AMP unscaling) and before nnU-Net's gradient clipping, so clipping and SGD see the gradient of
+the whole objective; see :mod:`nnunet_transfer.policies.l2sp`.
+
+Settings: ``l2sp_alpha``, ``l2sp_beta`` (null = nnU-Net's weight decay outside the scope),
+``l2sp_scope`` (block spec, default ``encoder``), ``decoder_init`` (``pretrained`` | ``random``),
+``allow_random_anchor``. Per epoch the penalty and the scope's relative distance ‖θ − θ̄‖/‖θ̄‖ go to
+the training log and to ``l2sp_log.json`` in the fold folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from nnunet_transfer.blocks import BlockModel
+from nnunet_transfer.errors import ConfigError, TransferError
+from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.policies.l2sp import L2SPPenalty, param_groups
+from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase
+
+L2SP_KEYS = BASE_KEYS | {"l2sp_alpha", "l2sp_beta", "l2sp_scope", "decoder_init", "allow_random_anchor"}
+LOG_FILE = "l2sp_log.json"
+
+
+def reinitialise(modules: list[nn.Module]) -> int:
+    """nnU-Net's initialisation for the given modules (He-normal convs, zero biases, fresh norms)."""
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    init = InitWeights_He(1e-2)
+    n = 0
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                              nn.ConvTranspose3d)):
+                init(m)
+                n += 1
+            elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                m.reset_parameters()
+                n += 1
+    return n
+
+
+class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
+    """L2-SP with configurable α, β, scope and decoder initialisation (defaults: α = 0.01 on the encoder,
+    decoder from the checkpoint, LR halved like ``nnUNetTrainerFinetune`` so that α = 0 reproduces it)."""
+
+    transfer_defaults = {"lr_scale": 0.5, "l2sp_alpha": 0.01, "l2sp_scope": "encoder"}
+    transfer_keys = L2SP_KEYS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.l2sp: L2SPPenalty | None = None
+        self._scope_names: set[str] = set()
+
+    @classmethod
+    def check_config(cls, cfg, configuration):
+        super().check_config(cfg, configuration)
+        if math.isinf(cfg.l2sp_alpha) and cfg.l2sp_beta is not None:
+            raise ConfigError("l2sp_alpha=inf freezes the scope, so there is no anchored term; l2sp_beta "
+                              "is not supported with it (remove l2sp_beta to keep weight decay elsewhere)")
+
+    # ------------------------------------------------------------------ scope and optimizer
+    def _scope(self, model: BlockModel) -> set[str]:
+        names = model.param_names(self.transfer_config.l2sp_scope)
+        if self.transfer_config.decoder_init == "random":
+            decoder = set(model.param_names("decoder"))
+            if names & decoder:
+                raise ConfigError(f"decoder_init=random re-initialises the decoder, but l2sp_scope="
+                                  f"{self.transfer_config.l2sp_scope!r} anchors decoder blocks; anchor the "
+                                  f"encoder only (l2sp_scope=encoder) or keep decoder_init=pretrained")
+        return names
+
+    def _trainable_names(self, net: nn.Module) -> set[str] | None:
+        model = BlockModel.from_network(net)
+        self._scope_names = self._scope(model)
+        if math.isinf(self.transfer_config.l2sp_alpha):
+            # α → ∞ is the frozen scope: freeze it for real (no gradient, no optimizer state)
+            return set(model.all_param_names) - self._scope_names
+        return None
+
+    def _param_groups(self, trainable: dict[str, nn.Parameter]) -> list[dict]:
+        cfg = self.transfer_config
+        if math.isinf(cfg.l2sp_alpha):
+            self.l2sp = None
+            return super()._param_groups(trainable)
+        self.l2sp = L2SPPenalty.from_named_parameters(trainable.items(), self._scope_names & set(trainable),
+                                                      alpha=cfg.l2sp_alpha, beta=cfg.l2sp_beta)
+        return param_groups(trainable.values(), self.l2sp, weight_decay=self.weight_decay)
+
+    # ------------------------------------------------------------------ start: anchor
+    def _on_weights_ready(self, pretrained_loaded: bool) -> None:
+        cfg = self.transfer_config
+        if not pretrained_loaded and cfg.l2sp_alpha > 0 and not cfg.allow_random_anchor:
+            raise TransferError(
+                f"L2-SP with l2sp_alpha={cfg.l2sp_alpha} pulls the scope toward the PRETRAINED weights, but "
+                f"no pretrained weights were loaded (the anchor would be the random init). Add "
+                f"-pretrained_weights SOURCE_CHECKPOINT, or set allow_random_anchor=true if that is intended")
+        if cfg.decoder_init == "random":
+            net = unwrap(self.network)
+            model = BlockModel.from_network(net)
+            modules = [net.get_submodule(m) for m in model.module_names("decoder")]
+            n = reinitialise(modules)
+            self.print_to_log_file(f"nnunet_transfer: decoder re-initialised ({n} layers, nnU-Net's init): "
+                                   f"trained from scratch as in Sagie et al.")
+        if self.l2sp is not None:
+            self.l2sp.capture()
+            self.print_to_log_file(f"nnunet_transfer: L2-SP anchor captured on {len(self.l2sp.anchored_names)} "
+                                   f"tensors of scope {cfg.l2sp_scope!r} (alpha={cfg.l2sp_alpha}, "
+                                   f"beta={cfg.l2sp_beta})")
+        elif math.isinf(cfg.l2sp_alpha):
+            self.print_to_log_file(f"nnunet_transfer: l2sp_alpha=inf: scope {cfg.l2sp_scope!r} frozen")
+
+    # ------------------------------------------------------------------ step and logging
+    def _gradient_penalty(self):
+        return self.l2sp
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch
+        super().on_epoch_end()
+        if self.l2sp is None or self.local_rank != 0:
+            return
+        value = self.l2sp.penalty_value()
+        dist = self.l2sp.relative_distance()
+        self.print_to_log_file(f"nnunet_transfer: L2-SP penalty {value:.6g}, relative distance of the scope "
+                               f"{dist.overall:.4g} (mean per tensor {dist.per_tensor_mean:.4g})")
+        path = os.path.join(self.output_folder, LOG_FILE)
+        entries = json.load(open(path)) if os.path.isfile(path) else []
+        entries = [e for e in entries if e["epoch"] < epoch]
+        entries.append({"epoch": epoch, "penalty": value, "relative_distance": dist.overall,
+                        "relative_distance_per_tensor_mean": dist.per_tensor_mean})
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=1)
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ checkpoint
+    def _transfer_checkpoint_state(self) -> dict:
+        state = super()._transfer_checkpoint_state()
+        if self.l2sp is not None and self.l2sp.captured:
+            state["l2sp_anchor"] = self.l2sp.state_dict()
+        return state
+
+    def _restore_transfer_checkpoint_state(self, state: dict) -> None:
+        super()._restore_transfer_checkpoint_state(state)
+        if self.l2sp is not None:
+            if "l2sp_anchor" not in state:
+                raise TransferError("this L2-SP checkpoint holds no anchor; it cannot be resumed (the anchor "
+                                    "must never be re-captured from fine-tuned weights)")
+            # never re-captured from fine-tuned weights: the anchor comes back from the checkpoint
+            self.l2sp.load_state_dict(state["l2sp_anchor"])
+
+
+class nnUNetTrainerL2SP_Sagie(nnUNetTrainerL2SP):
+    """Sagie et al. 2021: λ‖θ_enc − θ̄_enc‖² on the encoder, decoder trained from scratch; λ = 8 was best
+    with a medically pretrained encoder in the paper (sweep it: ``configure ... --set l2sp_alpha=…``)."""
+
+    transfer_defaults = {**nnUNetTrainerL2SP.transfer_defaults, "l2sp_alpha": 8.0,
+                         "decoder_init": "random"}
+
+
+class nnUNetTrainerL2SP_Li(nnUNetTrainerL2SP):
+    """Li et al. 2018: α on every transferred layer (encoder + decoder), β on the new ones (the heads),
+    both 0.01 in their α/2 form, i.e. 0.005 here."""
+
+    transfer_defaults = {**nnUNetTrainerL2SP.transfer_defaults, "l2sp_alpha": 0.005, "l2sp_beta": 0.005,
+                         "l2sp_scope": "encoder+decoder"}
+
+
+__all__ = ["nnUNetTrainerL2SP", "nnUNetTrainerL2SP_Sagie", "nnUNetTrainerL2SP_Li"]
