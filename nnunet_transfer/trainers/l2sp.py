@@ -56,10 +56,10 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
     transfer_defaults = {"lr_scale": 0.5, "l2sp_alpha": 0.01, "l2sp_scope": "encoder"}
     transfer_keys = L2SP_KEYS
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.l2sp: L2SPPenalty | None = None
-        self._scope_names: set[str] = set()
+    # set in configure_optimizers; no __init__ override: nnU-Net rebuilds trainers from the fixed
+    # __init__ signature (it reads the parameter names back from locals())
+    l2sp: L2SPPenalty | None = None
+    _scope_names: frozenset[str] = frozenset()
 
     @classmethod
     def check_config(cls, cfg, configuration):

@@ -1,0 +1,52 @@
+"""LR schedule equals nnU-Net's poly schedule without warm-up; snapshots round-trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
+from nnunet_transfer.policies.snapshots import load_snapshot_weights, read_index, save_snapshot
+
+
+def _opt(groups=1):
+    ps = [torch.nn.Parameter(torch.zeros(1)) for _ in range(groups)]
+    return torch.optim.SGD([{"params": [p]} for p in ps], lr=0.1)
+
+
+def test_without_warmup_equals_nnunet_poly():
+    a, b = _opt(), _opt()
+    ours, theirs = WarmupPolyLRScheduler(a, 0.01, 50), PolyLRScheduler(b, 0.01, 50)
+    for epoch in range(50):
+        ours.step(epoch)
+        theirs.step(epoch)
+        assert a.param_groups[0]["lr"] == b.param_groups[0]["lr"]
+
+
+def test_warmup_ramps_linearly_then_decays_and_keeps_group_factors():
+    opt = _opt(2)
+    opt.param_groups[1]["lr_factor"] = 0.1
+    sched = WarmupPolyLRScheduler(opt, 0.01, 10, warmup_steps=4)
+    lrs = []
+    for epoch in range(10):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * lrs[-1])
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert lrs[4] == pytest.approx(0.01 * (1 - 4 / 10) ** 0.9)
+    assert all(x > y for x, y in zip(lrs[3:], lrs[4:]))
+
+
+def test_snapshot_round_trip_and_index(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.InstanceNorm3d(2, affine=True))
+    save_snapshot(net, tmp_path, 0, trainer_name="T")
+    with torch.no_grad():
+        net[0].weight.add_(1)
+    save_snapshot(net, tmp_path, 5, trainer_name="T", mean_fg_dice=0.5, ema_fg_dice=0.4)
+    save_snapshot(net, tmp_path, 5, trainer_name="T", mean_fg_dice=0.6, ema_fg_dice=0.45)  # replaces
+    index = read_index(tmp_path)
+    assert [(e["epoch"], e["mean_fg_dice"]) for e in index] == [(0, None), (5, 0.6)]
+    w5 = load_snapshot_weights(tmp_path / "snapshots" / "epoch_0005.pth")
+    assert torch.equal(w5["0.weight"], net[0].weight.detach())
+    w0 = load_snapshot_weights(tmp_path / "snapshots" / "epoch_0000.pth")
+    assert torch.equal(w0["0.weight"] + 1, w5["0.weight"])
