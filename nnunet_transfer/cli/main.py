@@ -19,6 +19,9 @@ SUBCOMMANDS = [
     "configure",
     "blocks",
     "demo",
+    "plans",
+    "weights",
+    "pool",
 ]
 
 

@@ -1,0 +1,45 @@
+"""``nnunet_transfer plans transfer``: the source's plans for a target, ready to preprocess and fine-tune."""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plans", help="move plans between datasets for transfer learning",
+                       description="Plans for transfer learning.")
+    ps = p.add_subparsers(dest="plans_command", metavar="ACTION")
+    ps.required = True
+    t = ps.add_parser(
+        "transfer", help="give a target dataset the source's plans (nnUNetv2_move_plans_between_datasets, fixed)",
+        description="Do what nnUNetv2_move_plans_between_datasets does, plus: copy the target's dataset.json "
+                    "into nnUNet_preprocessed, extract the target's fingerprint if missing, take the intensity "
+                    "statistics (CT normalisation) from the target's own fingerprint, check that channels and "
+                    "their normalisation fit and report label differences. Prints the next commands.")
+    t.add_argument("-s", dest="source", required=True, help="source dataset name or id (planned, pretrained)")
+    t.add_argument("-t", dest="target", required=True, help="target dataset name or id (in nnUNet_raw)")
+    t.add_argument("-sp", dest="source_plans", default="nnUNetPlans",
+                   help="source plans identifier (default nnUNetPlans)")
+    t.add_argument("-tp", dest="target_plans", default=None,
+                   help="target plans identifier (default: the source's)")
+    t.add_argument("--normalization", default="target", metavar="{target,source}",
+                   help="intensity statistics for CT-normalised channels: the target's own (default) or the "
+                        "source's (nnU-Net's behaviour; only right when both share one intensity scale)")
+    t.add_argument("--allow-channel-change", action="store_true",
+                   help="accept another channel count or channel normalisation; schemes then follow the "
+                        "target's channel names (adapt the checkpoint with `weights adapt --in-channels K`)")
+    t.add_argument("-c", dest="configuration", default=None, metavar="CONFIG",
+                   help="configuration the printed next commands use (default 3d_fullres)")
+    t.add_argument("-np", dest="num_processes", type=int, default=None, metavar="N",
+                   help="processes for fingerprint extraction, if it is needed (nnU-Net's default otherwise)")
+    t.add_argument("--force", action="store_true",
+                   help="replace existing target plans of that name (kept as <name>.json.bak)")
+    t.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from nnunet_transfer.plans.transfer import transfer_plans
+
+    result = transfer_plans(args.source, args.target, source_plans=args.source_plans,
+                            target_plans=args.target_plans, normalization=args.normalization,
+                            allow_channel_change=args.allow_channel_change, configuration=args.configuration,
+                            num_processes=args.num_processes, force=args.force, echo=print)
+    print(result.text())
+    return 0
