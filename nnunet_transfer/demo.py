@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nnunet_transfer.data import LABELS, make_transfer_pair
+from nnunet_transfer.errors import TransferError
 from nnunet_transfer.experiments.metrics import dice_folder
 from nnunet_transfer.pipeline import TRAIN_ENV, nnunet_environment, run_step, train_args
 
 SOURCE_ID, TARGET_ID = 901, 902
+MARKER = ".nnunet_transfer_demo"
 BASE_CONFIG = "3d_fullres"
 DEMO_CONFIG = "demo"  # tiny network: features 8-16-32, patch 32^3, batch 2
 TARGET_CONFIG = "target"  # inherits DEMO_CONFIG in the moved plans, with the fine-tuning schedule
@@ -76,7 +78,12 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
     out = Path(out).resolve()
     strategies = STRATEGIES if strategies is None else strategies
     if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)  # the demo owns OUT; a rerun starts clean so results never mix
+        if not (out / MARKER).exists():
+            raise TransferError(f"{out} exists and is not a folder this demo wrote (no {MARKER}); "
+                                f"choose a new or empty folder with --out")
+        shutil.rmtree(out)  # a demo folder of ours: a rerun starts clean so results never mix
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by nnunet_transfer demo; the demo replaces this folder on rerun\n")
     env = nnunet_environment(out)
     logs = out / "logs"
     t_start = time.perf_counter()
@@ -100,19 +107,17 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
     source_ckpt = (out / "results" / src / f"nnUNetTrainerTransferBase__nnUNetPlans__{DEMO_CONFIG}"
                    / "fold_0" / "checkpoint_final.pth")
 
-    # Move the source plans to the target so that the architectures match.
-    step("target fingerprint", ["nnUNetv2_extract_fingerprint", "-d", TARGET_ID, "-np", 1],
-         "04_fingerprint_target.log")
-    step("moving the source plans to the target",
-         ["nnUNetv2_move_plans_between_datasets", "-s", SOURCE_ID, "-t", TARGET_ID, "-sp", "nnUNetPlans",
-          "-tp", "nnUNetPlans"], "05_move_plans.log")
-    shutil.copy(out / "raw" / tgt / "dataset.json", out / "preprocessed" / tgt / "dataset.json")
+    # The target is preprocessed with the SOURCE's plans so that the architectures match; `plans
+    # transfer` also brings the target's dataset.json and fingerprint and its own CT statistics.
+    step("transferring the source plans to the target",
+         ["nnunet_transfer", "plans", "transfer", "-s", SOURCE_ID, "-t", TARGET_ID, "-np", 1],
+         "04_plans_transfer.log")
     step("preprocessing the target with the source plans",
          ["nnUNetv2_preprocess", "-d", TARGET_ID, "-plans_name", "nnUNetPlans", "-c", BASE_CONFIG,
-          "-np", 1], "06_preprocess_target.log")
+          "-np", 1], "05_preprocess_target.log")
     step("setting the target's schedule",
          ["nnunet_transfer", "configure", "-d", TARGET_ID, "-c", DEMO_CONFIG, "-n", TARGET_CONFIG,
-          *_settings(schedule.finetune_epochs, schedule, seed)], "07_configure_target.log")
+          *_settings(schedule.finetune_epochs, schedule, seed)], "06_configure_target.log")
 
     rows = []
     for i, s in enumerate(strategies):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -91,11 +90,8 @@ class Workspace:
         self.configure(SOURCE_ID, "3d_fullres", TINY, PRETRAIN_SETTINGS, features="8,16,32",
                        patch="32,32,32", batch_size=2)
         self.train(SOURCE_ID, TINY, "nnUNetTrainerTransferBase")
-        self.run(["nnUNetv2_extract_fingerprint", "-d", TARGET_ID, "-np", 1], "fingerprint target")
-        self.run(["nnUNetv2_move_plans_between_datasets", "-s", SOURCE_ID, "-t", TARGET_ID, "-sp",
-                  "nnUNetPlans", "-tp", "nnUNetPlans"], "move plans")
-        shutil.copy(self.root / "raw" / self.target / "dataset.json",
-                    self.root / "preprocessed" / self.target / "dataset.json")
+        self.run(["nnunet_transfer", "plans", "transfer", "-s", SOURCE_ID, "-t", TARGET_ID, "-np", 1],
+                 "plans transfer")
         self.run(["nnUNetv2_preprocess", "-d", TARGET_ID, "-plans_name", "nnUNetPlans", "-c", "3d_fullres",
                   "-np", 1], "preprocess target")
         return self

@@ -113,15 +113,20 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         n_stages = configuration.get("architecture", {}).get("arch_kwargs", {}).get("n_stages")
         for key in ("trainable", "l2sp_scope"):
             spec = getattr(cfg, key)
-            if key in cls.transfer_keys | set(cls.transfer_defaults) and spec is not None and n_stages:
+            if key in cls.settings_used() and spec is not None and n_stages:
                 try:
                     parse_spec(spec, int(n_stages))
                 except SpecError as e:
                     raise ConfigError(f"setting {key!r}: {e}") from None
 
+    @classmethod
+    def settings_used(cls) -> list[str]:
+        """Keys this trainer reads: the ones plans may set plus the ones its class fixes."""
+        return sorted(cls.transfer_keys | set(cls.transfer_defaults))
+
     def _log_settings(self) -> None:
         cfg = self.transfer_config.to_json_dict()
-        used = {k: v for k, v in cfg.items() if k in self.transfer_keys}
+        used = {k: v for k, v in cfg.items() if k in self.settings_used()}
         self.print_to_log_file(f"nnunet_transfer settings ({self.__class__.__name__}): "
                                + json.dumps(used, sort_keys=True))
 
@@ -237,7 +242,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
     def _config_file_content(self) -> dict:
         return {"trainer": self.__class__.__name__, "configuration": self.configuration_name,
                 "settings": self.transfer_config.to_json_dict(),
-                "settings_used": sorted(self.transfer_keys), **self.transfer_state}
+                "settings_used": self.settings_used(), **self.transfer_state}
 
     def _write_config_file(self) -> None:
         path = os.path.join(self.output_folder, CONFIG_FILE)
