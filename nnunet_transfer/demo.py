@@ -66,7 +66,7 @@ QUICK = Schedule(pretrain_epochs=2, finetune_epochs=2, iterations=4, val_iterati
 def _settings(epochs: int, sched: Schedule, seed: int) -> list[str]:
     return ["--set", f"num_epochs={epochs}", "--set", f"num_iterations_per_epoch={sched.iterations}",
             "--set", f"num_val_iterations_per_epoch={sched.val_iterations}", "--set", f"seed={seed}",
-            "--set", "save_every=1"]
+            "--set", "save_every=1", "--set", "final_validation=false"]
 
 
 def _set_args(settings: dict[str, Any]) -> list[str]:
@@ -133,7 +133,7 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
         step(f"predicting the target test cases with {s.trainer}",
              ["nnUNetv2_predict", "-i", out / "raw" / tgt / "imagesTs", "-o", pred, "-d", TARGET_ID, "-c",
               s.configuration, "-f", 0, "-tr", s.trainer, "-device", "cpu", "-npp", 1, "-nps", 1,
-              "--disable_progress_bar"], f"1{i}_predict_{s.trainer}.log")
+              "--disable_tta", "--disable_progress_bar"], f"1{i}_predict_{s.trainer}.log")
         scores = dice_folder(pred, out / "raw" / tgt / "labelsTs", [v for v in LABELS.values() if v])
         rows.append({"strategy": s.name, "trainer": s.trainer, "configuration": s.configuration,
                      "pretrained": s.pretrained, "dice_mean": scores["mean"],
@@ -142,7 +142,11 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
     results = {"source": src, "target": tgt, "schedule": schedule.__dict__, "seed": seed,
                "rows": rows, "total_seconds": round(time.perf_counter() - t_start, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    table = format_table(rows)
+    n_test = len(list((out / "raw" / tgt / "labelsTs").glob("*.nii.gz")))
+    table = (format_table(rows) + f"\n\nTest Dice on the {n_test} target test cases (nnUNetv2_predict "
+             f"without test-time mirroring); train time is the wall time of nnUNetv2_train, start-up "
+             f"included. Source: {schedule.pretrain_epochs}x{schedule.iterations} iterations; target: "
+             f"{schedule.finetune_epochs}x{schedule.iterations}, seed {seed}.")
     (out / "results.md").write_text(table + "\n")
     say("")
     say(table)
