@@ -200,7 +200,9 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
     def _weights_fingerprint(self) -> torch.Tensor:
         # one float64 per parameter tensor: cheap, and any load of real weights changes it
         with torch.no_grad():
-            return torch.stack([p.detach().double().sum() + p.detach().double().abs().sum()
+            # float64 accumulation without float64 copies of the weights
+            return torch.stack([p.detach().sum(dtype=torch.float64)
+                                + torch.linalg.vector_norm(p.detach(), ord=1, dtype=torch.float64)
                                 for p in unique_named_parameters(self.network).values()]).cpu()
 
     def _detect_pretrained(self) -> bool:
