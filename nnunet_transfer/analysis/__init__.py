@@ -10,6 +10,12 @@ Notebook use::
     for xb, yb in chunks:
         acc.update(xb, yb)
     acc.results()
+
+Studies on nnU-Net runs (``nnunet_transfer analyze``; imported on first use, they need torch and
+nnU-Net)::
+
+    from nnunet_transfer.analysis import run_evolution
+    run_evolution(fold_folder, dataset=902, configuration="target", out="analysis/evolution")
 """
 
 from .moments import PairMoments
@@ -28,6 +34,23 @@ from .similarity import (
     svcca,
 )
 
+# name -> submodule; loaded lazily so that the measures above stay a numpy-only import
+_LAZY = {
+    "run_compare": "studies", "run_evolution": "studies", "run_groups": "studies", "run_reuse": "studies",
+    "run_weights": "studies", "open_analysis": "studies", "permutation_test": "studies",
+    "weight_change": "studies", "convergence_epoch": "runs", "resolve_network": "runs",
+    "PatchSource": "activations", "select_layers": "activations", "default_layer_blocks": "activations",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "MIN_SAMPLES_PER_CHANNEL",
     "RELATIVE_EPS",
@@ -42,4 +65,5 @@ __all__ = [
     "similarity",
     "similarity_from_statistics",
     "svcca",
+    *_LAZY,
 ]

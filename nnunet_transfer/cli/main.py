@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "plans",
     "weights",
     "pool",
+    "analyze",
 ]
 
 

@@ -1,0 +1,125 @@
+"""Writing analysis results: JSON (everything), CSV (one file per table) and a markdown summary.
+
+NaN and infinities become ``null`` in JSON and empty cells in CSV; floats keep full precision
+(``repr``) so tables can be re-read without loss.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+
+def plain(obj: Any) -> Any:
+    """JSON-ready copy: numpy scalars/arrays -> Python, NaN/inf -> None, Path -> str, tuples -> lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    _atomic_write(path, json.dumps(plain(data), indent=2) + "\n")
+    return path
+
+
+def columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Union of the rows' keys in first-seen order."""
+    seen: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def _cell(v: Any) -> str:
+    v = plain(v)
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list):
+        return "x".join(map(str, v))
+    return str(v)
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    path = Path(path)
+    header = columns(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow([_cell(r.get(k)) for k in header])
+    os.replace(tmp, path)
+    return path
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    """Short number for markdown: ``0.912``; NaN/None -> ``n/a``."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, (float, np.floating)):
+        return "n/a" if not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
+    return str(v)
+
+
+def with_null(value: Any, null: Any, digits: int = 3) -> str:
+    """``0.912 (null 0.043)``: every similarity beside its null baseline."""
+    return f"{fmt(value, digits)} (null {fmt(null, digits)})"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def esc(x: Any) -> str:
+        return str(x).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(out: str | Path, study: str, *, meta: Mapping[str, Any], tables: Mapping[str, list[dict]],
+                  summary: str, plots: Mapping[str, Path] | None = None,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """``<study>.json`` (meta, tables, extra), ``<study>_<table>.csv`` per table, ``summary.md``.
+
+    Returns every file written (plots included), by name.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    files["json"] = write_json(out / f"{study}.json", {"study": study, "meta": meta, **(extra or {}),
+                                                        "tables": tables})
+    for name, rows in tables.items():
+        files[f"csv_{name}"] = write_csv(out / f"{study}_{name}.csv", rows)
+    summary_path = out / "summary.md"
+    _atomic_write(summary_path, summary.rstrip() + "\n")
+    files["summary"] = summary_path
+    for name, p in (plots or {}).items():
+        files[name] = Path(p)
+    return files

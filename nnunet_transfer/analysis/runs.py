@@ -1,0 +1,315 @@
+"""Which networks an analysis reads: checkpoints, snapshots, training runs and their convergence epoch.
+
+A *network reference* (``NET`` on the command line) is one of::
+
+    path/to/file.pth          an nnU-Net checkpoint (key ``network_weights``), a snapshot or a state dict
+    path/to/fold_0            the run's checkpoint_final.pth
+    path/to/fold_0@12         the run's snapshot of epoch 12 (snapshots/epoch_0012.pth)
+    path/to/fold_0@start      = @0, the network as training started (pretrained weights loaded)
+    path/to/fold_0@converged  the snapshot at the convergence epoch (:func:`convergence_epoch`)
+    path/to/fold_0@final | @latest | @best   checkpoint_final / _latest / _best.pth
+
+Every file is read with ``map_location="cpu"`` and its keys lose the ``module.`` / ``_orig_mod.``
+prefixes of DDP / ``torch.compile``. A checkpoint is refused, with one message naming every
+difference, when its keys or shapes differ from the network the plans build.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from nnunet_transfer.errors import ArchitectureError, DataError
+from nnunet_transfer.netutil import clean_state_dict
+from nnunet_transfer.policies.snapshots import SNAPSHOT_DIR, read_index, snapshot_name
+
+#: ``@name`` -> checkpoint file of nnU-Net in a fold folder.
+CHECKPOINTS = {"final": "checkpoint_final.pth", "latest": "checkpoint_latest.pth",
+               "best": "checkpoint_best.pth"}
+#: A run has converged at the first epoch whose validation pseudo-Dice is within this fraction of
+#: its maximum (Karimi et al. 2021).
+CONVERGENCE_TOLERANCE = 0.005
+_AT = re.compile(r"(.+)@(\d+|start|converged|final|latest|best)")
+SEG_KEY = ".seg_layers."
+
+
+@dataclass(frozen=True)
+class NetworkRef:
+    """A resolved network reference: where the weights are and how to call them in tables."""
+
+    label: str
+    path: Path
+    run: Path | None = None  # fold folder, when the reference came from one
+    epoch: int | None = None  # snapshot epoch (completed epochs), when it is a snapshot
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "path": str(self.path), "run": None if self.run is None else str(self.run),
+                "epoch": self.epoch}
+
+
+def run_label(fold: Path) -> str:
+    """``…/nnUNetTrainerFinetune__nnUNetPlans__ft/fold_0`` -> ``nnUNetTrainerFinetune__nnUNetPlans__ft/fold_0``."""
+    fold = Path(fold)
+    return f"{fold.parent.name}/{fold.name}" if fold.name.startswith("fold_") else fold.name
+
+
+def snapshot_epochs(fold: str | Path) -> list[int]:
+    """Epochs with a snapshot file listed in the run's ``snapshots/index.json``."""
+    fold = Path(fold)
+    return [int(e["epoch"]) for e in read_index(fold)
+            if (fold / SNAPSHOT_DIR / e.get("file", snapshot_name(int(e["epoch"])))).is_file()]
+
+
+def require_snapshots(fold: str | Path) -> list[int]:
+    fold = Path(fold)
+    if not fold.is_dir():
+        raise DataError(f"run folder {fold} does not exist; give a fold folder such as "
+                        f"$nnUNet_results/DatasetXXX/Trainer__Plans__Config/fold_0")
+    epochs = snapshot_epochs(fold)
+    if not epochs:
+        raise DataError(f"run {fold} has no snapshots ({SNAPSHOT_DIR}/{'index.json'} missing or empty); "
+                        f"train with a trainer of this package (e.g. nnUNetTrainerTransferBase) and the "
+                        f"setting snapshot_every > 0 (nnunet_transfer configure -d D -c BASE -n NEW "
+                        f"--set snapshot_every=1)")
+    return epochs
+
+
+def snapshot_ref(fold: str | Path, epoch: int) -> NetworkRef:
+    fold = Path(fold)
+    epochs = require_snapshots(fold)
+    if epoch not in epochs:
+        raise DataError(f"run {fold} has no snapshot of epoch {epoch}; snapshots exist for epochs "
+                        f"{_epochs_text(epochs)}")
+    entry = next(e for e in read_index(fold) if int(e["epoch"]) == epoch)
+    return NetworkRef(label=f"{run_label(fold)}@{epoch}", path=fold / SNAPSHOT_DIR / entry.get("file", snapshot_name(epoch)),
+                      run=fold, epoch=epoch)
+
+
+def _epochs_text(epochs: Sequence[int]) -> str:
+    epochs = list(epochs)
+    return ", ".join(map(str, epochs)) if len(epochs) <= 12 else (
+        ", ".join(map(str, epochs[:5])) + ", …, " + ", ".join(map(str, epochs[-3:])))
+
+
+# --------------------------------------------------------------------------------------------------
+# convergence epoch
+# --------------------------------------------------------------------------------------------------
+
+def dice_curve(index: Sequence[Mapping]) -> tuple[str, list[tuple[int, float]]]:
+    """``(key, [(epoch, pseudo-Dice), …])`` from a snapshot index.
+
+    The key is ``mean_fg_dice`` (the epoch's validation pseudo-Dice) when any entry has it, else
+    ``ema_fg_dice`` (nnU-Net's moving average). Entries without a finite value (epoch 0) are skipped.
+    """
+    def finite(v) -> bool:
+        return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+    key = "mean_fg_dice" if any(finite(e.get("mean_fg_dice")) for e in index) else "ema_fg_dice"
+    curve = [(int(e["epoch"]), float(e[key])) for e in index if finite(e.get(key))]
+    return key, sorted(curve)
+
+
+def convergence_epoch(index: Sequence[Mapping], *, tolerance: float = CONVERGENCE_TOLERANCE) -> int:
+    """First epoch whose validation pseudo-Dice ``d`` satisfies ``d ≥ max(d) − tolerance · |max(d)|``.
+
+    Karimi et al. (2021) call it the convergence epoch: the first epoch within 0.5 % of the best
+    validation Dice. Only epochs with a snapshot (and a recorded Dice) are candidates, so the
+    answer always has a snapshot.
+
+    Raises:
+        DataError: no entry has a pseudo-Dice (e.g. only the start snapshot exists).
+    """
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"`tolerance` must be a fraction in [0, 1), got {tolerance!r}")
+    key, curve = dice_curve(index)
+    if not curve:
+        raise DataError("no validation pseudo-Dice is recorded in the snapshot index (index.json), so "
+                        "the convergence epoch is unknown; give it explicitly (--convergence-epoch E)")
+    best = max(v for _, v in curve)
+    threshold = best - tolerance * abs(best)
+    return next(e for e, v in curve if v >= threshold)
+
+
+def run_convergence(fold: str | Path, *, tolerance: float = CONVERGENCE_TOLERANCE) -> int:
+    fold = Path(fold)
+    require_snapshots(fold)
+    try:
+        return convergence_epoch(read_index(fold), tolerance=tolerance)
+    except DataError as e:
+        raise DataError(f"run {fold}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------------------
+
+def resolve_network(text: str | Path, *, tolerance: float = CONVERGENCE_TOLERANCE) -> NetworkRef:
+    """Resolve a network reference (see the module docstring) to a file."""
+    raw = str(text).strip()
+    if not raw:
+        raise DataError("empty network reference; give a checkpoint file, a fold folder or FOLD@EPOCH")
+    m = _AT.fullmatch(raw)
+    if m and not Path(raw).exists():
+        fold, what = Path(m.group(1)), m.group(2)
+        if what in CHECKPOINTS:
+            return _checkpoint_ref(fold, what)
+        if what == "converged":
+            return snapshot_ref(fold, run_convergence(fold, tolerance=tolerance))
+        return snapshot_ref(fold, 0 if what == "start" else int(what))
+    path = Path(raw)
+    if path.is_dir():
+        return _checkpoint_ref(path, "final")
+    if path.is_file():
+        return NetworkRef(label=_file_label(path), path=path, run=_fold_of(path), epoch=_epoch_of(path))
+    raise DataError(f"network {raw!r} not found: give a checkpoint file (.pth), a fold folder (its "
+                    f"checkpoint_final.pth) or FOLD@EPOCH / FOLD@start / FOLD@converged / FOLD@final")
+
+
+def _checkpoint_ref(fold: Path, what: str) -> NetworkRef:
+    if not fold.is_dir():
+        raise DataError(f"run folder {fold} does not exist")
+    path = fold / CHECKPOINTS[what]
+    if not path.is_file():
+        have = sorted(p.name for p in fold.glob("checkpoint_*.pth"))
+        epochs = snapshot_epochs(fold)
+        hint = f"; snapshots exist for epochs {_epochs_text(epochs)} (use {fold}@EPOCH)" if epochs else ""
+        raise DataError(f"{path} does not exist (checkpoints there: {have or 'none'}){hint}")
+    return NetworkRef(label=f"{run_label(fold)}@{what}", path=path, run=fold)
+
+
+def _fold_of(path: Path) -> Path | None:
+    if path.parent.name == SNAPSHOT_DIR:
+        return path.parent.parent
+    if path.name in CHECKPOINTS.values():
+        return path.parent
+    return None
+
+
+def _epoch_of(path: Path) -> int | None:
+    m = re.fullmatch(r"epoch_(\d+)\.pth", path.name)
+    return int(m.group(1)) if m and path.parent.name == SNAPSHOT_DIR else None
+
+
+def _file_label(path: Path) -> str:
+    fold = _fold_of(path)
+    if fold is None:
+        return path.stem
+    epoch = _epoch_of(path)
+    if epoch is not None:
+        return f"{run_label(fold)}@{epoch}"
+    what = next(k for k, v in CHECKPOINTS.items() if v == path.name)
+    return f"{run_label(fold)}@{what}"
+
+
+def unique_labels(refs: Sequence[NetworkRef]) -> list[NetworkRef]:
+    """Append ``#2``, ``#3`` … to repeated labels (the same file may be given twice)."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in refs:
+        seen[r.label] = seen.get(r.label, 0) + 1
+        out.append(r if seen[r.label] == 1 else NetworkRef(f"{r.label}#{seen[r.label]}", r.path, r.run, r.epoch))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------------
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Network weights of a checkpoint/snapshot/state-dict file: CPU tensors, wrapper prefixes removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        # nnU-Net's own checkpoints hold more than tensors (logging, init args): it loads them with
+        # weights_only=False as well. Only load files you trust.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise DataError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    state = ckpt.get("network_weights", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path} is neither an nnU-Net checkpoint (a dict with 'network_weights') nor a "
+                        f"state dict of tensors")
+    return clean_state_dict(state)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+    shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (key, checkpoint, network)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shapes)
+
+    @property
+    def only_seg(self) -> bool:
+        keys = [*self.missing, *self.unexpected, *(k for k, _, _ in self.shapes)]
+        return bool(keys) and all(SEG_KEY in k for k in keys)
+
+    def text(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} key(s) missing (e.g. {self.missing[0]})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected key(s) (e.g. {self.unexpected[0]})")
+        if self.shapes:
+            k, a, b = self.shapes[0]
+            parts.append(f"{len(self.shapes)} shape mismatch(es) (e.g. {k}: checkpoint {tuple(a)} vs "
+                         f"network {tuple(b)})")
+        return ", ".join(parts)
+
+
+def compare_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> Mismatch:
+    missing = tuple(k for k in reference if k not in state)
+    unexpected = tuple(k for k in state if k not in reference)
+    shapes = tuple((k, tuple(state[k].shape), tuple(v.shape)) for k, v in reference.items()
+                   if k in state and tuple(state[k].shape) != tuple(v.shape))
+    return Mismatch(missing, unexpected, shapes)
+
+
+def load_into(network: nn.Module, ref: NetworkRef, *, where: str, allow_seg_mismatch: bool) -> bool:
+    """Load ``ref``'s weights into ``network`` (a fresh copy of the plans' network), strictly.
+
+    Segmentation heads may differ (another label set: a source model) when ``allow_seg_mismatch``
+    (the heads are not analysed); they then keep their random weights. Returns whether they did.
+
+    Raises:
+        ArchitectureError: any other difference of keys or shapes.
+    """
+    state = load_state(ref.path)
+    reference = network.state_dict()
+    mismatch = compare_state(state, reference)
+    if mismatch and not (allow_seg_mismatch and mismatch.only_seg):
+        raise ArchitectureError(
+            f"{ref.label} ({ref.path}) is not a network of {where}: {mismatch.text()}; every network of "
+            f"one analysis must have the architecture these plans build - give the -d/-c/-p it was "
+            f"trained with")
+    if mismatch:
+        state = {k: v for k, v in state.items() if SEG_KEY not in k}
+        missing, unexpected = network.load_state_dict(state, strict=False)
+        assert not unexpected and all(SEG_KEY in k for k in missing), (missing, unexpected)
+        return True
+    network.load_state_dict(state, strict=True)
+    return False
+
+
+def load_networks(refs: Sequence[NetworkRef], template: nn.Module, *, device: torch.device | str, where: str,
+                  allow_seg_mismatch: bool) -> tuple[list[nn.Module], list[str]]:
+    """Copies of ``template`` (the plans' network) holding each reference's weights, on ``device``,
+    in eval mode; and a note for every network whose segmentation heads were not loaded."""
+    import copy
+
+    networks, notes = [], []
+    for ref in refs:
+        net = copy.deepcopy(template)
+        if load_into(net, ref, where=where, allow_seg_mismatch=allow_seg_mismatch):
+            notes.append(f"{ref.label}: segmentation heads differ from the plans' (another label set) and "
+                         f"were not loaded; they are not analysed")
+        networks.append(net.to(device).eval())
+    return networks, notes

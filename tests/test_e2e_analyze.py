@@ -1,0 +1,176 @@
+"""``nnunet_transfer analyze`` end to end: tiny runs trained by the real nnUNetv2_train with snapshots
+(2 from scratch, 2 fine-tuned from the source model), then every study through the command line."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from nnunet_transfer.analysis.runs import convergence_epoch
+from nnunet_transfer.cli.main import main
+from nnunet_transfer.policies.snapshots import read_index
+
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY
+
+pytestmark = pytest.mark.slow
+
+RI, TL = "nnUNetTrainerTransferBase", "nnUNetTrainerFinetune"
+EPOCHS = 3
+# 4 patches x 512 voxels = 2048 samples >= 100 x 16 channels: no sample-size warning
+FAST = ["--patches", "4", "--device", "cpu", "--no-progress"]
+TOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def runs(workspace):
+    ws, out = workspace, {"RI": [], "TL": []}
+    for seed in (0, 1):
+        for group, trainer, pretrained in (("RI", RI, None), ("TL", TL, ws.source_checkpoint)):
+            name = f"an_{group.lower()}{seed}"
+            ws.configure(TARGET_ID, TINY, name, {**QUICK_SETTINGS, "num_epochs": EPOCHS, "snapshot_every": 1,
+                                                 "seed": seed})
+            out[group].append(ws.train(TARGET_ID, name, trainer, pretrained=pretrained))
+    return ws, out
+
+
+def analyze(capsys, *args) -> tuple[int, str, str]:
+    code = main(["analyze", *map(str, args)])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def valid_png(path: Path) -> bool:
+    from matplotlib.image import imread
+
+    img = imread(path)
+    return img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def in_unit(x) -> bool:
+    return x is not None and -TOL <= x <= 1 + TOL
+
+
+def test_runs_wrote_snapshots(runs):
+    _, r = runs
+    for fold in r["RI"] + r["TL"]:
+        index = read_index(fold)
+        assert [e["epoch"] for e in index] == list(range(EPOCHS + 1))
+        assert all(e["mean_fg_dice"] is not None for e in index[1:])
+
+
+def test_compare_with_default_sampling(runs, capsys, tmp_path):
+    ws, r = runs
+    code, out, err = analyze(capsys, "compare", r["TL"][0], r["TL"][1], r["RI"][0], "-d", TARGET_ID, "-c", TINY,
+                             "--device", "cpu", "-o", tmp_path)
+    assert code == 0, err
+    assert "warning" not in err
+    data = json.loads((tmp_path / "compare.json").read_text())
+    layers = data["meta"]["layers"]
+    assert [l["block"] for l in layers] == [1, 2, 4, 5]  # the default for N = 3 stages
+    assert all(l["samples"] >= 100 * l["channels"] for l in layers)
+    assert data["meta"]["sampling"]["patches"] == 16 and data["meta"]["sampling"]["patches_auto"]
+    rows = data["tables"]["similarity"]
+    assert len(rows) == 3 * 4
+    for row in rows:
+        for m in ("pwcca", "mean_cca", "svcca", "linear_cka"):
+            assert in_unit(row[m]) and in_unit(row[f"null_{m}"]), row
+        assert row["null_pwcca"] < 0.25 and row["pwcca"] > row["null_pwcca"]
+    # two fine-tuned copies of one source model stay closer than a fine-tuned and a scratch network
+    tl_tl = [r_["pwcca"] for r_ in rows if "an_tl0" in r_["a"] and "an_tl1" in r_["b"]]
+    tl_ri = [r_["pwcca"] for r_ in rows if "an_tl0" in r_["a"] and "an_ri0" in r_["b"]]
+    assert sum(tl_tl) > sum(tl_ri)
+    assert valid_png(tmp_path / "compare.png")
+    assert (tmp_path / "summary.md").read_text().startswith("# compare")
+
+
+def test_evolution(runs, capsys, tmp_path):
+    ws, r = runs
+    fold = r["RI"][0]
+    expected = convergence_epoch(read_index(fold))
+    # the run by trainer and fold, as nnU-Net names it
+    code, out, err = analyze(capsys, "evolution", "-d", TARGET_ID, "-c", "an_ri0", "-tr", RI, "-f", 0,
+                             *FAST, "-o", tmp_path)
+    assert code == 0, err
+    evo = json.loads((tmp_path / "evolution.json").read_text())
+    assert evo["convergence_epoch"] == expected
+    assert evo["epochs"] == list(range(EPOCHS + 1))
+    assert Path(evo["run"]) == fold
+    for row in evo["tables"]["similarity"]:
+        assert in_unit(row["pwcca"]) and in_unit(row["null_pwcca"]) and row["null_pwcca"] < 0.25
+        if row["epoch"] == expected:
+            assert row["converged"] and row["pwcca"] == pytest.approx(1, abs=TOL)
+    assert f"convergence epoch: **{expected}**" in (tmp_path / "summary.md").read_text()
+    assert valid_png(tmp_path / "evolution.png")
+    # an explicit convergence epoch
+    code, out, err = analyze(capsys, "evolution", fold, "-d", TARGET_ID, "-c", TINY, "--convergence-epoch", 0,
+                             "--layers", "blocks:1", *FAST, "-o", tmp_path / "e0")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e0" / "evolution.json").read_text())["convergence_epoch"] == 0
+
+
+def test_groups_reuse_weights(runs, capsys, tmp_path):
+    ws, r = runs
+    groups = [f"RI={r['RI'][0]},{r['RI'][1]}", f"TL={r['TL'][0]},{r['TL'][1]}"]
+    code, out, err = analyze(capsys, "groups", "--group", groups[0], "--group", groups[1], "-d", TARGET_ID,
+                             "-c", TINY, *FAST, "-o", tmp_path / "groups")
+    assert code == 0, err
+    g = json.loads((tmp_path / "groups" / "groups.json").read_text())["tables"]
+    assert len(g["pairs"]) == 6 * 4
+    assert {(x["group_a"], x["group_b"]) for x in g["groups"]} == {("RI", "RI"), ("RI", "TL"), ("TL", "TL")}
+    assert all(in_unit(x["mean"]) and in_unit(x["null_mean"]) for x in g["groups"])
+    perm = [t for t in g["tests"] if t["test"].startswith("permutation")]
+    assert len(perm) == 4 and all(t["exact"] and 0 < t["p_value"] <= 1 for t in perm)
+    welch = [t for t in g["tests"] if t["test"].startswith("Welch")]
+    assert len(welch) == 3 * 4  # within groups of 2 networks there is one pair: t is undefined
+    assert valid_png(tmp_path / "groups" / "groups.png")
+
+    code, out, err = analyze(capsys, "reuse", "--ri", f"{r['RI'][0]},{r['RI'][1]}", "--tl", str(r["TL"][0]),
+                             "--tl", str(r["TL"][1]), "-d", TARGET_ID, "-c", TINY, *FAST, "-o", tmp_path / "reuse")
+    assert code == 0, err
+    reuse = json.loads((tmp_path / "reuse" / "reuse.json").read_text())
+    for row in reuse["tables"]["reuse"]:
+        assert in_unit(row["tl_pwcca"]) and in_unit(row["ri_pwcca"])
+        assert row["reuse_pwcca"] == pytest.approx(row["tl_pwcca"] - row["ri_pwcca"])
+        assert -1 <= row["reuse_pwcca"] <= 1 and row["null_pwcca"] < 0.25
+    assert [x["start"].endswith("@0") for x in reuse["runs"]] == [True] * 4
+    assert valid_png(tmp_path / "reuse" / "reuse.png")
+
+    code, out, err = analyze(capsys, "weights", r["TL"][0], "-d", TARGET_ID, "-c", TINY, "--device", "cpu",
+                             "--no-progress", "--filters", "4", "-o", tmp_path / "weights")
+    assert code == 0, err
+    w = json.loads((tmp_path / "weights" / "weights.json").read_text())
+    assert w["start"].endswith("fold_0@0") and w["end"].endswith("fold_0@final")
+    assert all(math.isfinite(c["ratio"]) and c["ratio"] >= 0 for c in w["tables"]["conv"])
+    assert {x["group"] for x in w["tables"]["group"]} == {"encoder", "bottleneck", "decoder", "seg"}
+    pngs = sorted(p.name for p in (tmp_path / "weights").glob("*.png"))
+    assert pngs == ["featuremaps_block1.png", "featuremaps_block2.png", "featuremaps_block4.png",
+                    "featuremaps_block5.png", "filters_block1.png", "filters_block2.png", "filters_block4.png",
+                    "filters_block5.png", "weights.png"]
+    assert all(valid_png(tmp_path / "weights" / p) for p in pngs)
+
+
+def test_bad_input_on_real_runs(runs, capsys, tmp_path):
+    ws, r = runs
+    source_fold = ws.source_checkpoint.parent  # pretrained without snapshots
+    plans_file = ws.root / "preprocessed" / ws.target / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["an_nodata"] = {"inherits_from": TINY, "data_identifier": "an_missing"}
+    plans["configurations"]["an_empty"] = {"inherits_from": TINY, "data_identifier": "an_empty"}
+    plans_file.write_text(json.dumps(plans, indent=4))
+    (plans_file.parent / "an_empty").mkdir(exist_ok=True)
+    cases = [
+        (["compare", r["RI"][0], r["TL"][0], "-c", "3d_fullres"], "is not a network of"),
+        (["compare", r["RI"][0], r["TL"][0], "-c", TINY, "--layers", "blocks:7"], "block 7 in spec 'blocks:7' is out of range"),
+        (["evolution", source_fold, "-c", TINY], "has no snapshots"),
+        (["compare", r["RI"][0], r["TL"][0], "-c", TINY, "--patches", "1", "--voxels-per-patch", "8"], "too few samples"),
+        (["compare", r["RI"][0], r["TL"][0], "-c", TINY, "--cases", "nope"], "case(s) ['nope'] not in"),
+        (["compare", r["RI"][0], r["TL"][0], "-c", "an_nodata"], "an_missing does not exist; run nnUNetv2_preprocess"),
+        (["compare", r["RI"][0], r["TL"][0], "-c", "an_empty"], "an_empty holds no cases"),
+    ]
+    for args, message in cases:
+        code, out, err = analyze(capsys, *args, "-d", TARGET_ID, "--device", "cpu", "--no-progress",
+                                 "-o", tmp_path)
+        assert code == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and message in err, (args, err)
