@@ -115,9 +115,10 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
     step("preprocessing the target with the source plans",
          ["nnUNetv2_preprocess", "-d", TARGET_ID, "-plans_name", "nnUNetPlans", "-c", BASE_CONFIG,
           "-np", 1], "05_preprocess_target.log")
-    step("setting the target's schedule",
+    step("setting the target's schedule (weights snapshots for the analysis)",
          ["nnunet_transfer", "configure", "-d", TARGET_ID, "-c", DEMO_CONFIG, "-n", TARGET_CONFIG,
-          *_settings(schedule.finetune_epochs, schedule, seed)], "06_configure_target.log")
+          *_settings(schedule.finetune_epochs, schedule, seed), "--set",
+          f"snapshot_every={max(1, schedule.finetune_epochs // 4)}"], "06_configure_target.log")
 
     rows = []
     for i, s in enumerate(strategies):
@@ -148,6 +149,15 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
              f"included. Source: {schedule.pretrain_epochs}x{schedule.iterations} iterations; target: "
              f"{schedule.finetune_epochs}x{schedule.iterations}, seed {seed}.")
     (out / "results.md").write_text(table + "\n")
+    if any(s.trainer == "nnUNetTrainerFinetune" and not s.settings for s in strategies):
+        # Karimi et al.'s evolution study on the fine-tuned run: each layer's similarity (PWCCA) to
+        # the same layer at the convergence epoch
+        step("analysing the fine-tuned run: layer similarity to the convergence epoch",
+             ["nnunet_transfer", "analyze", "evolution", "-d", TARGET_ID, "-c", TARGET_CONFIG, "-tr",
+              "nnUNetTrainerFinetune", "-o", out / "analysis" / "evolution", "--seed", seed,
+              "--patches", 8, "--no-progress"], "20_analyze_evolution.log")
+        results["analysis"] = str(out / "analysis" / "evolution")
+        (out / "results.json").write_text(json.dumps(results, indent=2))
     say("")
     say(table)
     say(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}; logs in {logs}")

@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
 
     e = ps.add_parser("evolution", help="a run's snapshots against its convergence epoch (Karimi Fig. 6-7)",
                       description="Similarity of each snapshot's layers to the same layers at the convergence "
-                                  "epoch: the first epoch whose validation pseudo-Dice is within 0.5%% of its "
+                                  "epoch: the first epoch whose validation pseudo-Dice is within 0.5 percent of its "
                                   "maximum (snapshots/index.json), unless --convergence-epoch is given.")
     e.add_argument("run", nargs="?", metavar="RUN", help="fold folder with snapshots (or -tr/-f)")
     e.add_argument("--convergence-epoch", dest="convergence_epoch", type=int, default=None,
