@@ -45,36 +45,46 @@ A spec is terms joined by ``+`` (union); whitespace is ignored, names are case-i
     group  := "encoder" (blocks 1..N, bottleneck included: nnU-Net's ``encoder`` module)
             | "decoder" (blocks N+1..2N−1) | "bottleneck" (block N)
             | "seg" (the segmentation heads) | "all" (every block and seg)
-    items  := item ("," item)*      item := k | a "-" b       (1 <= k, a <= b <= 2N−1)
+    items  := item ("," item)*      item := k | a "-" b | N "a" | N "b"   (1 <= k, a <= b <= 2N−1)
+
+``Na`` and ``Nb`` are the two halves of the bottleneck (block N) along the path: ``Na`` its first
+⌊c/2⌋ convolutions (``PlainConvUNet``; residual blocks for the residual encoders), ``Nb`` the rest, so
+an odd count gives the middle one to ``Nb`` and a one-conv bottleneck is all ``Nb``. Amiri et al. split
+the network "precisely in half by path length, splitting in the middle of the bottleneck layer": the
+contracting half is blocks 1..N−1 + ``Na``, the expanding half ``Nb`` + blocks N+1..2N−1.
 
 Presets never include ``seg``: nnU-Net re-initialises the heads when it loads
 ``-pretrained_weights``, so a trainer adds ``+seg`` itself when the heads must train.
 
 Presets — Amiri's 12 fine-tuning strategies, generalised to any N (numbers follow the order of the
 strategy list this package was specified with; the sets for N = 5 are those of the paper's 9-block
-U-Net):
+U-Net; its Table II gives the share of parameters each trains, which the tests reproduce):
 
-====  ==================  ============================  =============  =========
- #    preset              blocks (any N)                N = 5          min N
-====  ==================  ============================  =============  =========
- 1    whole               1..2N−1                       1–9            2
- 2    contracting         1..N−1                        1–4            2
- 3    expanding           N+1..2N−1                     6–9            2
- 4    exceptBottleneck    all but N                     1–4, 6–9       2
- 5    bottleneck          N                             5              2
- 6    outer               {1, 2, 2N−2, 2N−1}            1, 2, 8, 9     4
- 7    inner               3..2N−3                       3–7            4
- 8    first               {1}                           1              2
- 9    last                {2N−1}                        9              2
-10    firstLast           {1, 2N−1}                     1, 9           2
-11    first2              {1, 2}                        1, 2           3
-12    deepEncoder         {N−2, N−1}                    3, 4           4
-====  ==================  ============================  =============  =========
+====  ==================  ==============================  ================  =========
+ #    preset              blocks (any N)                  N = 5             min N
+====  ==================  ==============================  ================  =========
+ 1    whole               1..2N−1                         1–9               2
+ 2    contracting         1..N−1 + Na                     1–4 + 5a          2
+ 3    expanding           Nb + N+1..2N−1                  5b + 6–9          2
+ 4    exceptBottleneck    all but N                       1–4, 6–9          2
+ 5    bottleneck          N                               5                 2
+ 6    outer               {1, 2, 2N−2, 2N−1}              1, 2, 8, 9        4
+ 7    inner               3..2N−3                         3–7               4
+ 8    first               {1}                             1                 2
+ 9    last                {2N−1}                          9                 2
+10    firstLast           {1, 2N−1}                       1, 9              2
+11    first2              1..h, h = ⌈(N−1)/2⌉             1, 2              4
+12    deepEncoder         h+1..N−1                        3, 4              4
+====  ==================  ==============================  ================  =========
+
+``first2`` and ``deepEncoder`` are the two halves of the contracting path's N−1 encoder blocks (Amiri:
+"the first two blocks (1,2) or the second half of the encoder (3,4)"); for an odd count the first half
+has the extra block (N = 4: {1, 2} and {3}; N = 6: {1, 2, 3} and {4, 5}).
 
 Why the minimum N: ``outer`` is the two outer resolution levels on both sides and ``inner`` the rest;
-at N = 3 they would equal ``exceptBottleneck`` and ``bottleneck``. ``first2`` at N = 2 would take the
-bottleneck as its second "encoder" block. ``deepEncoder`` (the two encoder blocks just above the
-bottleneck) at N = 3 would equal ``first2``. Degenerate presets are refused, not silently reduced.
+at N = 3 they would equal ``exceptBottleneck`` and ``bottleneck``. At N = 3 the contracting path has
+two blocks, so ``first2`` would equal ``first`` and ``deepEncoder`` would be block 2 alone.
+Degenerate presets are refused, not silently reduced.
 """
 from __future__ import annotations
 
@@ -111,19 +121,32 @@ class Preset:
     why_min: str
     _blocks: Callable[[int], Iterable[int]] = field(repr=False, compare=False)
 
-    def blocks(self, n_stages: int) -> frozenset[int]:
-        """The block numbers for a network with ``n_stages`` stages (no minimum check)."""
+    def units(self, n_stages: int) -> frozenset[int | str]:
+        """Block numbers and bottleneck halves (``"Na"``, ``"Nb"``) for ``n_stages`` stages (no minimum check)."""
         return frozenset(self._blocks(n_stages))
+
+    def blocks(self, n_stages: int) -> frozenset[int]:
+        """The whole blocks for a network with ``n_stages`` stages (no minimum check)."""
+        return frozenset(u for u in self.units(n_stages) if isinstance(u, int))
+
+    def halves(self, n_stages: int) -> frozenset[str]:
+        """The bottleneck halves (``"Na"`` / ``"Nb"``) the preset takes."""
+        return frozenset(u for u in self.units(n_stages) if isinstance(u, str))
 
 
 def _r(a: int, b: int) -> range:
     return range(a, b + 1)
 
 
+def _half_encoder(n: int) -> int:
+    """Blocks in the first half of the contracting path's N−1 encoder blocks (the odd one goes first)."""
+    return -(-(n - 1) // 2)
+
+
 _PRESET_LIST = (
     Preset("whole", 1, "1..2N-1", 2, "", lambda n: _r(1, 2 * n - 1)),
-    Preset("contracting", 2, "1..N-1", 2, "", lambda n: _r(1, n - 1)),
-    Preset("expanding", 3, "N+1..2N-1", 2, "", lambda n: _r(n + 1, 2 * n - 1)),
+    Preset("contracting", 2, "1..N-1 + Na", 2, "", lambda n: [*_r(1, n - 1), f"{n}a"]),
+    Preset("expanding", 3, "Nb + N+1..2N-1", 2, "", lambda n: [f"{n}b", *_r(n + 1, 2 * n - 1)]),
     Preset("exceptBottleneck", 4, "all but N", 2, "",
            lambda n: [k for k in _r(1, 2 * n - 1) if k != n]),
     Preset("bottleneck", 5, "N", 2, "", lambda n: [n]),
@@ -133,8 +156,10 @@ _PRESET_LIST = (
     Preset("first", 8, "{1}", 2, "", lambda n: [1]),
     Preset("last", 9, "{2N-1}", 2, "", lambda n: [2 * n - 1]),
     Preset("firstLast", 10, "{1,2N-1}", 2, "", lambda n: [1, 2 * n - 1]),
-    Preset("first2", 11, "{1,2}", 3, "at N=2 block 2 is the bottleneck", lambda n: [1, 2]),
-    Preset("deepEncoder", 12, "{N-2,N-1}", 4, "at N=3 it equals first2", lambda n: [n - 2, n - 1]),
+    Preset("first2", 11, "1..ceil((N-1)/2)", 4, "at N=3 it equals first",
+           lambda n: _r(1, _half_encoder(n))),
+    Preset("deepEncoder", 12, "ceil((N-1)/2)+1..N-1", 4, "at N=3 it is block 2 alone",
+           lambda n: _r(_half_encoder(n) + 1, n - 1)),
 )
 #: Presets by their canonical (camelCase) name, in Amiri order.
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
@@ -152,21 +177,33 @@ def preset_names() -> list[str]:
 
 @dataclass(frozen=True)
 class Selection:
-    """What a spec selects: block numbers and whether the segmentation heads are in."""
+    """What a spec selects: whole blocks, bottleneck halves and whether the segmentation heads are in."""
 
     spec: str
     n_stages: int
     blocks: frozenset[int]
     seg: bool
+    #: bottleneck halves selected without the whole bottleneck: ``"Na"`` (contracting side), ``"Nb"``
+    halves: frozenset[str] = frozenset()
 
     def describe(self) -> str:
-        """``"blocks 1-4 + seg"``: compact, for logs and tables."""
+        """``"blocks 1-4 + 5a + seg"``: compact, for logs and tables."""
         parts = []
         if self.blocks:
             parts.append("blocks " + format_block_ranges(self.blocks))
+        parts += sorted(self.halves)
         if self.seg:
             parts.append("seg")
         return " + ".join(parts) if parts else "nothing"
+
+
+def _normalise(n: int, blocks: set[int], halves: set[str]) -> tuple[frozenset[int], frozenset[str]]:
+    """Both halves make the whole bottleneck; a half of a selected bottleneck is already in."""
+    if {f"{n}a", f"{n}b"} <= halves:
+        blocks = blocks | {n}
+    if n in blocks:
+        halves = set()
+    return frozenset(blocks), frozenset(halves)
 
 
 def format_block_ranges(numbers: Iterable[int]) -> str:
@@ -186,7 +223,8 @@ def format_block_ranges(numbers: Iterable[int]) -> str:
 def _grammar_help(n_stages: int) -> str:
     top = 2 * n_stages - 1
     return (f"a term is a group ({', '.join(GROUPS)}), 'blocks:' with numbers and ranges in 1..{top} "
-            f"(e.g. blocks:1,2,{top - 1}-{top}), or a preset ({', '.join(PRESETS)}); join terms with '+'")
+            f"and the bottleneck halves {n_stages}a/{n_stages}b (e.g. blocks:1,2,{top - 1}-{top}), or a preset "
+            f"({', '.join(PRESETS)}); join terms with '+'")
 
 
 def _range_text(n_stages: int) -> str:
@@ -195,18 +233,28 @@ def _range_text(n_stages: int) -> str:
             f"bottleneck {n}, decoder {n + 1}..{2 * n - 1})")
 
 
-def _parse_blocks_term(term: str, body: str, spec: str, n_stages: int) -> set[int]:
+def _parse_blocks_term(term: str, body: str, spec: str, n_stages: int) -> tuple[set[int], set[str]]:
     top = 2 * n_stages - 1
     items = [s.strip() for s in body.split(",")]
     if not body.strip() or any(not s for s in items):
         raise SpecError(f"malformed term {term!r} in spec {spec!r}: 'blocks:' needs comma-separated "
                         f"numbers or ranges without empty items, e.g. blocks:1,2,{top - 1}-{top}")
     out: set[int] = set()
+    halves: set[str] = set()
     for item in items:
+        h = re.fullmatch(r"(\d+)\s*([abAB])", item)
+        if h:
+            k = int(h.group(1))
+            if k != n_stages:
+                raise SpecError(f"item {item!r} in spec {spec!r}: only the bottleneck (block {n_stages} of this "
+                                f"network) has halves, {n_stages}a and {n_stages}b; {_range_text(n_stages)}")
+            halves.add(f"{k}{h.group(2).lower()}")
+            continue
         m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", item)
         if not m:
             raise SpecError(f"malformed item {item!r} in term {term!r} of spec {spec!r}: expected a "
-                            f"block number (e.g. 3) or a range (e.g. 2-4)")
+                            f"block number (e.g. 3), a range (e.g. 2-4) or a bottleneck half ({n_stages}a, "
+                            f"{n_stages}b)")
         a = int(m.group(1))
         b = int(m.group(2)) if m.group(2) is not None else a
         if a > b:
@@ -215,7 +263,7 @@ def _parse_blocks_term(term: str, body: str, spec: str, n_stages: int) -> set[in
             if not 1 <= k <= top:
                 raise SpecError(f"block {k} in spec {spec!r} is out of range: {_range_text(n_stages)}")
         out.update(_r(a, b))
-    return out
+    return out, halves
 
 
 def parse_spec(spec: str, n_stages: int) -> Selection:
@@ -233,6 +281,7 @@ def parse_spec(spec: str, n_stages: int) -> Selection:
         raise SpecError(f"the spec is empty and selects nothing; {_grammar_help(n_stages)}")
     n = n_stages
     blocks: set[int] = set()
+    halves: set[str] = set()
     seg = False
     for raw in spec.split("+"):
         term = raw.strip()
@@ -241,7 +290,9 @@ def parse_spec(spec: str, n_stages: int) -> Selection:
             raise SpecError(f"malformed spec {spec!r}: empty term (a '+' with nothing on one side); "
                             f"{_grammar_help(n)}")
         if low.startswith("blocks:"):
-            blocks |= _parse_blocks_term(term, term[len("blocks:"):], spec, n)
+            more, more_halves = _parse_blocks_term(term, term[len("blocks:"):], spec, n)
+            blocks |= more
+            halves |= more_halves
         elif low == "encoder":
             blocks |= set(_r(1, n))
         elif low == "bottleneck":
@@ -261,6 +312,7 @@ def parse_spec(spec: str, n_stages: int) -> Selection:
                     f"({p.why_min}); this network has N={n}. Select the blocks explicitly instead "
                     f"with blocks:... ({_range_text(n)})")
             blocks |= p.blocks(n)
+            halves |= p.halves(n)
         else:
             names = [*GROUPS, *PRESETS, "blocks:"]
             close = difflib.get_close_matches(low, [x.lower() for x in names], n=1)
@@ -270,7 +322,8 @@ def parse_spec(spec: str, n_stages: int) -> Selection:
             elif re.fullmatch(r"[\d,\s-]+", term):
                 hint = f" (block numbers need the prefix: blocks:{term})"
             raise SpecError(f"unknown term {term!r} in spec {spec!r}{hint}; {_grammar_help(n)}")
-    return Selection(spec=spec, n_stages=n, blocks=frozenset(blocks), seg=seg)
+    whole, part = _normalise(n, blocks, halves)
+    return Selection(spec=spec, n_stages=n, blocks=whole, seg=seg, halves=part)
 
 
 def spec_blocks(spec: str, n_stages: int) -> list[int]:
@@ -295,6 +348,44 @@ class Block:
     depth_scheme1: int
     depth_scheme2: int
     resolution_level: int  # 0 = full resolution, N-1 = bottleneck
+    #: the bottleneck's two halves along the path, ``(("Na", modules, params, count), ("Nb", …))``;
+    #: empty for every other block
+    halves: tuple[tuple[str, tuple[str, ...], tuple[str, ...], int], ...] = ()
+
+    def half(self, name: str) -> tuple[str, tuple[str, ...], tuple[str, ...], int]:
+        for h in self.halves:
+            if h[0] == name:
+                return h
+        raise SpecError(f"block {self.number} has no half {name!r}")
+
+
+def _path_units(module: nn.Module, prefix: str) -> list[str]:
+    """Names of the bottleneck's units along the path: its convolution blocks (``StackedConvBlocks.convs``)
+    or residual blocks (``StackedResidualBlocks.blocks``)."""
+    for name, m in module.named_modules():
+        for attr in ("convs", "blocks"):
+            seq = getattr(m, attr, None)
+            if isinstance(seq, nn.Sequential) and len(seq):
+                base = f"{prefix}.{name}.{attr}" if name else f"{prefix}.{attr}"
+                return [f"{base}.{i}" for i in range(len(seq))]
+    return [prefix]
+
+
+def _bottleneck_halves(net: nn.Module, number: int, module_name: str, names: tuple[str, ...]):
+    """Split the bottleneck in the middle of its path: the first ⌊c/2⌋ units, then the rest."""
+    units = _path_units(net.get_submodule(module_name), module_name)
+    cut = len(units) // 2
+    params = dict(net.named_parameters())
+    out = []
+    for tag, mods in (("a", units[:cut]), ("b", units[cut:])):
+        mine = tuple(p for p in names if any(p.startswith(m + ".") for m in mods))
+        out.append((f"{number}{tag}", tuple(mods), mine, sum(params[p].numel() for p in mine)))
+    covered = set(out[0][2]) | set(out[1][2])
+    rest = tuple(p for p in names if p not in covered)
+    if rest:  # parameters outside the units (none in dynamic-network-architectures 0.4.4): second half
+        tag, mods, mine, count = out[1]
+        out[1] = (tag, mods, mine + rest, count + sum(params[p].numel() for p in rest))
+    return tuple(out)
 
 
 def _supported_classes() -> tuple[type, ...]:
@@ -379,9 +470,11 @@ class BlockModel:
         blocks = []
         for k, group, mods, out in specs:
             names, count = collect(mods, f"block {k}")
+            halves = _bottleneck_halves(net, k, mods[-1], names) if k == n else ()
             blocks.append(Block(number=k, group=group, module_names=mods, output_module=out,
                                 param_names=names, n_params=count, depth_scheme1=k,
-                                depth_scheme2=min(k, 2 * n - k), resolution_level=min(k, 2 * n - k) - 1))
+                                depth_scheme2=min(k, 2 * n - k), resolution_level=min(k, 2 * n - k) - 1,
+                                halves=halves))
         seg_names, seg_count = collect(seg_modules, "seg")
         missing = [name for pid, name in canonical.items() if pid not in owner]
         if missing:
@@ -423,6 +516,7 @@ class BlockModel:
         """Canonical names of the parameters a spec selects; raises if it selects none."""
         sel = self.select(spec)
         names = {n for k in sel.blocks for n in self.blocks[k - 1].param_names}
+        names |= {n for h in sel.halves for n in self.block(self.n_stages).half(h)[2]}
         if sel.seg:
             names |= set(self.seg_param_names)
         if not names:
@@ -433,8 +527,23 @@ class BlockModel:
     def module_names(self, spec: str | Selection) -> list[str]:
         """Names of the modules a spec selects, in block order (seg heads last)."""
         sel = self.select(spec)
-        out = [m for k in sorted(sel.blocks) for m in self.blocks[k - 1].module_names]
+        units: list[tuple[int, list[str]]] = [(k, list(self.blocks[k - 1].module_names)) for k in sel.blocks]
+        units += [(self.n_stages, list(self.block(self.n_stages).half(h)[1])) for h in sorted(sel.halves)]
+        out = [m for _, mods in sorted(units, key=lambda u: u[0]) for m in mods]
         return out + (list(self.seg_module_names) if sel.seg else [])
+
+    def n_selected(self, spec: str | Selection) -> int:
+        """Parameters (scalars) a spec selects; 0 when it selects nothing."""
+        sel = self.select(spec)
+        return (sum(self.blocks[k - 1].n_params for k in sel.blocks)
+                + sum(self.block(self.n_stages).half(h)[3] for h in sel.halves)
+                + (self.n_seg_params if sel.seg else 0))
+
+    def _train_mark(self, sel: Selection, b: Block) -> str:
+        if b.number in sel.blocks:
+            return "yes"
+        mine = sorted(h for h in sel.halves if b.halves and h in (x[0] for x in b.halves))
+        return "half " + ",".join(mine) if mine else "-"
 
     def output_modules(self, spec: str | Selection) -> dict[int, str]:
         """``{block number: name of the module whose output is the block's output}``."""
@@ -457,8 +566,13 @@ class BlockModel:
                    "fraction": frac(b.n_params), "depth_scheme1": b.depth_scheme1,
                    "depth_scheme2": b.depth_scheme2, "resolution_level": b.resolution_level,
                    "param_names": list(b.param_names)}
+            if b.halves:
+                row["halves"] = [{"half": h, "modules": list(m), "n_params": c, "fraction": frac(c)}
+                                 for h, m, _, c in b.halves]
             if sel is not None:
                 row["trainable"] = b.number in sel.blocks
+                if b.halves:
+                    row["trainable_halves"] = sorted(h for h in sel.halves if h.startswith(str(b.number)))
             rows.append(row)
         seg = {"modules": list(self.seg_module_names), "n_params": self.n_seg_params,
                "fraction": frac(self.n_seg_params), "param_names": list(self.seg_param_names)}
@@ -467,10 +581,9 @@ class BlockModel:
         out = {"architecture": self.architecture, "n_stages": self.n_stages, "n_blocks": self.n_blocks,
                "n_params": total, "blocks": rows, "seg": seg}
         if sel is not None:
-            n_train = sum(self.blocks[k - 1].n_params for k in sel.blocks) + (
-                self.n_seg_params if sel.seg else 0)
-            out["spec"] = {"spec": sel.spec, "blocks": sorted(sel.blocks), "seg": sel.seg,
-                           "n_trainable_params": n_train, "trainable_fraction": frac(n_train)}
+            n_train = self.n_selected(sel)
+            out["spec"] = {"spec": sel.spec, "blocks": sorted(sel.blocks), "halves": sorted(sel.halves),
+                           "seg": sel.seg, "n_trainable_params": n_train, "trainable_fraction": frac(n_train)}
         return out
 
     def table(self, spec: str | Selection | None = None) -> str:
@@ -492,7 +605,7 @@ class BlockModel:
             row = [str(b.number), b.group, " + ".join(b.module_names), f"{b.n_params:,}",
                    pct(b.n_params), str(b.depth_scheme1), str(b.depth_scheme2), str(b.resolution_level)]
             if sel is not None:
-                row.append("yes" if b.number in sel.blocks else "-")
+                row.append(self._train_mark(sel, b))
             rows.append(row)
         seg_row = ["seg", "seg", f"decoder.seg_layers.0-{self.n_stages - 2}", f"{self.n_seg_params:,}",
                    pct(self.n_seg_params), "-", "-", "-"]
@@ -501,8 +614,7 @@ class BlockModel:
         rows.append(seg_row)
         total_row = ["total", "", "", f"{total:,}", pct(total), "", "", ""]
         if sel is not None:
-            n_train = sum(self.blocks[k - 1].n_params for k in sel.blocks) + (
-                self.n_seg_params if sel.seg else 0)
+            n_train = self.n_selected(sel)
             total_row.append(f"{n_train:,} ({pct(n_train)})")
         rows.append(total_row)
         right = {3, 4, 5, 6, 7}

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 from nnunet_transfer.errors import ConfigError
 
 PLANS_KEY = "nnunet_transfer"
+HEADS_MODES = ("new", "by-name")
+L2SP_ANCHOR = ("all", "kernels")
 
 
 def _is_int(v: Any) -> bool:
@@ -82,46 +84,85 @@ def _choice(*choices: str):
     return check
 
 
-def _setting(default: Any, check, doc: str):
-    return field(default=default, metadata={"check": check, "doc": doc})
+def _heads(key: str, v: Any) -> None:
+    if v in HEADS_MODES:
+        return
+    if isinstance(v, Mapping) and v and all(isinstance(k, str) and k.strip() for k in v) and all(
+            isinstance(x, (str, int)) and not isinstance(x, bool) and str(x).strip() for x in v.values()):
+        return
+    raise ConfigError(f"setting {key!r} must be one of {list(HEADS_MODES)} or a mapping target label -> source "
+                      f"label (names or values), e.g. {{\"organ\": \"liver\"}} or organ:liver,lesion:tumour; "
+                      f"got {v!r}")
+
+
+#: setting groups: a trainer reads the settings of the groups it declares (``transfer_groups``)
+GROUPS = ("schedule", "run", "freeze", "blockwise", "l2sp")
+
+
+def _setting(default: Any, check, doc: str, *, group: str, resumable: bool = False, spec: bool = False):
+    """A setting: its default, validator and doc, the group of trainers that read it, whether it may change
+    on ``--c`` (``resumable``: it only says how long / how often) and whether it is a block spec."""
+    assert group in GROUPS, group  # programming error, not user input
+    return field(default=default, metadata={"check": check, "doc": doc, "group": group, "resumable": resumable,
+                                            "spec": spec})
 
 
 @dataclass(frozen=True)
 class TransferConfig:
     """Every setting of every trainer; a trainer declares which of them it reads (``transfer_keys``)."""
 
-    # -- training length and schedule (all trainers) --
-    num_epochs: int = _setting(1000, _int_at_least(1), "epochs (nnU-Net default 1000)")
-    num_iterations_per_epoch: int = _setting(250, _int_at_least(1), "training iterations per epoch")
-    num_val_iterations_per_epoch: int = _setting(50, _int_at_least(1),
-                                                 "validation iterations per epoch")
-    lr_scale: float = _setting(1.0, _positive_float,
-                               "multiplies nnU-Net's initial_lr (1e-2); Finetune defaults to 0.5")
-    seed: int | None = _setting(None, _optional_int_at_least(0),
-                                "seeds python/numpy/torch before the network is built (nnU-Net sets none)")
-    warmup_epochs: int = _setting(0, _int_at_least(0),
-                                  "linear LR ramp over this many epochs before the poly schedule")
+    # -- training length and schedule (all trainers; may change on --c) --
+    num_epochs: int = _setting(1000, _int_at_least(1), "epochs (nnU-Net default 1000)", group="schedule",
+                               resumable=True)
+    num_iterations_per_epoch: int = _setting(250, _int_at_least(1), "training iterations per epoch",
+                                             group="schedule", resumable=True)
+    num_val_iterations_per_epoch: int = _setting(50, _int_at_least(1), "validation iterations per epoch",
+                                                 group="schedule", resumable=True)
     save_every: int = _setting(50, _int_at_least(1),
-                               "write checkpoint_latest.pth every N epochs (nnU-Net default 50)")
+                               "write checkpoint_latest.pth every N epochs (nnU-Net default 50)",
+                               group="schedule", resumable=True)
     final_validation: bool = _setting(True, _bool,
-                                      "run nnU-Net's full validation of the fold at the end (and --val)")
+                                      "run nnU-Net's full validation of the fold at the end (and --val)",
+                                      group="schedule", resumable=True)
     snapshot_every: int = _setting(0, _int_at_least(0),
-                                   "save weights-only snapshots at the start and every N epochs (0 = off)")
-    # -- freezing (issue: freezing strategies) --
-    trainable: str | None = _setting(None, _optional_spec,
-                                     "block spec of what trains; everything else is frozen")
+                                   "save weights-only snapshots at the start and every N epochs (0 = off)",
+                                   group="schedule", resumable=True)
+    # -- the run (all trainers; fixed for a run) --
+    lr_scale: float = _setting(1.0, _positive_float,
+                               "multiplies nnU-Net's initial_lr (1e-2); Finetune defaults to 0.5", group="run")
+    seed: int | None = _setting(None, _optional_int_at_least(0),
+                                "seeds python/numpy/torch before the network is built (nnU-Net sets none)",
+                                group="run")
+    warmup_epochs: int = _setting(0, _int_at_least(0),
+                                  "linear LR ramp over this many epochs before the poly schedule", group="run")
+    heads: str | dict = _setting("new", _heads,
+                                 "segmentation heads: new (nnU-Net: fresh init), by-name (copy the rows of the "
+                                 "labels whose names match the checkpoint's), or a mapping target -> source label",
+                                 group="run")
+    # -- freezing --
     freeze_seg: bool = _setting(False, _bool,
-                                "allow freezing the segmentation heads (never loaded by nnU-Net)")
+                                "freeze the segmentation heads too (only meaningful with heads transferred)",
+                                group="freeze")
+    trainable: str | None = _setting(None, _optional_spec,
+                                     "block spec of what trains; everything else is frozen", group="blockwise",
+                                     spec=True)
     # -- L2-SP --
     l2sp_alpha: float = _setting(0.0, _non_negative_float_or_inf,
-                                 "lambda of lambda*||theta_S - theta_S0||^2 over the scope; inf = freeze")
+                                 "lambda of lambda*||theta_S - theta_S0||^2 over the scope; inf = freeze",
+                                 group="l2sp")
     l2sp_beta: float | None = _setting(None, _optional_non_negative_float,
-                                       "L2 toward zero outside the scope (null = nnU-Net weight decay)")
-    l2sp_scope: str = _setting("encoder", _spec, "block spec of the anchored parameters")
+                                       "L2 toward zero outside the scope (null = nnU-Net weight decay)",
+                                       group="l2sp")
+    l2sp_scope: str = _setting("encoder", _spec, "block spec of the anchored parameters", group="l2sp",
+                               spec=True)
+    l2sp_anchor: str = _setting("all", _choice(*L2SP_ANCHOR),
+                                "what in the scope is anchored: all parameters, or only conv/linear kernels "
+                                "(Li et al.'s reference implementation)", group="l2sp")
     decoder_init: str = _setting("pretrained", _choice("pretrained", "random"),
-                                 "decoder from the checkpoint or re-initialised (Sagie: random)")
+                                 "decoder from the checkpoint or re-initialised (Sagie: random)", group="l2sp")
     allow_random_anchor: bool = _setting(False, _bool,
-                                         "allow L2-SP without pretrained weights (anchor = random init)")
+                                         "allow L2-SP without pretrained weights (anchor = random init)",
+                                         group="l2sp")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -129,8 +170,22 @@ class TransferConfig:
 
     # ------------------------------------------------------------------
     @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+    def keys(cls, *groups: str) -> list[str]:
+        """Every setting, or those of the given groups (see :data:`GROUPS`)."""
+        unknown = set(groups) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"unknown setting group(s) {sorted(unknown)}; groups: {GROUPS}")
+        return [f.name for f in fields(cls) if not groups or f.metadata["group"] in groups]
+
+    @classmethod
+    def resumable_keys(cls) -> frozenset[str]:
+        """Settings that only say how long / how often: they may change between a run and its ``--c``."""
+        return frozenset(f.name for f in fields(cls) if f.metadata["resumable"])
+
+    @classmethod
+    def spec_keys(cls) -> tuple[str, ...]:
+        """Settings that hold a block spec (parsed against the network's stage count)."""
+        return tuple(f.name for f in fields(cls) if f.metadata["spec"])
 
     @classmethod
     def docs(cls) -> dict[str, tuple[Any, str]]:
@@ -167,7 +222,31 @@ def _coerce_special(key: str, v: Any) -> Any:
     # JSON cannot hold infinity: "inf" (any case) is accepted for number settings that allow it
     if key == "l2sp_alpha" and isinstance(v, str) and v.strip().lower() in ("inf", "infinity"):
         return math.inf
+    if key == "heads" and isinstance(v, str) and v.strip() not in HEADS_MODES:
+        return parse_heads_text(v)
     return v
+
+
+def parse_heads_text(text: str) -> Any:
+    """``"organ:liver,lesion:tumour"`` or a JSON object -> ``{"organ": "liver", …}``; other text unchanged."""
+    t = text.strip()
+    if t.startswith("{"):
+        try:
+            return json.loads(t)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"setting 'heads': {t!r} is not a valid JSON object ({e})") from None
+    if ":" not in t:
+        return t  # not a mapping: the validator names the valid choices
+    out: dict[str, str] = {}
+    for item in t.split(","):
+        target, sep, source = item.partition(":")
+        if not sep or not target.strip() or not source.strip():
+            raise ConfigError(f"setting 'heads': malformed item {item!r} in {t!r}; write TARGET:SOURCE pairs "
+                              f"separated by commas, e.g. organ:liver,lesion:tumour")
+        if target.strip() in out:
+            raise ConfigError(f"setting 'heads': target label {target.strip()!r} is mapped twice in {t!r}")
+        out[target.strip()] = source.strip()
+    return out
 
 
 def parse_cli_value(key: str, text: str) -> Any:
@@ -175,6 +254,8 @@ def parse_cli_value(key: str, text: str) -> Any:
     if key not in TransferConfig.keys():
         raise ConfigError(f"unknown setting {key!r}; valid settings: {sorted(TransferConfig.keys())}")
     t = text.strip()
+    if key == "heads":
+        return _coerce_special(key, t)
     if t.lower() in ("null", "none"):
         return None
     if t.lower() in ("true", "false"):

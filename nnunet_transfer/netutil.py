@@ -6,9 +6,6 @@ the names of the *unwrapped* network, so the unwrapping lives here, once.
 """
 from __future__ import annotations
 
-from typing import Mapping
-
-import torch
 from torch import nn
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -37,14 +34,6 @@ def strip_prefixes(name: str) -> str:
     return name
 
 
-def clean_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes from every key and move tensors to the CPU."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        out[strip_prefixes(k)] = v.detach().cpu() if isinstance(v, torch.Tensor) else v
-    return out
-
-
 def unique_named_parameters(network: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters of the unwrapped network by canonical name.
 
@@ -53,3 +42,19 @@ def unique_named_parameters(network: nn.Module) -> dict[str, nn.Parameter]:
     which is the canonical one used everywhere in this package.
     """
     return dict(unwrap(network).named_parameters())
+
+
+#: modules whose ``weight`` is a kernel (what Li et al.'s L2-SP anchors; "conv kernels" in the block specs)
+KERNEL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                  nn.Linear)
+
+
+def kernel_names(network: nn.Module) -> set[str]:
+    """Canonical names of the convolution / linear *kernels* (``weight``; not biases, not norm parameters)."""
+    net = unwrap(network)
+    canonical = {id(p): name for name, p in net.named_parameters()}
+    out = set()
+    for module in net.modules():
+        if isinstance(module, KERNEL_MODULES) and getattr(module, "weight", None) is not None:
+            out.add(canonical[id(module.weight)])
+    return out

@@ -54,10 +54,18 @@ def cached(arch: str, n: int) -> tuple[nn.Module, BlockModel]:
 
 def expected_names(net: nn.Module, arch: str, n: int, blocks, seg: bool) -> set[str]:
     """Independent rule: encoder block k = encoder.stages.{k-1} (+ encoder.stem for ResEnc block 1),
-    decoder block k = decoder.stages.{j} + decoder.transpconvs.{j} with j = k - n - 1."""
+    decoder block k = decoder.stages.{j} + decoder.transpconvs.{j} with j = k - n - 1; the bottleneck
+    halves "Na" / "Nb" are its first ⌊c/2⌋ convs (PlainConvUNet: stages.{n-1}.0.convs.i) or residual
+    blocks (stages.{n-1}.blocks.i) and the rest."""
     prefixes = []
     for k in blocks:
-        if k <= n:
+        if isinstance(k, str):  # a bottleneck half
+            stage = net.encoder.stages[n - 1]
+            units = [f"encoder.stages.{n - 1}.0.convs.{i}." for i in range(len(stage[0].convs))] \
+                if arch == "plain" else [f"encoder.stages.{n - 1}.blocks.{i}." for i in range(len(stage.blocks))]
+            cut = len(units) // 2
+            prefixes += units[:cut] if k.endswith("a") else units[cut:]
+        elif k <= n:
             prefixes.append(f"encoder.stages.{k - 1}.")
             if k == 1 and arch == "resenc":
                 prefixes.append("encoder.stem.")
@@ -79,10 +87,15 @@ def expected_preset(name: str, n: int) -> set[int]:
     top = 2 * n - 1
     enc, dec = set(range(1, n)), set(range(n + 1, top + 1))
     outer = {1, 2, top - 1, top}
-    return {"whole": enc | {n} | dec, "contracting": enc, "expanding": dec, "exceptBottleneck": enc | dec,
-            "bottleneck": {n}, "outer": outer, "inner": (enc | {n} | dec) - outer, "first": {1},
-            "last": {top}, "firstLast": {1, top}, "first2": {1, 2},
-            "deepEncoder": set(sorted(enc)[-2:])}[name]
+    half = (n - 1 + 1) // 2  # the first half of the N-1 encoder blocks takes the odd one
+    return {"whole": enc | {n} | dec, "contracting": enc | {f"{n}a"}, "expanding": {f"{n}b"} | dec,
+            "exceptBottleneck": enc | dec, "bottleneck": {n}, "outer": outer, "inner": (enc | {n} | dec) - outer,
+            "first": {1}, "last": {top}, "firstLast": {1, top}, "first2": set(range(1, half + 1)),
+            "deepEncoder": set(range(half + 1, n))}[name]
+
+
+def whole_blocks(units) -> set[int]:
+    return {u for u in units if isinstance(u, int)}
 
 
 # ---- block model --------------------------------------------------------------------------------------
@@ -162,16 +175,18 @@ def test_table_and_dict():
     text = model.table("contracting+seg")
     lines = text.splitlines()
     assert lines[0].startswith("PlainConvUNet: N=5 stages, 9 blocks")
-    assert "trains blocks 1-4 + seg" in lines[0]
+    assert "trains blocks 1-4 + 5a + seg" in lines[0]
     rows = {line.split()[0]: line.split() for line in lines[3:] if line and not line.startswith("-")}
-    assert rows["1"][-1] == "yes" and rows["4"][-1] == "yes" and rows["5"][-1] == "-"
+    assert rows["1"][-1] == "yes" and rows["4"][-1] == "yes" and rows["5"][-2:] == ["half", "5a"]
     assert rows["seg"][-1] == "yes"
     assert rows["6"][1] == "decoder" and "decoder.transpconvs.0" in rows["6"]
     data = model.to_dict("expanding")
     assert [r["trainable"] for r in data["blocks"]] == [False] * 5 + [True] * 4
+    assert data["blocks"][4]["trainable_halves"] == ["5b"] and data["spec"]["halves"] == ["5b"]
     assert data["seg"]["trainable"] is False
     assert sum(r["fraction"] for r in data["blocks"]) + data["seg"]["fraction"] == pytest.approx(1.0)
-    assert data["spec"]["n_trainable_params"] == sum(r["n_params"] for r in data["blocks"][5:])
+    assert data["spec"]["n_trainable_params"] == (sum(r["n_params"] for r in data["blocks"][5:])
+                                                  + data["blocks"][4]["halves"][1]["n_params"])
     json.dumps(data)
     assert "train" not in model.table().splitlines()[1]
 
@@ -185,7 +200,7 @@ def test_preset_catalogue():
     assert all(name.isidentifier() for name in PRESETS)  # they become trainer class suffixes
 
 
-PAPER_N5 = {"whole": set(range(1, 10)), "contracting": {1, 2, 3, 4}, "expanding": {6, 7, 8, 9},
+PAPER_N5 = {"whole": set(range(1, 10)), "contracting": {1, 2, 3, 4, "5a"}, "expanding": {"5b", 6, 7, 8, 9},
             "exceptBottleneck": {1, 2, 3, 4, 6, 7, 8, 9}, "bottleneck": {5}, "outer": {1, 2, 8, 9},
             "inner": {3, 4, 5, 6, 7}, "first": {1}, "last": {9}, "firstLast": {1, 9}, "first2": {1, 2},
             "deepEncoder": {3, 4}}
@@ -193,7 +208,9 @@ PAPER_N5 = {"whole": set(range(1, 10)), "contracting": {1, 2, 3, 4}, "expanding"
 
 @pytest.mark.parametrize("name", list(PAPER_N5))
 def test_presets_for_the_papers_9_block_unet(name):
-    assert set(spec_blocks(name, 5)) == PAPER_N5[name]
+    sel = parse_spec(name, 5)
+    assert set(sel.blocks) | set(sel.halves) == PAPER_N5[name]
+    assert set(spec_blocks(name, 5)) == whole_blocks(PAPER_N5[name])
 
 
 @pytest.mark.parametrize("arch,n", CASES)
@@ -201,7 +218,7 @@ def test_presets_for_the_papers_9_block_unet(name):
 def test_presets_resolve_to_parameter_sets(arch, n, name):
     net, model = cached(arch, n)
     blocks = expected_preset(name, n)
-    assert set(spec_blocks(name, n)) == blocks
+    assert set(spec_blocks(name, n)) == whole_blocks(blocks)
     assert_same_names(resolve_spec(model, name), expected_names(net, arch, n, blocks, False))
     assert_same_names(resolve_spec(net, name + "+seg"), expected_names(net, arch, n, blocks, True))
 
@@ -214,15 +231,87 @@ def test_presets_resolve_to_parameter_sets(arch, n, name):
     ("seg", lambda n: [], True),
     ("all", lambda n: range(1, 2 * n), True),
     ("blocks:1,2,3-4", lambda n: [1, 2, 3, 4], False),
-    (" Contracting + SEG ", lambda n: range(1, n), True),
+    (" Contracting + SEG ", lambda n: [*range(1, n), f"{n}a"], True),
+    ("blocks:1," + "{n}b", None, False),
     ("first+last+blocks:2", lambda n: [1, 2, 2 * n - 1], False),
     ("encoder+decoder", lambda n: range(1, 2 * n), False),
 ])
 def test_groups_and_terms(arch, n, spec, blocks, seg):
     net, model = cached(arch, n)
+    if blocks is None:  # a spec naming a bottleneck half of this N
+        spec, units = spec.format(n=n), [1, f"{n}b"]
+    else:
+        units = list(blocks(n))
     sel = model.select(spec)
-    assert sel.blocks == frozenset(blocks(n)) and sel.seg is seg
-    assert_same_names(model.param_names(spec), expected_names(net, arch, n, blocks(n), seg))
+    assert sel.blocks == frozenset(whole_blocks(units)) and sel.seg is seg
+    assert sel.halves == frozenset(u for u in units if isinstance(u, str))
+    assert_same_names(model.param_names(spec), expected_names(net, arch, n, units, seg))
+
+
+@pytest.mark.parametrize("arch,n", CASES)
+def test_bottleneck_halves_partition_the_bottleneck(arch, n):
+    net, model = cached(arch, n)
+    a, b = model.param_names(f"blocks:{n}a"), model.param_names(f"blocks:{n}b")
+    assert a and b and not a & b
+    assert_same_names(a | b, model.param_names("bottleneck"))
+    both = model.select(f"blocks:{n}a,{n}b")  # both halves = the block
+    assert (both.blocks, both.halves) == (frozenset({n}), frozenset())
+    assert model.select(f"bottleneck+blocks:{n}a").halves == frozenset()
+    assert_same_names(model.param_names("contracting") | model.param_names("expanding"),
+                      model.param_names("all") - model.param_names("seg"))
+    assert not model.param_names("contracting") & model.param_names("expanding")
+
+
+# Amiri et al., Table II ("Fraction of total parameters"), for their 2-D U-Net (64…1024 features,
+# two 3×3 convs per block, no normalisation, upsampling + 2×2 conv, a 1×1 output conv)
+TABLE_II = {"whole": 1, "contracting": 0.303, "expanding": 0.697, "exceptBottleneck": 0.544,
+            "bottleneck": 0.456, "outer": 0.032, "inner": 0.968, "first": 0.001, "last": 0.005,
+            "firstLast": 0.006, "first2": 0.008, "deepEncoder": 0.142}
+
+
+def papers_unet() -> nn.Module:
+    """The paper's network as a dynamic-network-architectures PlainConvUNet: same convs and parameter
+    counts (a 2×2 transposed conv has the parameters of their 2×2 conv after upsampling)."""
+    return PlainConvUNet(input_channels=1, n_stages=5, features_per_stage=[64, 128, 256, 512, 1024],
+                         conv_op=nn.Conv2d, kernel_sizes=3, strides=[1, 2, 2, 2, 2], n_conv_per_stage=2,
+                         num_classes=1, n_conv_per_stage_decoder=2, conv_bias=True, norm_op=None,
+                         nonlin=nn.ReLU, deep_supervision=False)
+
+
+def test_presets_train_the_shares_of_amiris_table_ii():
+    net = papers_unet()
+    model = BlockModel.from_network(net)
+    assert model.n_params == pytest.approx(3.1e7, rel=0.01)  # "around 31 million parameters"
+    for name, share in TABLE_II.items():
+        # the preset trainers add the 1x1 output conv (+seg); the paper counts it in block 9
+        got = model.n_selected(name + ("+seg" if name in ("whole", "expanding", "last", "firstLast",
+                                                          "inner", "outer") else "")) / model.n_params
+        assert got == pytest.approx(share, abs=0.006), (name, got, share)
+
+
+@pytest.mark.parametrize("arch", ["plain", "resenc"])
+@pytest.mark.parametrize("n", [3, 4, 5, 6, 7])
+def test_presets_stay_in_the_parts_they_name(arch, n):
+    net = make_net(arch, n, dim=2)
+    model = BlockModel.from_network(net)
+    encoder_path = {x for k in range(1, n) for x in model.block(k).param_names}  # blocks 1..N-1
+    first_half, second_half = model.block(n).halves[0][2], model.block(n).halves[1][2]
+    decoder = model.param_names("decoder")
+    assert model.param_names("contracting") == encoder_path | set(first_half)
+    assert model.param_names("expanding") == decoder | set(second_half)
+    if n >= 4:
+        a, b = model.param_names("first2"), model.param_names("deepEncoder")
+        assert a and b and not a & b and a | b == encoder_path  # the two halves of the contracting path
+        assert min(int(x.split(".")[2]) for x in b) == max(int(x.split(".")[2]) for x in a if
+                                                            x.startswith("encoder.stages.")) + 1
+        n_a = len(whole_blocks(parse_spec("first2", n).blocks))
+        assert n_a == (n - 1 + 1) // 2 and n_a + len(parse_spec("deepEncoder", n).blocks) == n - 1
+        assert model.param_names("outer") <= model.param_names("all") - model.param_names("bottleneck")
+    for name in ("contracting", "first", "first2", "deepEncoder"):
+        if n >= PRESETS[name].min_stages:
+            assert model.param_names(name) <= model.param_names("encoder"), name
+    for name in ("last",):
+        assert model.param_names(name) <= decoder
 
 
 def test_module_names_for_hooks():
@@ -233,7 +322,7 @@ def test_module_names_for_hooks():
     assert model.output_modules("firstLast") == {1: "encoder.stages.0", 7: "decoder.stages.2"}
 
 
-@pytest.mark.parametrize("name,min_n", [("outer", 4), ("inner", 4), ("deepEncoder", 4), ("first2", 3)])
+@pytest.mark.parametrize("name,min_n", [("outer", 4), ("inner", 4), ("deepEncoder", 4), ("first2", 4)])
 def test_degenerate_presets_are_refused(name, min_n):
     with pytest.raises(SpecError, match=rf"preset '{name}' .*needs a network with at least {min_n} "
                                         rf"stages.*this network has N={min_n - 1}.*valid range 1\.\."
@@ -245,7 +334,8 @@ def test_degenerate_presets_are_refused(name, min_n):
 @pytest.mark.parametrize("name", ["whole", "contracting", "expanding", "exceptBottleneck", "bottleneck",
                                   "first", "last", "firstLast"])
 def test_other_presets_work_at_two_stages(name):
-    assert set(spec_blocks(name, 2)) == expected_preset(name, 2)
+    sel = parse_spec(name, 2)
+    assert set(sel.blocks) | set(sel.halves) == expected_preset(name, 2)
 
 
 @pytest.mark.parametrize("spec,pattern", [
@@ -258,6 +348,8 @@ def test_other_presets_work_at_two_stages(name):
     ("blocks:", r"malformed term 'blocks:'"),
     ("blocks:a", r"malformed item 'a' in term 'blocks:a'.*block number"),
     ("blocks:1.5", r"malformed item '1\.5'"),
+    ("blocks:3a", r"item '3a' in spec 'blocks:3a': only the bottleneck \(block 5 of this network\) has halves, "
+                  r"5a and 5b"),
     ("encoder++seg", r"malformed spec 'encoder\+\+seg': empty term"),
     ("encoder+", r"empty term"),
     ("", r"the spec is empty and selects nothing; a term is a group \(encoder, bottleneck, decoder, seg, "
@@ -403,7 +495,7 @@ def test_cli_table(nnunet_env, monkeypatch, capsys):
     assert out.splitlines()[0] == "Dataset901_Tiny / nnUNetPlans / 3d_fullres"
     assert out.splitlines()[1].startswith("PlainConvUNet: N=4 stages, 7 blocks")
     rows = {line.split()[0]: line.split() for line in out.splitlines()[4:] if not line.startswith("-")}
-    assert [rows[str(k)][-1] for k in range(1, 8)] == ["yes"] * 3 + ["-"] * 4
+    assert [rows[str(k)][-1] for k in range(1, 8)] == ["yes"] * 3 + ["4a"] + ["-"] * 3
     assert rows["seg"][-1] == "yes"
     assert re.search(r"^4 +bottleneck +encoder\.stages\.3 ", out, re.M)
 

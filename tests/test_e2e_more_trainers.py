@@ -34,8 +34,10 @@ def test_l2sp_li_anchors_every_transferred_layer_and_predicts(workspace, tmp_pat
     ckpt = load_checkpoint(fold / "checkpoint_final.pth")
     source = parameters(load_checkpoint(ws.source_checkpoint)["network_weights"])
     anchor = ckpt["nnunet_transfer"]["l2sp_anchor"]
-    # Li et al.: alpha on everything that was transferred (all but the heads), beta on the new heads
-    assert set(anchor) == {k for k in source if ".seg_layers." not in k}
+    # Li et al.'s reference implementation: alpha on the conv kernels of everything that was transferred
+    # (all but the heads; not biases, not norm parameters), beta on the new heads
+    assert set(anchor) == {k for k, v in source.items() if ".seg_layers." not in k and v.ndim >= 3}
+    assert ckpt["nnunet_transfer"]["settings"]["l2sp_anchor"] == "kernels"
     assert all(torch.equal(anchor[k], source[k]) for k in anchor)
     assert ckpt["nnunet_transfer"]["settings"]["l2sp_beta"] == 0.005
     out = ws.predict(TARGET_ID, "li", "nnUNetTrainerL2SP_Li", tmp_path / "pred")

@@ -24,8 +24,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from nnunet_transfer.checkpoints import SEG_KEY, compare, is_seg_key, load_state
+from nnunet_transfer.checkpoints import load_into as load_into_network
 from nnunet_transfer.errors import ArchitectureError, DataError
-from nnunet_transfer.netutil import clean_state_dict
 from nnunet_transfer.policies.snapshots import SNAPSHOT_DIR, read_index, snapshot_name
 
 #: ``@name`` -> checkpoint file of nnU-Net in a fold folder.
@@ -35,7 +36,6 @@ CHECKPOINTS = {"final": "checkpoint_final.pth", "latest": "checkpoint_latest.pth
 #: its maximum (Karimi et al. 2021).
 CONVERGENCE_TOLERANCE = 0.005
 _AT = re.compile(r"(.+)@(\d+|start|converged|final|latest|best)")
-SEG_KEY = ".seg_layers."
 
 
 @dataclass(frozen=True)
@@ -220,57 +220,7 @@ def unique_labels(refs: Sequence[NetworkRef]) -> list[NetworkRef]:
 # weights
 # --------------------------------------------------------------------------------------------------
 
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Network weights of a checkpoint/snapshot/state-dict file: CPU tensors, wrapper prefixes removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"checkpoint {path} does not exist")
-    try:
-        # nnU-Net's own checkpoints hold more than tensors (logging, init args): it loads them with
-        # weights_only=False as well. Only load files you trust.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise DataError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    state = ckpt.get("network_weights", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"{path} is neither an nnU-Net checkpoint (a dict with 'network_weights') nor a "
-                        f"state dict of tensors")
-    return clean_state_dict(state)
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    missing: tuple[str, ...]
-    unexpected: tuple[str, ...]
-    shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (key, checkpoint, network)
-
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.shapes)
-
-    @property
-    def only_seg(self) -> bool:
-        keys = [*self.missing, *self.unexpected, *(k for k, _, _ in self.shapes)]
-        return bool(keys) and all(SEG_KEY in k for k in keys)
-
-    def text(self) -> str:
-        parts = []
-        if self.missing:
-            parts.append(f"{len(self.missing)} key(s) missing (e.g. {self.missing[0]})")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected key(s) (e.g. {self.unexpected[0]})")
-        if self.shapes:
-            k, a, b = self.shapes[0]
-            parts.append(f"{len(self.shapes)} shape mismatch(es) (e.g. {k}: checkpoint {tuple(a)} vs "
-                         f"network {tuple(b)})")
-        return ", ".join(parts)
-
-
-def compare_state(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> Mismatch:
-    missing = tuple(k for k in reference if k not in state)
-    unexpected = tuple(k for k in state if k not in reference)
-    shapes = tuple((k, tuple(state[k].shape), tuple(v.shape)) for k, v in reference.items()
-                   if k in state and tuple(state[k].shape) != tuple(v.shape))
-    return Mismatch(missing, unexpected, shapes)
+compare_state = compare  # (state, reference network or state dict) -> Comparison
 
 
 def load_into(network: nn.Module, ref: NetworkRef, *, where: str, allow_seg_mismatch: bool) -> bool:
@@ -283,17 +233,14 @@ def load_into(network: nn.Module, ref: NetworkRef, *, where: str, allow_seg_mism
         ArchitectureError: any other difference of keys or shapes.
     """
     state = load_state(ref.path)
-    reference = network.state_dict()
-    mismatch = compare_state(state, reference)
+    mismatch = compare(state, network)
     if mismatch and not (allow_seg_mismatch and mismatch.only_seg):
         raise ArchitectureError(
             f"{ref.label} ({ref.path}) is not a network of {where}: {mismatch.text()}; every network of "
             f"one analysis must have the architecture these plans build - give the -d/-c/-p it was "
             f"trained with")
     if mismatch:
-        state = {k: v for k, v in state.items() if SEG_KEY not in k}
-        missing, unexpected = network.load_state_dict(state, strict=False)
-        assert not unexpected and all(SEG_KEY in k for k in missing), (missing, unexpected)
+        load_into_network(network, state, keys=[k for k in state if k in network.state_dict() and not is_seg_key(k)])
         return True
     network.load_state_dict(state, strict=True)
     return False

@@ -40,101 +40,26 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from nnunet_transfer.checkpoints import (
+    SEG_KEY,
+    LoadedWeights,
+    Mismatch,
+    canonical_key,
+    compare,
+    file_problems,
+    load_weights,
+    storage_key,
+)
 from nnunet_transfer.errors import ConfigError, DataError
-from nnunet_transfer.netutil import strip_prefixes, unwrap
+from nnunet_transfer.netutil import unwrap
 
-SKIP = ".seg_layers."  # nnU-Net's skip_strings_in_pretrained
+SKIP = SEG_KEY  # nnU-Net's skip_strings_in_pretrained
 METHODS = ("repeat", "mean", "first")
 # where dynamic-network-architectures puts the first convolution (PlainConvUNet, ResidualEncoderUNet)
 FIRST_CONV_ANCHORS = ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stem.convs.0.conv.weight")
-_CONTAINER_KEYS = ("network_weights", "state_dict", "model")
-
-
-# --------------------------------------------------------------------------- loading
-@dataclass
-class LoadedWeights:
-    """A checkpoint's network weights, prefixes stripped and on the CPU, and how they were stored."""
-
-    path: Path
-    state: dict[str, torch.Tensor]
-    container: str | None  # "network_weights" (nnU-Net), "state_dict", "model", or None (plain dict)
-    prefixed: list[str] = field(default_factory=list)  # stored keys that carried module./_orig_mod.
-    devices: list[str] = field(default_factory=list)  # storage locations at save time, e.g. "cuda:0"
-    meta: dict[str, Any] = field(default_factory=dict)  # trainer_name, configuration of nnU-Net files
-
-    @property
-    def nnunet_format(self) -> bool:
-        return self.container == "network_weights"
-
-
-def load_weights(path: str | Path) -> LoadedWeights:
-    """Read an nnU-Net checkpoint, a dict holding a state dict, a plain state dict or a pickled module.
-
-    Loads with ``weights_only=False`` as nnU-Net does (its checkpoints hold plans and logs): only load
-    files you trust.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"checkpoint {path} not found")
-    devices: set[str] = set()
-
-    def on_cpu(storage, location):  # records where each tensor lived when it was saved
-        devices.add(str(location))
-        return storage
-
-    try:
-        obj = torch.load(path, map_location=on_cpu, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"{path} is not a checkpoint torch.load can read ({type(e).__name__}: {first})") from None
-    container, meta = None, {}
-    if isinstance(obj, nn.Module):
-        container, state = "model", obj.state_dict()
-    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state = obj
-    elif isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in _CONTAINER_KEYS):
-        container = next(k for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping))
-        state = obj[container]
-        meta = {"trainer_name": obj.get("trainer_name"),
-                "configuration": (obj.get("init_args") or {}).get("configuration")
-                if isinstance(obj.get("init_args"), Mapping) else None}
-        meta = {k: v for k, v in meta.items() if v is not None}
-    else:
-        what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else type(obj).__name__
-        raise DataError(f"{path} holds {what}; expected an nnU-Net checkpoint ({{'network_weights': ...}}) "
-                        f"or a state dict of tensors")
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise DataError(f"{path}: the {container or 'state'} dict holds no tensors")
-    clean: dict[str, torch.Tensor] = {}
-    prefixed = []
-    for k, v in tensors.items():
-        name = strip_prefixes(k)
-        if name != k:
-            prefixed.append(k)
-        if name in clean:
-            raise DataError(f"{path}: keys {k!r} and another one both become {name!r} once the "
-                            f"'module.'/'_orig_mod.' prefixes are stripped")
-        clean[name] = v.detach().cpu()
-    return LoadedWeights(path, clean, container, prefixed, sorted(devices), meta)
 
 
 # --------------------------------------------------------------------------- aliases, first conv
-def canonical_key(key: str) -> str:
-    """One name per tensor: ``decoder.encoder.X`` -> ``encoder.X``, ``.all_modules.0.`` -> ``.conv.``.
-
-    In dynamic-network-architectures ``decoder.encoder`` *is* the encoder and a conv block's
-    ``all_modules`` Sequential starts with its ``conv``.
-    """
-    if key.startswith("decoder.encoder."):
-        key = key[len("decoder."):]
-    return key.replace(".all_modules.0.", ".conv.")
-
-
-def _storage_key(t: torch.Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-
-
 def find_first_conv(state: Mapping[str, torch.Tensor]) -> list[str]:
     """All keys of the first convolution's weight (the canonical name first); raises if none."""
     anchor = next((a for a in FIRST_CONV_ANCHORS if any(canonical_key(k) == a for k in state)), None)
@@ -148,8 +73,8 @@ def find_first_conv(state: Mapping[str, torch.Tensor]) -> list[str]:
                         f"keys are {list(state)[:4]}")
     keys = [k for k in state if canonical_key(k) == anchor]
     # anything else stored on the very same memory is an alias too
-    shared = {_storage_key(state[k]) for k in keys}
-    keys += [k for k, v in state.items() if k not in keys and _storage_key(v) in shared]
+    shared = {storage_key(state[k]) for k in keys}
+    keys += [k for k, v in state.items() if k not in keys and storage_key(v) in shared]
     shapes = {tuple(state[k].shape) for k in keys}
     if len(shapes) != 1 or state[keys[0]].ndim < 3:
         raise DataError(f"the first convolution's keys {keys} have shapes {sorted(shapes)}; expected one "
@@ -158,26 +83,6 @@ def find_first_conv(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- check
-@dataclass
-class Mismatch:
-    kind: str  # "missing" (network needs it), "shape", "unexpected" (only in the checkpoint)
-    keys: list[str]  # every alias concerned, canonical first
-    checkpoint_shape: list[int] | None
-    network_shape: list[int] | None
-    blocking: bool
-    reason: str
-
-    @property
-    def name(self) -> str:
-        return self.keys[0]
-
-    def line(self) -> str:
-        alias = f" (+{len(self.keys) - 1} alias{'es' if len(self.keys) > 2 else ''})" if len(self.keys) > 1 else ""
-        ck = "absent" if self.checkpoint_shape is None else tuple(self.checkpoint_shape)
-        nw = "absent" if self.network_shape is None else tuple(self.network_shape)
-        return f"{self.kind:<10} {self.name}{alias}: checkpoint {ck}, network {nw} — {self.reason}"
-
-
 @dataclass
 class WeightsReport:
     checkpoint: str
@@ -223,57 +128,14 @@ class WeightsReport:
         return "\n".join(out)
 
 
-def _shape(t: torch.Tensor | None) -> list[int] | None:
-    return None if t is None else list(t.shape)
-
-
 def check_weights(weights: LoadedWeights, network: nn.Module, *, target: str = "network") -> WeightsReport:
     """Apply nnU-Net's ``load_pretrained_weights`` rules to every key; report all mismatches."""
-    model = unwrap(network).state_dict(keep_vars=True)
-    ckpt = weights.state
-    groups: dict[int, list[str]] = {}
-    for k, v in model.items():  # aliases are the same tensor object
-        groups.setdefault(id(v), []).append(k)
-    mismatches: list[Mismatch] = []
-    loaded = 0
-    for keys in groups.values():
-        net_shape = list(model[keys[0]].shape)
-        for blocking in (True, False):
-            mine = [k for k in keys if (SKIP not in k) == blocking]
-            missing = [k for k in mine if k not in ckpt]
-            wrong = [k for k in mine if k in ckpt and list(ckpt[k].shape) != net_shape]
-            if blocking:
-                loaded += len(mine) - len(missing) - len(wrong)
-            why_ok = "segmentation heads are never loaded (nnU-Net skips '.seg_layers.')"
-            if missing:
-                mismatches.append(Mismatch("missing", missing, None, net_shape, blocking,
-                                           "the network needs it" if blocking else why_ok))
-            by_shape: dict[tuple, list[str]] = {}
-            for k in wrong:
-                by_shape.setdefault(tuple(ckpt[k].shape), []).append(k)
-            for shape, ks in by_shape.items():
-                mismatches.append(Mismatch("shape", ks, list(shape), net_shape, blocking,
-                                           "shapes must be equal" if blocking else why_ok))
-    extra: dict[str, list[str]] = {}
-    for k in ckpt:
-        if k not in model:
-            extra.setdefault(canonical_key(k), []).append(k)
-    for ks in extra.values():
-        mismatches.append(Mismatch("unexpected", ks, _shape(ckpt[ks[0]]), None, False,
-                                   "only in the checkpoint; ignored"))
-
-    problems, hints = [], []
+    model = unwrap(network).state_dict()
+    comparison = compare(weights.state, model)
+    mismatches = comparison.mismatches
+    hints: list[str] = []
     src = str(weights.path)
-    if not weights.nnunet_format:
-        problems.append(f"nnU-Net reads checkpoint['network_weights']; this file is "
-                        f"{'a ' + repr(weights.container) + ' dict' if weights.container else 'a plain state dict'}")
-    if weights.prefixed:
-        problems.append(f"{len(weights.prefixed)} keys carry 'module.'/'_orig_mod.' prefixes (e.g. "
-                        f"{weights.prefixed[0]!r}), which nnU-Net does not strip")
-    cuda = [d for d in weights.devices if d.startswith("cuda")]
-    if cuda and not torch.cuda.is_available():
-        problems.append(f"tensors were saved on {cuda[0]} and nnU-Net loads without map_location; this "
-                        f"machine has no CUDA device")
+    problems = file_problems(weights)
     blocking = [m for m in mismatches if m.blocking]
     if problems:
         hints.append(f"rewrite it for nnU-Net: nnunet_transfer weights adapt {src} -o ADAPTED.pth")
@@ -293,7 +155,8 @@ def check_weights(weights: LoadedWeights, network: nn.Module, *, target: str = "
     heads = [m for m in mismatches if not m.blocking and m.kind != "unexpected"]
     if heads and not blocking:
         hints.append("the segmentation heads differ (other labels): harmless, they are trained from scratch")
-    return WeightsReport(src, target, weights.container, len(model), loaded, problems, mismatches, hints,
+    return WeightsReport(src, target, weights.container, comparison.network_keys, comparison.loaded_keys,
+                         problems, mismatches, hints,
                          dict(weights.meta))
 
 

@@ -183,24 +183,32 @@ class L2SPPenalty:
         self._anchor_norms: torch.Tensor | None = None
 
     @classmethod
-    def from_named_parameters(cls, named: NamedParameters, scope: Iterable[str], *, alpha: float,
-                              beta: float | None = None) -> "L2SPPenalty":
-        """Split a network's parameters: names in ``scope`` are anchored, every other trainable one gets ``beta``.
+    def from_named_parameters(cls, named: NamedParameters, anchored: Iterable[str], *, alpha: float,
+                              beta: float | None = None, scope: Iterable[str] | None = None) -> "L2SPPenalty":
+        """Split a network's parameters: names in ``anchored`` are anchored, every trainable one outside
+        ``scope`` gets ``beta``.
 
         ``named`` is the unwrapped network's ``named_parameters()`` (canonical names, see
-        :func:`nnunet_transfer.netutil.unique_named_parameters`); ``scope`` a set of those names
-        (e.g. from :func:`nnunet_transfer.blocks.resolve_spec`). Frozen parameters are left out of both.
+        :func:`nnunet_transfer.netutil.unique_named_parameters`); ``anchored`` a set of those names
+        (e.g. from :func:`nnunet_transfer.blocks.resolve_spec`). ``scope`` (default: ``anchored``) is the
+        set of transferred parameters the anchored ones were chosen from: its members that are not
+        anchored (e.g. biases and norms when only kernels are anchored, as in Li et al.'s reference
+        implementation) get neither the anchor nor ``beta``. Frozen parameters are left out of both.
         """
         items = _as_named_list(named, "network parameters")
-        scope = set(scope)
-        unknown = sorted(scope - {n for n, _ in items})
+        anchored = set(anchored)
+        scope = anchored if scope is None else set(scope)
+        known = {n for n, _ in items}
+        unknown = sorted((anchored | scope) - known)
         if unknown:
             raise ConfigError(f"L2-SP scope names not among the network's parameters: {unknown[:10]}"
                               f"{' ...' if len(unknown) > 10 else ''} ({len(unknown)} in all); use canonical "
                               f"names of the unwrapped network")
-        anchored = [(n, p) for n, p in items if n in scope and p.requires_grad]
+        if not anchored <= scope:
+            raise ConfigError(f"L2-SP: anchored parameters outside the scope: {sorted(anchored - scope)[:5]}")
+        pinned = [(n, p) for n, p in items if n in anchored and p.requires_grad]
         new = [(n, p) for n, p in items if n not in scope and p.requires_grad]
-        return cls(anchored, alpha=alpha, beta=beta, new=new)
+        return cls(pinned, alpha=alpha, beta=beta, new=new)
 
     # -- the anchor -----------------------------------------------------------
     @property

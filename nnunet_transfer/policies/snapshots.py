@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnunet_transfer.netutil import clean_state_dict, unwrap
+from nnunet_transfer.checkpoints import clean_state_dict, load_state
+from nnunet_transfer.netutil import unwrap
 
 SNAPSHOT_DIR = "snapshots"
 INDEX_FILE = "index.json"
@@ -43,16 +44,38 @@ def read_index(fold_folder: str | Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
-def save_snapshot(network: nn.Module, fold_folder: str | Path, epoch: int, *, trainer_name: str,
-                  mean_fg_dice: float | None = None, ema_fg_dice: float | None = None) -> Path:
-    """Write one snapshot and record it in the index (replacing an entry for the same epoch)."""
-    folder = Path(fold_folder) / SNAPSHOT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / snapshot_name(epoch)
-    tmp = path.with_suffix(".pth.tmp")
+def save_weights(network: nn.Module, path: str | Path, *, trainer_name: str, epoch: int) -> Path:
+    """Write ``{"network_weights", "epoch", "trainer_name"}`` atomically (the snapshot file layout)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     torch.save({"network_weights": clean_state_dict(unwrap(network).state_dict()), "epoch": epoch,
                 "trainer_name": trainer_name}, tmp)
     os.replace(tmp, path)
+    return path
+
+
+def save_snapshot(network: nn.Module, fold_folder: str | Path, epoch: int, *, trainer_name: str,
+                  mean_fg_dice: float | None = None, ema_fg_dice: float | None = None,
+                  same_as: str | Path | None = None) -> Path:
+    """Write one snapshot and record it in the index (replacing an entry for the same epoch).
+
+    ``same_as``: a file already holding exactly these weights (the run's start weights), hard-linked
+    instead of written again where the file system allows it.
+    """
+    folder = Path(fold_folder) / SNAPSHOT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / snapshot_name(epoch)
+    linked = False
+    if same_as is not None:
+        try:
+            if path.exists():
+                path.unlink()
+            os.link(same_as, path)
+            linked = True
+        except OSError:
+            linked = False
+    if not linked:
+        save_weights(network, path, trainer_name=trainer_name, epoch=epoch)
     index = [e for e in read_index(fold_folder) if e["epoch"] != epoch]
     index.append({"epoch": epoch, "file": path.name,
                   "mean_fg_dice": None if mean_fg_dice is None else float(mean_fg_dice),
@@ -62,5 +85,4 @@ def save_snapshot(network: nn.Module, fold_folder: str | Path, epoch: int, *, tr
 
 
 def load_snapshot_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return ckpt["network_weights"] if isinstance(ckpt, dict) and "network_weights" in ckpt else ckpt
+    return load_state(path)

@@ -36,33 +36,33 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
+from nnunet_transfer.checkpoints import load_state
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
+from nnunet_transfer.policies.drift import group_drift
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.policies.l2sp import penalised_step
 from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
-from nnunet_transfer.policies.snapshots import save_snapshot, snapshot_name, SNAPSHOT_DIR
+from nnunet_transfer.policies.snapshots import save_snapshot, save_weights, snapshot_name, SNAPSHOT_DIR
+from nnunet_transfer.trainers.pretrained import (PretrainedFile, check_pretrained, copy_head_rows,
+                                                 nnunet_train_args, redirect_nnunet_loader)
 
 CHECKPOINT_KEY = "nnunet_transfer"
 CONFIG_FILE = "transfer_config.json"
+#: the network as training started (pretrained weights, transferred heads, re-initialisations applied);
+#: the same layout as a snapshot, so ``-pretrained_weights`` and ``analyze`` read it
+START_FILE = "start_weights.pth"
 
 # Settings that only say how long / how often: they may change between a run and its ``--c`` resume
 # (e.g. to train a finished run for longer). Everything else defines the experiment and must not.
-RESUMABLE_KEYS = frozenset({"num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
-                            "snapshot_every", "save_every", "final_validation"})
-
-BASE_KEYS = frozenset({"num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch",
-                       "lr_scale", "seed", "warmup_epochs", "snapshot_every", "save_every",
-                       "final_validation"})
+RESUMABLE_KEYS = TransferConfig.resumable_keys()
+#: what every trainer reads; strategy trainers add the keys of their group (a new setting is one field)
+BASE_KEYS = frozenset(TransferConfig.keys("schedule", "run"))
 
 
 def _pretrained_weights_argument() -> str | None:
-    """The file given to ``nnUNetv2_train -pretrained_weights`` (for the log only; may be None).
-
-    nnU-Net never tells the trainer; whether weights were loaded is decided from the weights
-    themselves (see ``_weights_fingerprint``), this only names the file when it can.
-    """
+    """The file given to ``nnUNetv2_train -pretrained_weights`` (absolute; None if not given / not run so)."""
     argv = sys.argv
     for i, a in enumerate(argv[:-1]):
         if a in ("-pretrained_weights", "--pretrained_weights"):
@@ -82,8 +82,11 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        # validate before nnU-Net creates the output folder: bad settings leave nothing behind
+        # validate before nnU-Net creates the output folder: bad settings, a refusal that depends only on
+        # the command line, or an incompatible -pretrained_weights file leave nothing behind
         self.transfer_config = self.read_transfer_config(plans, configuration)
+        self.pretrained_file: PretrainedFile | None = self._check_command_line(plans, configuration,
+                                                                               dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         cfg = self.transfer_config
         self.num_epochs = cfg.num_epochs
@@ -96,6 +99,34 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self._fresh_fingerprint: torch.Tensor | None = None
         self._freeze_report = None
         self._resumed = False
+
+    # ------------------------------------------------------------------ command line (before any folder)
+    @classmethod
+    def needs_pretrained(cls, cfg: TransferConfig) -> str | None:
+        """Why this strategy cannot run without ``-pretrained_weights`` (None: it can)."""
+        if cfg.heads != "new":
+            return (f"heads={cfg.heads!r} copies segmentation-head rows from the PRETRAINED checkpoint, but no "
+                    f"-pretrained_weights was given; add -pretrained_weights SOURCE_CHECKPOINT or set heads=new")
+        return None
+
+    def _check_command_line(self, plans: dict, configuration: str, dataset_json: dict) -> PretrainedFile | None:
+        args = nnunet_train_args()
+        if args is None or args.cont or args.val:
+            return None  # in-process use, or the weights come from this run's own checkpoint
+        if args.pretrained is None:
+            why = self.needs_pretrained(self.transfer_config)
+            if why:
+                raise TransferError(why)
+            return None
+        checked = check_pretrained(args.pretrained, trainer_class=type(self), plans=plans,
+                                   configuration=configuration, dataset_json=dataset_json,
+                                   heads=self.transfer_config.heads)
+        self.check_pretrained_file(checked)
+        redirect_nnunet_loader(args.pretrained, checked.path)
+        return checked
+
+    def check_pretrained_file(self, checked: PretrainedFile) -> None:
+        """Strategy-specific refusals once the file is known (e.g. frozen heads that could not be copied)."""
 
     # ------------------------------------------------------------------ settings
     @classmethod
@@ -111,7 +142,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
     def check_config(cls, cfg: TransferConfig, configuration: dict) -> None:
         """Strategy-specific checks at start; block specs are parsed against the planned stage count."""
         n_stages = configuration.get("architecture", {}).get("arch_kwargs", {}).get("n_stages")
-        for key in ("trainable", "l2sp_scope"):
+        for key in TransferConfig.spec_keys():
             spec = getattr(cfg, key)
             if key in cls.settings_used() and spec is not None and n_stages:
                 try:
@@ -187,6 +218,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             "total": report.n_trainable_scalars + report.n_frozen_scalars,
             "trainable_blocks": [b.number for b in model.blocks if set(b.param_names) <= names],
             "frozen_blocks": [b.number for b in model.blocks if not set(b.param_names) & names],
+            "trainable_halves": [h for b in model.blocks for h, _, pn, _ in b.halves
+                                 if pn and set(pn) <= names and not set(b.param_names) <= names],
             "seg_trainable": set(model.seg_param_names) <= names}
         return {n: params[n] for n in report.trainable_names}
 
@@ -219,17 +252,27 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             self.initialize()
         if not self._resumed:
             loaded = self._detect_pretrained()
-            self.transfer_state["pretrained_loaded"] = loaded
-            self.transfer_state["pretrained_source"] = _pretrained_weights_argument() if loaded else None
+            st = self.transfer_state
+            st["pretrained_loaded"] = loaded
+            source = self.pretrained_file.path if self.pretrained_file else _pretrained_weights_argument()
+            st["pretrained_source"] = str(source) if loaded and source else None
+            if loaded:
+                self._transfer_heads()
+            elif self.transfer_config.heads != "new":
+                raise TransferError(self.needs_pretrained(self.transfer_config))
             # strategies may refuse here, before nnU-Net unpacks data and copies plans
             self._on_weights_ready(loaded)
         super().on_train_start()
         self._log_settings()
         st = self.transfer_state
         if st["pretrained_loaded"]:
+            heads = st.get("heads")
+            what = ("all layers but the segmentation heads" if not heads else
+                    f"all layers; segmentation-head rows of {', '.join(c['target'] for c in heads['copied'])} "
+                    f"from the checkpoint")
             self.print_to_log_file(f"nnunet_transfer: pretrained weights loaded"
                                    f"{' from ' + st['pretrained_source'] if st['pretrained_source'] else ''}"
-                                   f" (all layers but the segmentation heads)")
+                                   f" ({what})")
         else:
             self.print_to_log_file("nnunet_transfer: no pretrained weights were loaded; the network "
                                    "starts from its random initialisation")
@@ -238,8 +281,27 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                                f" (frozen {p['frozen']:,})")
         if self.local_rank == 0:
             self._write_config_file()
-            if self.transfer_config.snapshot_every and not self._resumed:
-                save_snapshot(self.network, self.output_folder, 0, trainer_name=self.__class__.__name__)
+            if not self._resumed:
+                start = save_weights(self.network, os.path.join(self.output_folder, START_FILE),
+                                     trainer_name=self.__class__.__name__, epoch=0)
+                if self.transfer_config.snapshot_every:
+                    save_snapshot(self.network, self.output_folder, 0, trainer_name=self.__class__.__name__,
+                                  same_as=start)
+
+    def _transfer_heads(self) -> None:
+        """Copy the planned segmentation-head rows (setting ``heads``) after nnU-Net loaded the rest."""
+        checked = self.pretrained_file
+        if self.transfer_config.heads == "new":
+            return
+        if checked is None or checked.heads is None:
+            raise TransferError(f"heads={self.transfer_config.heads!r} needs the checkpoint file, which is only "
+                                f"known when the run is started by nnUNetv2_train -pretrained_weights FILE; "
+                                f"set trainer.pretrained_file = check_pretrained(...) for in-process use")
+        written = copy_head_rows(self.network, checked.source_heads, checked.heads)
+        self.transfer_state["heads"] = {**checked.heads.to_dict(), "tensors": len(written),
+                                        "source_labels": checked.source_labels}
+        self.print_to_log_file(f"nnunet_transfer: {checked.heads.text()} ({len(written)} head tensors)")
+        checked.source_heads = {}  # no longer needed
 
     def _config_file_content(self) -> dict:
         return {"trainer": self.__class__.__name__, "configuration": self.configuration_name,
@@ -262,6 +324,24 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             save_snapshot(self.network, self.output_folder, done, trainer_name=self.__class__.__name__,
                           mean_fg_dice=self.logger.get_value("mean_fg_dice", step=-1),
                           ema_fg_dice=self.logger.get_value("ema_fg_dice", step=-1))
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0:
+            drift = self.drift_from_start()
+            if drift is not None:
+                self.transfer_state["drift"] = drift
+                self.print_to_log_file("nnunet_transfer: moved from the start, ||theta - theta_0|| / ||theta_0||: "
+                                       + ", ".join(f"{k} {v:.4g}" for k, v in drift.items() if v is not None))
+                self._write_config_file()
+
+    def drift_from_start(self) -> dict[str, float | None] | None:
+        """``‖θ − θ₀‖ / ‖θ₀‖`` of encoder, decoder and heads against ``start_weights.pth`` (None without it)."""
+        path = os.path.join(self.output_folder, START_FILE)
+        if not os.path.isfile(path):
+            return None
+        return group_drift(BlockModel.from_network(self.network), load_state(path),
+                           dict(unwrap(self.network).named_parameters()))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if not self.transfer_config.final_validation:

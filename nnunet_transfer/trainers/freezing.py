@@ -2,8 +2,8 @@
 
 What trains is a block spec (see :mod:`nnunet_transfer.blocks`); everything else is frozen in
 ``configure_optimizers`` (before any DDP wrap) and left out of the optimizer, so no weight decay or
-momentum touches it. The segmentation heads always train unless ``freeze_seg`` is set: nnU-Net never
-loads them from ``-pretrained_weights``.
+momentum touches it. The segmentation heads train unless ``freeze_seg`` is set: nnU-Net never loads them
+from ``-pretrained_weights``, so frozen they would stay random unless ``heads`` transfers them.
 
 * Karimi, Warfield & Gholipour, "Transfer learning in medical image segmentation: new insights from
   analysis of the dynamics of model parameters and learned representations", AIIM 2021.
@@ -16,9 +16,11 @@ from nnunet_transfer.blocks import PRESETS, BlockModel
 from nnunet_transfer.errors import ConfigError, TransferError
 from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.policies.freezing import reinit_zeroed_residual_norms
+from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase
 
-FREEZE_KEYS = BASE_KEYS | {"freeze_seg"}
+FREEZE_KEYS = BASE_KEYS | frozenset(TransferConfig.keys("freeze"))
+BLOCKWISE_KEYS = FREEZE_KEYS | frozenset(TransferConfig.keys("blockwise"))
 
 
 class nnUNetTrainerFrozenEncoder(nnUNetTrainerTransferBase):
@@ -50,7 +52,7 @@ class nnUNetTrainerFrozenEncoder(nnUNetTrainerTransferBase):
 
 
 class nnUNetTrainerFrozenDecoder(nnUNetTrainerTransferBase):
-    """Pretrained decoder frozen; encoder and segmentation heads train (Karimi's encoder + last layer).
+    """Pretrained decoder frozen; encoder and segmentation heads train (Karimi's "encoder + last layer").
 
     Needs ``-pretrained_weights``: a frozen random decoder is not a strategy.
     """
@@ -58,18 +60,54 @@ class nnUNetTrainerFrozenDecoder(nnUNetTrainerTransferBase):
     transfer_defaults = {"trainable": "encoder"}
     transfer_keys = FREEZE_KEYS
 
+    @classmethod
+    def needs_pretrained(cls, cfg):
+        return (f"{cls.__name__} keeps the PRETRAINED decoder frozen, but no pretrained weights were loaded; "
+                f"add -pretrained_weights SOURCE_CHECKPOINT to nnUNetv2_train")
+
     def _on_weights_ready(self, pretrained_loaded: bool) -> None:
-        if not pretrained_loaded:
+        if not pretrained_loaded:  # in-process use: the command line was not nnUNetv2_train's
+            raise TransferError(self.needs_pretrained(self.transfer_config))
+
+
+class nnUNetTrainerFrozenDecoderAndHeads(nnUNetTrainerFrozenDecoder):
+    """Decoder *and* segmentation heads frozen at the pretrained weights; only the encoder trains.
+
+    Karimi et al.'s second frozen-decoder variant. The heads come from the checkpoint by label name
+    (``heads=by-name``; or a mapping target -> source label): every target label must have a source
+    row, since a frozen head row that was never transferred would stay random for good.
+    """
+
+    transfer_defaults = {"trainable": "encoder", "freeze_seg": True, "heads": "by-name"}
+    transfer_keys = FREEZE_KEYS
+
+    @classmethod
+    def check_config(cls, cfg, configuration):
+        super().check_config(cfg, configuration)
+        if cfg.heads == "new":
+            raise ConfigError(f"{cls.__name__} freezes the segmentation heads, so they must come from the "
+                              f"checkpoint: heads=new would freeze random heads. Use heads=by-name (default) or a "
+                              f"mapping, or nnUNetTrainerFrozenDecoder to train the heads")
+        if not cfg.freeze_seg:
+            raise ConfigError(f"{cls.__name__} freezes the heads (freeze_seg=true); to train them use "
+                              f"nnUNetTrainerFrozenDecoder")
+
+    def check_pretrained_file(self, checked) -> None:
+        plan = checked.heads
+        if plan is not None and plan.new:
             raise TransferError(
-                "nnUNetTrainerFrozenDecoder keeps the PRETRAINED decoder frozen, but no pretrained "
-                "weights were loaded; add -pretrained_weights SOURCE_CHECKPOINT to nnUNetv2_train")
+                f"{self.__class__.__name__} freezes the segmentation heads, but target label(s) "
+                f"{', '.join(plan.new)} have no row in {checked.path} (its labels: "
+                f"{', '.join(map(str, checked.source_labels or {})) or 'unknown'}); frozen, they would stay "
+                f"random. Map them explicitly (heads=TARGET:SOURCE,...) or use nnUNetTrainerFrozenDecoder, "
+                f"whose heads train")
 
 
 class nnUNetTrainerPartialFT(nnUNetTrainerTransferBase):
     """Block-wise fine-tuning with the ``trainable`` spec of the configuration, e.g.
     ``nnunet_transfer configure ... --set trainable=blocks:1,2,8-9``."""
 
-    transfer_keys = FREEZE_KEYS | {"trainable"}
+    transfer_keys = BLOCKWISE_KEYS
 
     @classmethod
     def check_config(cls, cfg, configuration):
@@ -81,18 +119,76 @@ class nnUNetTrainerPartialFT(nnUNetTrainerTransferBase):
         super().check_config(cfg, configuration)
 
 
-def _preset_trainer(name: str) -> type:
-    preset = PRESETS[name]
-    doc = (f"Amiri strategy {preset.amiri}: fine-tune preset ``{name}`` (blocks "
-           f"{preset.blocks(5) and sorted(preset.blocks(5))} of a 5-stage U-Net; any stage count, see "
-           f"nnunet_transfer.blocks); all other blocks frozen, segmentation heads train.")
-    return type(f"nnUNetTrainerPartialFT_{name}", (nnUNetTrainerTransferBase,),
-                {"__doc__": doc, "__module__": __name__, "transfer_defaults": {"trainable": name},
-                 "transfer_keys": FREEZE_KEYS})
+class _AmiriPreset(nnUNetTrainerTransferBase):
+    """Base of the 12 preset trainers: all blocks outside the preset frozen, segmentation heads train."""
+
+    transfer_keys = FREEZE_KEYS
 
 
-PRESET_TRAINERS = {name: _preset_trainer(name) for name in PRESETS}
-globals().update({cls.__name__: cls for cls in PRESET_TRAINERS.values()})
+# Amiri et al.'s 12 strategies, one class each (the class name is the results folder's name). The
+# blocks are those of nnunet_transfer.blocks.PRESETS for the network's stage count N; "N = 5" is the
+# paper's 9-block U-Net.
+class nnUNetTrainerPartialFT_whole(_AmiriPreset):
+    """Amiri #1: every block (1..2N−1) fine-tuned."""
+    transfer_defaults = {"trainable": "whole"}
 
-__all__ = ["nnUNetTrainerFrozenEncoder", "nnUNetTrainerFrozenDecoder", "nnUNetTrainerPartialFT",
-           *(cls.__name__ for cls in PRESET_TRAINERS.values())]
+
+class nnUNetTrainerPartialFT_contracting(_AmiriPreset):
+    """Amiri #2: the contracting half, blocks 1..N−1 and the first half of the bottleneck (N = 5: 1–4 + 5a)."""
+    transfer_defaults = {"trainable": "contracting"}
+
+
+class nnUNetTrainerPartialFT_expanding(_AmiriPreset):
+    """Amiri #3: the expanding half, the second half of the bottleneck and blocks N+1..2N−1 (5b + 6–9)."""
+    transfer_defaults = {"trainable": "expanding"}
+
+
+class nnUNetTrainerPartialFT_exceptBottleneck(_AmiriPreset):
+    """Amiri #4: every block but the bottleneck N (N = 5: 1–4, 6–9)."""
+    transfer_defaults = {"trainable": "exceptBottleneck"}
+
+
+class nnUNetTrainerPartialFT_bottleneck(_AmiriPreset):
+    """Amiri #5: the bottleneck N only."""
+    transfer_defaults = {"trainable": "bottleneck"}
+
+
+class nnUNetTrainerPartialFT_outer(_AmiriPreset):
+    """Amiri #6: the two outer levels on both sides, {1, 2, 2N−2, 2N−1} (N ≥ 4)."""
+    transfer_defaults = {"trainable": "outer"}
+
+
+class nnUNetTrainerPartialFT_inner(_AmiriPreset):
+    """Amiri #7: all but the two outer levels, 3..2N−3 (N ≥ 4)."""
+    transfer_defaults = {"trainable": "inner"}
+
+
+class nnUNetTrainerPartialFT_first(_AmiriPreset):
+    """Amiri #8: block 1."""
+    transfer_defaults = {"trainable": "first"}
+
+
+class nnUNetTrainerPartialFT_last(_AmiriPreset):
+    """Amiri #9: block 2N−1 (the usual "fine-tune the last layers")."""
+    transfer_defaults = {"trainable": "last"}
+
+
+class nnUNetTrainerPartialFT_firstLast(_AmiriPreset):
+    """Amiri #10: blocks 1 and 2N−1."""
+    transfer_defaults = {"trainable": "firstLast"}
+
+
+class nnUNetTrainerPartialFT_first2(_AmiriPreset):
+    """Amiri #11: the first half of the contracting path, 1..⌈(N−1)/2⌉ (N = 5: 1, 2; N ≥ 4)."""
+    transfer_defaults = {"trainable": "first2"}
+
+
+class nnUNetTrainerPartialFT_deepEncoder(_AmiriPreset):
+    """Amiri #12: the second half of the contracting path, ⌈(N−1)/2⌉+1..N−1 (N = 5: 3, 4; N ≥ 4)."""
+    transfer_defaults = {"trainable": "deepEncoder"}
+
+
+PRESET_TRAINERS = {cls.transfer_defaults["trainable"]: cls for cls in _AmiriPreset.__subclasses__()}
+
+__all__ = ["nnUNetTrainerFrozenEncoder", "nnUNetTrainerFrozenDecoder", "nnUNetTrainerFrozenDecoderAndHeads",
+           "nnUNetTrainerPartialFT", *(cls.__name__ for cls in PRESET_TRAINERS.values())]

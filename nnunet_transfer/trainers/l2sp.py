@@ -2,14 +2,15 @@ r"""L2-SP fine-tuning: a penalty toward the pretrained weights on a block-spec s
 
 Cost(θ) = Loss(θ) + α‖θ_S − θ̄_S‖² (+ β‖θ_N‖² on the trainable parameters N outside the scope), with
 θ̄ the network right after ``-pretrained_weights`` were loaded (Sagie, Greenspan & Goldberger 2021;
-Li, Grandvalet & Davoine 2018 — their α/2 is our α). α = 0 is plain fine-tuning; α = inf freezes the
+Li, Grandvalet & Davoine 2018, who write (α/2)‖·‖²: their α = 0.01 is l2sp_alpha = 0.005 here). α = 0 is plain fine-tuning; α = inf freezes the
 scope (done by freezing, not by a huge number). The penalty gradient is added after backward (and
 after AMP unscaling) and before nnU-Net's gradient clipping, so clipping and SGD see the gradient of
 the whole objective; see :mod:`nnunet_transfer.policies.l2sp`.
 
 Settings: ``l2sp_alpha``, ``l2sp_beta`` (null = nnU-Net's weight decay outside the scope),
-``l2sp_scope`` (block spec, default ``encoder``), ``decoder_init`` (``pretrained`` | ``random``),
-``allow_random_anchor``. Per epoch the penalty and the scope's relative distance ‖θ − θ̄‖/‖θ̄‖ go to
+``l2sp_scope`` (block spec, default ``encoder``), ``l2sp_anchor`` (``all`` parameters of the scope, or
+only the conv ``kernels`` as Li et al.'s reference implementation), ``decoder_init`` (``pretrained`` |
+``random``), ``allow_random_anchor``. Per epoch the penalty and the scope's relative distance ‖θ − θ̄‖/‖θ̄‖ go to
 the training log and to ``l2sp_log.json`` in the fold folder.
 """
 from __future__ import annotations
@@ -22,12 +23,13 @@ import torch
 from torch import nn
 
 from nnunet_transfer.blocks import BlockModel
+from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, TransferError
-from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.netutil import kernel_names, unwrap
 from nnunet_transfer.policies.l2sp import L2SPPenalty, param_groups
 from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase
 
-L2SP_KEYS = BASE_KEYS | {"l2sp_alpha", "l2sp_beta", "l2sp_scope", "decoder_init", "allow_random_anchor"}
+L2SP_KEYS = BASE_KEYS | frozenset(TransferConfig.keys("l2sp"))
 LOG_FILE = "l2sp_log.json"
 
 
@@ -79,6 +81,20 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
                                   f"encoder only (l2sp_scope=encoder) or keep decoder_init=pretrained")
         return names
 
+    @classmethod
+    def needs_pretrained(cls, cfg):
+        if cfg.l2sp_alpha > 0 and not cfg.allow_random_anchor:
+            return (f"L2-SP with l2sp_alpha={cfg.l2sp_alpha} pulls the scope toward the PRETRAINED weights, but no "
+                    f"pretrained weights were loaded (the anchor would be the random init). Add "
+                    f"-pretrained_weights SOURCE_CHECKPOINT, or set allow_random_anchor=true if that is intended")
+        return super().needs_pretrained(cfg)
+
+    def _anchored(self, net: nn.Module, scope: set[str]) -> set[str]:
+        """What of the scope is anchored: everything (``l2sp_anchor=all``) or the conv/linear kernels."""
+        if self.transfer_config.l2sp_anchor == "kernels":
+            return scope & kernel_names(net)
+        return scope
+
     def _trainable_names(self, net: nn.Module) -> set[str] | None:
         model = BlockModel.from_network(net)
         self._scope_names = self._scope(model)
@@ -92,18 +108,17 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
         if math.isinf(cfg.l2sp_alpha):
             self.l2sp = None
             return super()._param_groups(trainable)
-        self.l2sp = L2SPPenalty.from_named_parameters(trainable.items(), self._scope_names & set(trainable),
-                                                      alpha=cfg.l2sp_alpha, beta=cfg.l2sp_beta)
+        net = unwrap(self.network)
+        self.l2sp = L2SPPenalty.from_named_parameters(
+            trainable.items(), self._anchored(net, set(self._scope_names)) & set(trainable),
+            alpha=cfg.l2sp_alpha, beta=cfg.l2sp_beta, scope=self._scope_names)
         return param_groups(trainable.values(), self.l2sp, weight_decay=self.weight_decay)
 
     # ------------------------------------------------------------------ start: anchor
     def _on_weights_ready(self, pretrained_loaded: bool) -> None:
         cfg = self.transfer_config
         if not pretrained_loaded and cfg.l2sp_alpha > 0 and not cfg.allow_random_anchor:
-            raise TransferError(
-                f"L2-SP with l2sp_alpha={cfg.l2sp_alpha} pulls the scope toward the PRETRAINED weights, but "
-                f"no pretrained weights were loaded (the anchor would be the random init). Add "
-                f"-pretrained_weights SOURCE_CHECKPOINT, or set allow_random_anchor=true if that is intended")
+            raise TransferError(self.needs_pretrained(cfg))  # in-process use (no nnUNetv2_train command line)
         if cfg.decoder_init == "random":
             net = unwrap(self.network)
             model = BlockModel.from_network(net)
@@ -114,8 +129,8 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
         if self.l2sp is not None:
             self.l2sp.capture()
             self.print_to_log_file(f"nnunet_transfer: L2-SP anchor captured on {len(self.l2sp.anchored_names)} "
-                                   f"tensors of scope {cfg.l2sp_scope!r} (alpha={cfg.l2sp_alpha}, "
-                                   f"beta={cfg.l2sp_beta})")
+                                   f"tensors of scope {cfg.l2sp_scope!r} ({cfg.l2sp_anchor} parameters; "
+                                   f"alpha={cfg.l2sp_alpha}, beta={cfg.l2sp_beta})")
         elif math.isinf(cfg.l2sp_alpha):
             self.print_to_log_file(f"nnunet_transfer: l2sp_alpha=inf: scope {cfg.l2sp_scope!r} frozen")
 
@@ -168,11 +183,15 @@ class nnUNetTrainerL2SP_Sagie(nnUNetTrainerL2SP):
 
 
 class nnUNetTrainerL2SP_Li(nnUNetTrainerL2SP):
-    """Li et al. 2018: α on every transferred layer (encoder + decoder), β on the new ones (the heads),
-    both 0.01 in their α/2 form, i.e. 0.005 here."""
+    """Li et al. 2018 as their reference implementation does it: the convolution kernels of every
+    transferred layer (encoder + decoder) are anchored, biases and normalisation parameters are not
+    (they keep nnU-Net's weight decay); β pulls the new layers (the heads) toward zero.
+
+    Li et al. write the penalty as (α/2)‖w − w⁰‖² + (β/2)‖w̄‖² with α = β = 0.01; this package has no ½
+    (Sagie's form), so the same objective is l2sp_alpha = l2sp_beta = 0.005 here."""
 
     transfer_defaults = {**nnUNetTrainerL2SP.transfer_defaults, "l2sp_alpha": 0.005, "l2sp_beta": 0.005,
-                         "l2sp_scope": "encoder+decoder"}
+                         "l2sp_scope": "encoder+decoder", "l2sp_anchor": "kernels"}
 
 
 __all__ = ["nnUNetTrainerL2SP", "nnUNetTrainerL2SP_Sagie", "nnUNetTrainerL2SP_Li"]

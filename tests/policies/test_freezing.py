@@ -84,8 +84,9 @@ def test_sgd_steps_leave_frozen_parameters_bit_identical():
 def test_report_names_top_most_frozen_modules():
     net = plain(4)
     report = apply_freeze(net, resolve_spec(net, "contracting+seg"))
-    # blocks 4..7 frozen: the top-most wholly frozen modules (the decoder lists as a whole)
-    assert set(report.frozen_module_names) == {"encoder.stages.3", "decoder.transpconvs", "decoder.stages"}
+    # half 4b and blocks 5..7 frozen: the top-most wholly frozen modules (the decoder lists as a whole)
+    assert set(report.frozen_module_names) == {"encoder.stages.3.0.convs.1", "decoder.transpconvs",
+                                               "decoder.stages"}
     assert frozen_modules(net) == list(report.frozen_module_names)
     assert "frozen" in report.summary() and report.to_dict()["n_frozen_tensors"] == report.n_frozen_tensors
     # whole encoder frozen: the encoder module itself, not its aliases under decoder.encoder
