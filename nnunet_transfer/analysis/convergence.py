@@ -8,7 +8,7 @@ sets the maximum; by default the curve is nnU-Net's own exponential moving avera
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 #: the first epoch within this fraction of the curve's maximum is the convergence epoch
 CONVERGENCE_TOLERANCE = 0.005
@@ -27,4 +27,35 @@ def first_within(values: Sequence[float | None], *, tolerance: float = CONVERGEN
     return next(i for i, v in finite if v >= threshold)
 
 
-__all__ = ["CONVERGENCE_TOLERANCE", "first_within"]
+
+
+def log_convergence(logging: Mapping[str, Sequence], *, key: str = "ema_fg_dice",
+                    tolerance: float = CONVERGENCE_TOLERANCE) -> dict:
+    """Time to convergence from nnU-Net's training log (``checkpoint["logging"]``).
+
+    The curve is ``logging[key]`` (default nnU-Net's EMA of the validation pseudo-Dice, one value per
+    epoch); the convergence epoch is :func:`first_within` of it. Returns::
+
+        {"key", "tolerance", "epoch" (0-based index of the epoch in the log, None if no finite value),
+         "epochs_to_converge" (epoch + 1), "seconds" (wall time from the start of epoch 0 to the end of that
+         epoch), "seconds_per_epoch" (mean epoch duration), "curve": [{"epoch", "seconds", "value"}]}
+    """
+    if key not in logging:
+        raise KeyError(f"the training log has no {key!r}; keys: {sorted(logging)}")
+    values = list(logging[key])
+    starts = list(logging.get("epoch_start_timestamps") or [])
+    ends = list(logging.get("epoch_end_timestamps") or [])
+    n = min(len(values), len(ends)) if ends else len(values)
+    values = values[:n]
+    t0 = float(starts[0]) if starts else None
+    curve = [{"epoch": i, "seconds": (float(ends[i]) - t0) if t0 is not None and i < len(ends) else None,
+              "value": None if v is None else float(v)} for i, v in enumerate(values)]
+    epoch = first_within(values, tolerance=tolerance)
+    durations = [float(e) - float(s) for s, e in zip(starts[:n], ends[:n])]
+    return {"key": key, "tolerance": tolerance, "epoch": epoch,
+            "epochs_to_converge": None if epoch is None else epoch + 1,
+            "seconds": None if epoch is None else curve[epoch]["seconds"],
+            "seconds_per_epoch": sum(durations) / len(durations) if durations else None, "curve": curve}
+
+
+__all__ = ["CONVERGENCE_TOLERANCE", "first_within", "log_convergence"]
