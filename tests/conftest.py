@@ -32,6 +32,7 @@ class Workspace:
         self.env = nnunet_environment(root)
         self.logs = root / "logs"
         self.n_logs = 0
+        self.extra_datasets: dict[int, str] = {}  # more targets some test modules add (id -> name)
 
     # -- running programs -------------------------------------------------
     def run(self, args, what: str, train: bool = False) -> float:
@@ -52,6 +53,13 @@ class Workspace:
 
         configure(dataset, base=base, new=new, settings=settings, force=force, **kw)
 
+    def write_configuration(self, dataset, base: str, new: str, settings: dict) -> None:
+        """Write a configuration into the plans WITHOUT configure's validation (to test the trainers' own checks)."""
+        path = self.root / "preprocessed" / self.dataset_name(dataset) / "nnUNetPlans.json"
+        plans = json.loads(path.read_text())
+        plans["configurations"][new] = {"inherits_from": base, "nnunet_transfer": settings}
+        path.write_text(json.dumps(plans, indent=2))
+
     def train(self, dataset, configuration: str, trainer: str, *, pretrained=None, cont=False,
               fold=0) -> Path:
         self.run(train_args(dataset, configuration, fold, trainer, pretrained=pretrained, cont=cont),
@@ -70,7 +78,7 @@ class Workspace:
         return out
 
     def dataset_name(self, dataset) -> str:
-        return {SOURCE_ID: self.source, TARGET_ID: self.target}[int(dataset)]
+        return {SOURCE_ID: self.source, TARGET_ID: self.target, **self.extra_datasets}[int(dataset)]
 
     @property
     def source_checkpoint(self) -> Path:

@@ -25,25 +25,14 @@ from nnunet_transfer.blocks import (
     spec_blocks,
 )
 from nnunet_transfer.errors import ArchitectureError, SpecError
+from nets import unet
 
 CASES = [(arch, n) for arch in ("plain", "resenc") for n in (4, 5, 6, 8)]
 
 
 def make_net(arch: str, n: int, *, dim: int | None = None, deep_supervision: bool = True) -> nn.Module:
     """A tiny network built the way nnU-Net's plans describe it (8 stages in 2-D to stay cheap)."""
-    dim = dim or (2 if n >= 8 else 3)
-    kw = dict(input_channels=1, n_stages=n, features_per_stage=[min(4 * 2 ** i, 32) for i in range(n)],
-              conv_op=nn.Conv3d if dim == 3 else nn.Conv2d, kernel_sizes=3, strides=[1] + [2] * (n - 1),
-              num_classes=2, n_conv_per_stage_decoder=1, conv_bias=True,
-              norm_op=nn.InstanceNorm3d if dim == 3 else nn.InstanceNorm2d,
-              norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-              nonlin_kwargs={"inplace": True}, deep_supervision=deep_supervision)
-    if arch == "plain":
-        net = PlainConvUNet(n_conv_per_stage=2, **kw)
-    else:
-        net = ResidualEncoderUNet(n_blocks_per_stage=[1] + [2] * (n - 1), **kw)
-    net.apply(net.initialize)
-    return net
+    return unet(arch, n, dim=dim or (2 if n >= 8 else 3), deep_supervision=deep_supervision)
 
 
 @functools.cache

@@ -131,7 +131,7 @@ def test_frozen_decoder_refuses_without_pretrained_weights(workspace):
 ])
 def test_bad_trainable_specs_fail_before_training(workspace, settings, trainer, message):
     ws = workspace
-    ws.configure(TARGET_ID, TINY, "badspec", {**SETTINGS, **settings})
+    ws.write_configuration(TARGET_ID, TINY, "badspec", {**SETTINGS, **settings})  # configure would refuse it
     proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, "badspec", 0, "-tr", trainer, "-device",
                                   "cpu"], train=True)
     assert proc.returncode != 0

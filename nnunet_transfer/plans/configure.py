@@ -120,9 +120,28 @@ def add_configuration(plans: dict, *, base: str, new: str, settings: Mapping[str
         conf["batch_size"] = batch_size
     if settings:
         conf[PLANS_KEY] = settings
+    arch = conf.get("architecture", base_conf.get("architecture", {}))
+    check_specs(settings, arch.get("arch_kwargs", {}).get("n_stages"), where=f"configuration {new!r}")
     out = copy.deepcopy(plans)
     out["configurations"][new] = conf
     return out
+
+
+def check_specs(settings: Mapping[str, Any], n_stages: Any, *, where: str) -> None:
+    """Parse every block-spec setting against the network's stage count, so a bad spec fails here and not
+    at the start of ``nnUNetv2_train``."""
+    from nnunet_transfer.blocks import parse_spec
+    from nnunet_transfer.errors import SpecError
+
+    if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 2:
+        return  # an architecture this package does not describe; the trainer reports it
+    for key in TransferConfig.spec_keys():
+        spec = settings.get(key)
+        if isinstance(spec, str):
+            try:
+                parse_spec(spec, n_stages)
+            except SpecError as e:
+                raise ConfigError(f"setting {key!r} of {where} (N={n_stages} stages): {e}") from None
 
 
 def resolved_configuration(plans: dict, name: str) -> dict:

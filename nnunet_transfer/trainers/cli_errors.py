@@ -1,9 +1,61 @@
-"""One-line errors for our trainers when they run inside nnU-Net's own command line."""
+"""One-line errors for our trainers when they run inside nnU-Net's own command line.
+
+The ``nnUNet_extTrainer`` shim installs :func:`install_excepthook` when nnU-Net imports it, which
+``nnUNetv2_train`` does while it searches for a trainer class. From then on
+
+* a :class:`~nnunet_transfer.errors.TransferError` (a bad setting, an incompatible
+  ``-pretrained_weights`` file, a refused strategy) prints as ``nnunet_transfer: error: …``;
+* nnU-Net's "Could not find requested nnunet trainer X" (a misspelt ``-tr``) prints as one line naming
+  the closest trainers of this package and of nnU-Net and the ``nnUNet_extTrainer`` value in effect.
+
+The process still exits non-zero (Python exits with 1 after an uncaught exception).
+"""
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import sys
+from pathlib import Path
 
 from nnunet_transfer.errors import TransferError
+
+_NOT_FOUND = re.compile(r"Could not find requested nnunet trainer (\S+) in")
+
+
+def nnunet_trainer_names() -> list[str]:
+    """Class names of nnU-Net's own trainers (read from its source files, nothing imported)."""
+    import nnunetv2
+
+    root = Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
+    names: set[str] = set()
+    for path in root.rglob("*.py"):
+        try:
+            names |= set(re.findall(r"^class (nnUNetTrainer\w*)\s*[(:]", path.read_text(errors="replace"), re.M))
+        except OSError:
+            continue
+    return sorted(names)
+
+
+def unknown_trainer_message(name: str, *, ours: list[str] | None = None, nnunet: list[str] | None = None,
+                            ext: str | None = None) -> str:
+    """``no trainer 'X'; closest of nnunet_transfer: …; of nnU-Net: …; nnUNet_extTrainer=…``."""
+    if ours is None:
+        from nnunet_transfer.trainers import __all__ as ours
+    nnunet = nnunet_trainer_names() if nnunet is None else nnunet
+    ext = os.environ.get("nnUNet_extTrainer", "") if ext is None else ext
+
+    def close(pool: list[str]) -> str:
+        found = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
+        return ", ".join(found) if found else "none close"
+
+    from nnunet_transfer.cli.trainer_path import ext_trainer_folder
+
+    shim = str(ext_trainer_folder())
+    hint = "" if shim in ext.split(os.pathsep) else (
+        f" (it does not contain this package's trainers: export nnUNet_extTrainer=$(nnunet_transfer trainer-path))")
+    return (f"no trainer {name!r}; closest of nnunet_transfer: {close(list(ours))}; of nnU-Net: {close(nnunet)}; "
+            f"nnUNet_extTrainer={ext or '<unset>'}{hint}")
 
 
 def install_excepthook() -> None:
@@ -15,6 +67,14 @@ def install_excepthook() -> None:
         if issubclass(exc_type, TransferError):
             print(f"nnunet_transfer: error: {exc}", file=sys.stderr)
             return
+        if issubclass(exc_type, RuntimeError):
+            m = _NOT_FOUND.search(str(exc))
+            if m:
+                try:
+                    print(f"nnunet_transfer: error: {unknown_trainer_message(m.group(1))}", file=sys.stderr)
+                    return
+                except Exception:  # noqa: BLE001 - never hide nnU-Net's own error behind a failing hint
+                    pass
         previous(exc_type, exc, tb)
 
     hook._nnunet_transfer = True

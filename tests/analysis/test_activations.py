@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from nets import plans_network
 from nnunet_transfer.analysis import PairMoments, SimilarityWarning, similarity
 from nnunet_transfer.analysis.activations import (
     Layer,
@@ -55,8 +56,7 @@ def dataset_json() -> dict:
 
 
 def tiny_network(seed: int, features: str = "8,16,32") -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_network(toy_plans(features), TINY, dataset_json(), deep_supervision=False).eval()
+    return plans_network(toy_plans(features), TINY, dataset_json(), seed=seed, deep_supervision=False).eval()
 
 
 def build_toy_tree(root: Path) -> dict[str, Path]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nets import plans_network
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.nnunet_io import build_network
@@ -40,8 +41,7 @@ def dataset_json(channels: int = 1, labels: int = 3) -> dict:
 
 
 def net(configuration: str = "tiny", channels: int = 1, labels: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_network(load_plans(), configuration, dataset_json(channels, labels))
+    return plans_network(load_plans(), configuration, dataset_json(channels, labels), seed=seed)
 
 
 def save(obj, path: Path) -> Path:

@@ -8,6 +8,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from torch import nn
 
+from nets import unet
 from nnunet_transfer.blocks import resolve_spec
 from nnunet_transfer.errors import SpecError
 from nnunet_transfer.policies.freezing import (
@@ -19,26 +20,12 @@ from nnunet_transfer.policies.freezing import (
 )
 
 
-def unet_kwargs(n: int = 4, norm=nn.InstanceNorm3d, norm_kwargs=None) -> dict:
-    return dict(input_channels=1, n_stages=n, features_per_stage=[min(4 * 2 ** i, 32) for i in range(n)],
-                conv_op=nn.Conv3d, kernel_sizes=3, strides=[1] + [2] * (n - 1), num_classes=2,
-                n_conv_per_stage_decoder=1, conv_bias=True, norm_op=norm,
-                norm_op_kwargs=norm_kwargs or {"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-                nonlin_kwargs={"inplace": True}, deep_supervision=True)
-
-
 def plain(n: int = 4, **kw) -> PlainConvUNet:
-    torch.manual_seed(0)
-    net = PlainConvUNet(n_conv_per_stage=2, **unet_kwargs(n, **kw))
-    net.apply(net.initialize)
-    return net
+    return unet("plain", n, seed=0, **kw)
 
 
 def resenc(n: int = 4, **kw) -> ResidualEncoderUNet:
-    torch.manual_seed(0)
-    net = ResidualEncoderUNet(n_blocks_per_stage=[1, 2, 2, 2][:n], **unet_kwargs(n), **kw)
-    net.apply(net.initialize)
-    return net
+    return unet("resenc", n, seed=0, arch_kwargs=kw)
 
 
 def assert_same_names(actual, expected) -> None:

@@ -12,6 +12,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
+from nets import unet
 from nnunet_transfer.errors import ConfigError
 from nnunet_transfer.policies.l2sp import (
     GROUP_ANCHORED,
@@ -28,14 +29,7 @@ N_STEPS = 4
 
 
 def tiny_unet(dtype=torch.float64) -> PlainConvUNet:
-    torch.manual_seed(0)
-    net = PlainConvUNet(input_channels=1, n_stages=3, features_per_stage=[2, 4, 8], conv_op=nn.Conv3d,
-                        kernel_sizes=3, strides=[1, 2, 2], n_conv_per_stage=1, num_classes=2,
-                        n_conv_per_stage_decoder=1, conv_bias=True, norm_op=nn.InstanceNorm3d,
-                        norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-                        nonlin_kwargs={"inplace": True}, deep_supervision=False)
-    net.apply(net.initialize)
-    return net.to(dtype)
+    return unet("plain", 3, seed=0, n_conv=1, features=[2, 4, 8], deep_supervision=False).to(dtype)
 
 
 def batches(n: int, dtype=torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
