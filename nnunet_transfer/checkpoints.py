@@ -30,6 +30,8 @@ from nnunet_transfer.netutil import strip_prefixes, unwrap
 SEG_KEY = ".seg_layers."
 #: where a dict may hold its state dict
 CONTAINER_KEYS = ("network_weights", "state_dict", "model")
+#: where a file written by ``weights adapt`` keeps its report (what came from the source, per block)
+ADAPTED_KEY = "nnunet_transfer_adapted"
 
 
 def is_seg_key(key: str) -> bool:
@@ -49,6 +51,8 @@ class LoadedWeights:
     meta: dict[str, Any] = field(default_factory=dict)  # trainer_name, configuration of nnU-Net files
     #: nnU-Net's ``init_args`` (plans, configuration, fold, dataset_json), when the file has them
     init_args: dict[str, Any] = field(default_factory=dict)
+    #: the report ``weights adapt`` stored in the file (:data:`ADAPTED_KEY`), if any
+    adapted: dict[str, Any] | None = None
 
     @property
     def nnunet_format(self) -> bool:
@@ -86,7 +90,7 @@ def load_weights(path: str | Path) -> LoadedWeights:
         raise DataError(f"cannot read checkpoint {path}: it is not a checkpoint torch.load can read "
                         f"({type(e).__name__}: {first}); is the file complete (not truncated by an interrupted "
                         f"copy)?") from None
-    container, meta, init_args = None, {}, {}
+    container, meta, init_args, adapted = None, {}, {}, None
     if isinstance(obj, nn.Module):
         container, state = "model", obj.state_dict()
     elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -98,6 +102,7 @@ def load_weights(path: str | Path) -> LoadedWeights:
             init_args = dict(obj["init_args"])
         meta = {"trainer_name": obj.get("trainer_name"), "configuration": init_args.get("configuration")}
         meta = {k: v for k, v in meta.items() if v is not None}
+        adapted = dict(obj[ADAPTED_KEY]) if isinstance(obj.get(ADAPTED_KEY), Mapping) else None
     else:
         what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
         raise DataError(f"{path} holds {what}; expected an nnU-Net checkpoint or a state dict of tensors, "
@@ -115,7 +120,7 @@ def load_weights(path: str | Path) -> LoadedWeights:
             raise DataError(f"{path}: keys {k!r} and another one both become {name!r} once the "
                             f"'module.'/'_orig_mod.' prefixes are stripped")
         clean[name] = v.detach().cpu()
-    return LoadedWeights(path, clean, container, prefixed, sorted(devices), meta, init_args)
+    return LoadedWeights(path, clean, container, prefixed, sorted(devices), meta, init_args, adapted)
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -299,6 +304,6 @@ def comparison_to_dict(c: Comparison) -> dict:
             "loaded_keys": c.loaded_keys}
 
 
-__all__ = ["SEG_KEY", "CONTAINER_KEYS", "LoadedWeights", "load_weights", "load_state", "clean_state_dict",
+__all__ = ["SEG_KEY", "CONTAINER_KEYS", "ADAPTED_KEY", "LoadedWeights", "load_weights", "load_state", "clean_state_dict",
            "canonical_key", "storage_key", "alias_groups", "Mismatch", "Comparison", "compare", "file_problems",
            "load_into", "is_seg_key"]

@@ -143,6 +143,9 @@ class TransferConfig:
     freeze_seg: bool = _setting(False, _bool,
                                 "freeze the segmentation heads too (only meaningful with heads transferred)",
                                 group="freeze")
+    freeze_reinit: bool = _setting(False, _bool,
+                                   "allow freezing blocks that hold parameters not from the checkpoint "
+                                   "(re-initialised or new after `weights adapt`)", group="freeze")
     trainable: str | None = _setting(None, _optional_spec,
                                      "block spec of what trains; everything else is frozen", group="blockwise",
                                      spec=True)

@@ -13,10 +13,13 @@ def add_parser(sub) -> None:
                     "into nnUNet_preprocessed, extract the target's fingerprint if missing, take the intensity "
                     "statistics (CT normalisation) from the target's own fingerprint, check that channels and "
                     "their normalisation fit and report label differences. Prints the next commands.")
-    t.add_argument("-s", dest="source", required=True, help="source dataset name or id (planned, pretrained)")
+    t.add_argument("-s", dest="source", required=True, metavar="SOURCE",
+                   help="source dataset name or id (planned, pretrained), or a released model folder "
+                        "(Trainer__Plans__Configuration/ with plans.json, dataset.json, fold_*/checkpoint_final.pth, "
+                        "as nnUNetv2_install_pretrained_model_from_zip installs it; no source data needed)")
     t.add_argument("-t", dest="target", required=True, help="target dataset name or id (in nnUNet_raw)")
-    t.add_argument("-sp", dest="source_plans", default="nnUNetPlans",
-                   help="source plans identifier (default nnUNetPlans)")
+    t.add_argument("-sp", dest="source_plans", default=None,
+                   help="source plans identifier (default nnUNetPlans; a model folder's own plans)")
     t.add_argument("-tp", dest="target_plans", default=None,
                    help="target plans identifier (default: the source's)")
     t.add_argument("--normalization", default="target", metavar="{target,source}",
@@ -26,7 +29,8 @@ def add_parser(sub) -> None:
                    help="accept another channel count or channel normalisation; schemes then follow the "
                         "target's channel names (adapt the checkpoint with `weights adapt --in-channels K`)")
     t.add_argument("-c", dest="configuration", default=None, metavar="CONFIG",
-                   help="configuration the printed next commands use (default 3d_fullres)")
+                   help="configuration the printed next commands use (default: a model folder's own, else "
+                        "3d_fullres)")
     t.add_argument("-np", dest="num_processes", type=int, default=None, metavar="N",
                    help="processes for fingerprint extraction, if it is needed (nnU-Net's default otherwise)")
     t.add_argument("--force", action="store_true",

@@ -13,6 +13,11 @@ reader for the target's files. It leaves three things that bite:
 :func:`transfer_plans` does what nnU-Net's command does, plus all of the above. It works from this
 package's path helpers (environment read at call time), not from ``nnunetv2.paths`` (read once, at
 import).
+
+The source may also be a released **model folder** (``Trainer__Plans__Configuration/`` with
+``plans.json``, ``dataset.json`` and ``fold_*/checkpoint_final.pth``, see
+:mod:`nnunet_transfer.plans.model_folder`): the plans and labels then come from the folder and no
+source dataset needs to exist anywhere.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import numpy as np
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.nnunet_io import dataset_name, env_folder, load_dataset_json, load_json, plans_path
 from nnunet_transfer.plans.configure import write_plans
+from nnunet_transfer.plans.model_folder import is_path_argument, load_model_folder
 
 NORMALIZATION = ("target", "source")
 # the only normalisation of nnU-Net 2.8 that reads foreground_intensity_properties_per_channel
@@ -51,9 +57,12 @@ class TransferResult:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     next_commands: list[str] = field(default_factory=list)
+    model_folder: str | None = None  # the released model folder the plans came from, if any
 
     def text(self) -> str:
-        out = [f"plans {self.source}/{self.source_plans} -> {self.plans_file}"
+        origin = (f"{self.model_folder}/plans.json ({self.source}, {self.source_plans})" if self.model_folder
+                  else f"{self.source}/{self.source_plans}")
+        out = [f"plans {origin} -> {self.plans_file}"
                + (f" (previous file kept as {self.backup.name})" if self.backup else ""),
                f"dataset.json -> {self.dataset_json}",
                f"fingerprint {self.fingerprint}" + (" (extracted now)" if self.fingerprint_extracted else "")]
@@ -147,7 +156,7 @@ def _find_checkpoints(source: str, plans: str, configuration: str) -> list[Path]
     return sorted(Path(p) for p in glob.glob(pattern))
 
 
-def transfer_plans(source: str | int, target: str | int, *, source_plans: str = "nnUNetPlans",
+def transfer_plans(source: str | int | Path, target: str | int, *, source_plans: str | None = None,
                    target_plans: str | None = None, normalization: str = "target",
                    allow_channel_change: bool = False, configuration: str | None = None,
                    num_processes: int | None = None, force: bool = False,
@@ -158,20 +167,39 @@ def transfer_plans(source: str | int, target: str | int, *, source_plans: str = 
     fingerprint; ``"source"`` keeps the source's (nnU-Net's behaviour). ``allow_channel_change`` accepts
     a target whose channel count or channel normalisation differs: per-channel schemes then follow the
     target's channel names, as nnU-Net's planner would set them. ``configuration`` only chooses which
-    configuration the printed next commands use.
+    configuration the printed next commands use (a model folder's own configuration by default).
+
+    ``source`` is a dataset (id or name; its plans in ``nnUNet_preprocessed``) or a **model folder** as
+    ``nnUNetv2_install_pretrained_model_from_zip`` installs it (or one fold folder of it): plans and
+    dataset.json then come from the folder, no source data is needed, and the next commands name its
+    ``fold_*/checkpoint_final.pth``. ``source_plans`` defaults to ``nnUNetPlans`` for a dataset and to the
+    model's own plans name for a model folder.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if normalization not in NORMALIZATION:
         raise ConfigError(f"--normalization must be one of {', '.join(NORMALIZATION)}, got {normalization!r}")
-    src, tgt = dataset_name(source), dataset_name(target)
+    model = load_model_folder(source) if is_path_argument(source) else None
+    tgt = dataset_name(target)
+    if model is not None:
+        if source_plans is not None and source_plans != model.plans_identifier:
+            raise ConfigError(f"-sp {source_plans} does not match the model folder {model.path}, whose plans are "
+                              f"{model.plans_identifier!r}; leave -sp out for a model folder")
+        source_plans = model.plans_identifier
+        src, plans, src_json = model.source_name, model.plans, model.dataset_json
+        source_label = f"the model folder {model.path}"
+        configuration = configuration or model.configuration
+    else:
+        source_plans = source_plans or "nnUNetPlans"
+        src = dataset_name(source)
+        if src == tgt:
+            raise ConfigError(f"source and target are the same dataset ({src}); give two datasets")
+        plans = load_json(plans_path(src, source_plans))
+        source_where, source_label = plans_path(src, source_plans), f"{src}/{source_plans}"
+        if not isinstance(plans, dict) or "configurations" not in plans:
+            raise DataError(f"{source_where} does not look like nnU-Net plans (no 'configurations')")
+        src_json = load_dataset_json(src)
     target_plans = target_plans or source_plans
-    if src == tgt:
-        raise ConfigError(f"source and target are the same dataset ({src}); give two datasets")
-    plans = load_json(plans_path(src, source_plans))
-    if not isinstance(plans, dict) or "configurations" not in plans:
-        raise DataError(f"{plans_path(src, source_plans)} does not look like nnU-Net plans (no 'configurations')")
-    src_json = load_dataset_json(src)
     raw = env_folder("nnUNet_raw") / tgt
     if not (raw / "dataset.json").is_file():
         raise DataError(f"{raw / 'dataset.json'} not found: nnU-Net preprocesses the target from nnUNet_raw")
@@ -182,7 +210,7 @@ def transfer_plans(source: str | int, target: str | int, *, source_plans: str = 
         raise ConfigError(f"{out_file} exists; pass --force to replace it (the old file is kept as "
                           f"{out_file.name}.bak) or choose another name with -tp")
     if configuration is not None and configuration not in plans["configurations"]:
-        raise ConfigError(f"configuration {configuration!r} is not in {src}/{source_plans}; available: "
+        raise ConfigError(f"configuration {configuration!r} is not in {source_label}; available: "
                           f"{sorted(plans['configurations'])}")
 
     notes: list[str] = []
@@ -313,7 +341,16 @@ def transfer_plans(source: str | int, target: str | int, *, source_plans: str = 
 
     # ---- what to run next
     tid = _dataset_id(tgt)
-    found = _find_checkpoints(src, source_plans, conf)
+    if model is not None:
+        found = [model.checkpoint]
+        if model.chosen is None and len(model.folds) > 1:
+            notes.append(f"the model has {len(model.folds)} trained folds ({', '.join(f.name for f in model.folds)}); "
+                         f"the commands use {model.fold.name}")
+        if model.configuration is not None and conf != model.configuration:
+            warnings.append(f"the model folder holds a {model.configuration} network; -c {conf} builds another "
+                            f"network, which its checkpoint will not fit")
+    else:
+        found = _find_checkpoints(src, source_plans, conf)
     ckpt = str(found[0]) if found else (f"$nnUNet_results/{src}/TRAINER__{source_plans}__{conf}/fold_0/"
                                         f"checkpoint_final.pth")
     if len(found) > 1:
@@ -327,7 +364,8 @@ def transfer_plans(source: str | int, target: str | int, *, source_plans: str = 
     cmds.append(f"nnUNetv2_train {tid} {conf} 0 -p {target_plans} -tr nnUNetTrainerFinetune "
                 f"-pretrained_weights {ckpt}")
     return TransferResult(src, tgt, source_plans, target_plans, out_file, backup, out_folder / "dataset.json",
-                          fp_path, extracted, normalization, notes, warnings, cmds)
+                          fp_path, extracted, normalization, notes, warnings, cmds,
+                          str(model.path) if model is not None else None)
 
 
 __all__ = ["transfer_plans", "ensure_fingerprint", "TransferResult", "NORMALIZATION"]

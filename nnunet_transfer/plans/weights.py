@@ -151,7 +151,9 @@ def check_weights(weights: LoadedWeights, network: nn.Module, *, target: str = "
                      f"nnunet_transfer weights adapt {src} -o ADAPTED.pth --in-channels {k}")
     if len(blocking) > len(in_channel):
         hints.append("the checkpoint comes from another architecture: train the target with the source's "
-                     "plans and configuration (nnunet_transfer plans transfer -s SOURCE -t TARGET)")
+                     "plans and configuration (nnunet_transfer plans transfer -s SOURCE -t TARGET), or map "
+                     f"the weights to the target's own plans (nnunet_transfer weights adapt {src} -d TARGET "
+                     f"-c CONFIG -o ADAPTED.pth)")
     heads = [m for m in mismatches if not m.blocking and m.kind != "unexpected"]
     if heads and not blocking:
         hints.append("the segmentation heads differ (other labels): harmless, they are trained from scratch")
@@ -164,8 +166,9 @@ def check_against_plans(checkpoint: str | Path, dataset: str | int, configuratio
                         plans: str = "nnUNetPlans") -> WeightsReport:
     """Build the target network nnU-Net would build, then :func:`check_weights`."""
     from nnunet_transfer.nnunet_io import build_network, dataset_name, load_dataset_json, load_plans
+    from nnunet_transfer.plans.model_folder import resolve_checkpoint
 
-    weights = load_weights(checkpoint)
+    weights = load_weights(resolve_checkpoint(checkpoint))  # a file, a fold folder or a one-fold model folder
     plans_dict = load_plans(dataset, plans)
     network = build_network(plans_dict, configuration, load_dataset_json(dataset))
     return check_weights(weights, network, target=f"{dataset_name(dataset)} / {plans} / {configuration}")
@@ -218,8 +221,10 @@ def adapt_weights(checkpoint: str | Path, output: str | Path, *, in_channels: in
         _check_adapt_args(in_channels, method)
     elif method not in METHODS:
         _check_adapt_args(1, method)
+    from nnunet_transfer.plans.model_folder import resolve_checkpoint
+
     output = Path(output)
-    weights = load_weights(checkpoint)
+    weights = load_weights(resolve_checkpoint(checkpoint))
     if output.resolve() == weights.path.resolve():
         raise ConfigError(f"the output {output} is the input checkpoint; write to another file")
     if output.exists() and not force:

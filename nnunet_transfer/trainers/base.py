@@ -40,6 +40,7 @@ from nnunet_transfer.checkpoints import load_state
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
+from nnunet_transfer.plans.adapt import record_text
 from nnunet_transfer.policies.drift import group_drift
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.policies.l2sp import penalised_step
@@ -95,7 +96,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.save_every = cfg.save_every
         self.initial_lr = self.initial_lr * cfg.lr_scale
         self.transfer_state: dict[str, Any] = {"pretrained_loaded": None, "pretrained_source": None,
-                                               "parameters": None}
+                                               "parameters": None, "transfer": None}
         self._fresh_fingerprint: torch.Tensor | None = None
         self._freeze_report = None
         self._resumed = False
@@ -256,6 +257,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             st["pretrained_loaded"] = loaded
             source = self.pretrained_file.path if self.pretrained_file else _pretrained_weights_argument()
             st["pretrained_source"] = str(source) if loaded and source else None
+            # what the file brought: a `weights adapt` report (per block) or a plain same-plans load
+            st["transfer"] = self.pretrained_file.transfer if loaded and self.pretrained_file else None
             if loaded:
                 self._transfer_heads()
             elif self.transfer_config.heads != "new":
@@ -273,6 +276,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             self.print_to_log_file(f"nnunet_transfer: pretrained weights loaded"
                                    f"{' from ' + st['pretrained_source'] if st['pretrained_source'] else ''}"
                                    f" ({what})")
+            if st.get("transfer"):
+                self.print_to_log_file("nnunet_transfer: " + record_text(st["transfer"]))
         else:
             self.print_to_log_file("nnunet_transfer: no pretrained weights were loaded; the network "
                                    "starts from its random initialisation")

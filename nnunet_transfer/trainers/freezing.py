@@ -18,12 +18,34 @@ from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.policies.freezing import reinit_zeroed_residual_norms
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase
+from nnunet_transfer.trainers.pretrained import frozen_not_from_source
 
 FREEZE_KEYS = BASE_KEYS | frozenset(TransferConfig.keys("freeze"))
 BLOCKWISE_KEYS = FREEZE_KEYS | frozenset(TransferConfig.keys("blockwise"))
 
 
-class nnUNetTrainerFrozenEncoder(nnUNetTrainerTransferBase):
+class _FreezingTrainer(nnUNetTrainerTransferBase):
+    """A trainer whose ``trainable`` spec leaves blocks frozen: it refuses, before the fold folder exists, to
+    freeze a block holding parameters that did not come from ``-pretrained_weights`` (re-initialised, not
+    transferable or new in a ``weights adapt`` report) — a frozen random block is rarely meant — unless
+    ``freeze_reinit`` is set."""
+
+    def check_pretrained_file(self, checked) -> None:
+        super().check_pretrained_file(checked)
+        if self.transfer_config.freeze_reinit:
+            return
+        frozen = frozen_not_from_source(checked, self.trainable_spec())
+        if frozen:
+            blocks = "; ".join(f"block {b}: {len(n)} tensor(s), e.g. {n[0]}" for b, n in frozen.items())
+            raise TransferError(
+                f"{self.__class__.__name__} would freeze parameters that did not come from {checked.path} "
+                f"(re-initialised or new when `weights adapt` mapped it to these plans) — {blocks}; frozen, they "
+                f"stay random. Train those blocks (nnUNetTrainerPartialFT with --set trainable=SPEC including "
+                f"blocks {','.join(map(str, frozen))}), or allow it: nnunet_transfer configure ... --set "
+                f"freeze_reinit=true")
+
+
+class nnUNetTrainerFrozenEncoder(_FreezingTrainer):
     """Encoder (blocks 1..N, bottleneck included) frozen; decoder and heads train.
 
     Without ``-pretrained_weights`` the encoder stays at its *random* initialisation (Karimi's random
@@ -51,7 +73,7 @@ class nnUNetTrainerFrozenEncoder(nnUNetTrainerTransferBase):
         self.transfer_state["reinitialised_residual_norms"] = n
 
 
-class nnUNetTrainerFrozenDecoder(nnUNetTrainerTransferBase):
+class nnUNetTrainerFrozenDecoder(_FreezingTrainer):
     """Pretrained decoder frozen; encoder and segmentation heads train (Karimi's "encoder + last layer").
 
     Needs ``-pretrained_weights``: a frozen random decoder is not a strategy.
@@ -93,6 +115,7 @@ class nnUNetTrainerFrozenDecoderAndHeads(nnUNetTrainerFrozenDecoder):
                               f"nnUNetTrainerFrozenDecoder")
 
     def check_pretrained_file(self, checked) -> None:
+        super().check_pretrained_file(checked)
         plan = checked.heads
         if plan is not None and plan.new:
             raise TransferError(
@@ -103,7 +126,7 @@ class nnUNetTrainerFrozenDecoderAndHeads(nnUNetTrainerFrozenDecoder):
                 f"whose heads train")
 
 
-class nnUNetTrainerPartialFT(nnUNetTrainerTransferBase):
+class nnUNetTrainerPartialFT(_FreezingTrainer):
     """Block-wise fine-tuning with the ``trainable`` spec of the configuration, e.g.
     ``nnunet_transfer configure ... --set trainable=blocks:1,2,8-9``."""
 
@@ -119,7 +142,7 @@ class nnUNetTrainerPartialFT(nnUNetTrainerTransferBase):
         super().check_config(cfg, configuration)
 
 
-class _AmiriPreset(nnUNetTrainerTransferBase):
+class _AmiriPreset(_FreezingTrainer):
     """Base of the 12 preset trainers: all blocks outside the preset frozen, segmentation heads train."""
 
     transfer_keys = FREEZE_KEYS

@@ -11,9 +11,11 @@ process was started with) in ``__init__``, *before* nnU-Net creates the fold fol
 * plan which segmentation-head rows to transfer (setting ``heads``): nnU-Net skips ``.seg_layers.``,
   so without this the heads always start from random weights.
 
-A folder given to ``-pretrained_weights`` (a fold folder or an installed model folder) is resolved
-to its ``checkpoint_final.pth``; nnU-Net's loader is then handed that file (see
-:func:`redirect_nnunet_loader`), because it would ``torch.load`` the folder itself.
+A folder given to ``-pretrained_weights`` (a fold folder or an installed model folder, see
+:mod:`nnunet_transfer.plans.model_folder`) is resolved to its ``checkpoint_final.pth``; nnU-Net's loader
+is then handed that file (see :func:`redirect_nnunet_loader`), because it would ``torch.load`` the folder
+itself. What the file brings is recorded (:func:`nnunet_transfer.plans.adapt.transfer_record`): the
+per-block report of a ``weights adapt`` file, or a plain same-plans load.
 
 In-process use (a notebook building a trainer and calling nnU-Net's loader) has no command line: the
 trainers then still detect a load from the weights themselves (the fingerprint in ``base.py``).
@@ -29,9 +31,12 @@ from typing import Any, Mapping, NamedTuple
 import torch
 from torch import nn
 
+from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.checkpoints import LoadedWeights, compare, file_problems, is_seg_key, load_weights
-from nnunet_transfer.errors import ConfigError, DataError, TransferError
+from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError, TransferError
 from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.plans.adapt import fresh_names, transfer_record
+from nnunet_transfer.plans.model_folder import resolve_checkpoint  # noqa: F401 - part of this module's API
 
 #: program names under which ``sys.argv`` is nnU-Net's training command line
 TRAIN_PROGRAMS = ("nnUNetv2_train", "run_training.py")
@@ -59,31 +64,6 @@ def nnunet_train_args(argv: list[str] | None = None) -> TrainArgs | None:
 
 
 # --------------------------------------------------------------------------- the file
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as given, or the ``checkpoint_final.pth`` of a fold folder / one-fold model folder.
-
-    A model folder is what ``nnUNetv2_install_pretrained_model_from_zip`` installs
-    (``Trainer__Plans__Configuration/`` with ``plans.json``, ``dataset.json`` and ``fold_*/``).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"pretrained weights {path} not found; give a checkpoint file (.pth), a fold folder or "
-                        f"a model folder")
-    if path.is_file():
-        return path
-    final = path / "checkpoint_final.pth"
-    if final.is_file():
-        return final
-    folds = sorted(p for p in path.glob("fold_*") if (p / "checkpoint_final.pth").is_file())
-    if len(folds) == 1:
-        return folds[0] / "checkpoint_final.pth"
-    if folds:
-        raise DataError(f"model folder {path} has {len(folds)} trained folds ({', '.join(p.name for p in folds)}); "
-                        f"choose one: -pretrained_weights {folds[0]}")
-    raise DataError(f"folder {path} holds no checkpoint_final.pth (neither directly nor in a fold_* folder); give "
-                    f"a checkpoint file, a fold folder or a model folder")
-
-
 def redirect_nnunet_loader(given: str, resolved: Path) -> bool:
     """Make ``nnUNetv2_train`` load ``resolved`` when its command line names the folder ``given``.
 
@@ -229,10 +209,30 @@ class PretrainedFile:
     heads: HeadPlan | None = None
     source_heads: dict[str, torch.Tensor] = field(default_factory=dict)
     source_labels: dict | None = None
+    #: what the file brings (nnunet_transfer.plans.adapt.transfer_record): a `weights adapt` report or a
+    #: plain same-plans load
+    transfer: dict | None = None
+    #: the target network's blocks (names only), for strategies that refuse to freeze fresh parameters
+    blocks: Any = None
 
     def to_dict(self) -> dict:
         return {"given": self.given, "path": str(self.path),
                 "heads": self.heads.to_dict() if self.heads else None}
+
+
+def frozen_not_from_source(checked: PretrainedFile, trainable_spec: str | None) -> dict[int, list[str]]:
+    """Blocks that ``trainable_spec`` leaves (partly) frozen and that hold parameters which did not come from
+    the checkpoint (re-initialised, not transferable or new in a `weights adapt` report): ``{block: names}``."""
+    fresh = fresh_names(checked.transfer)
+    if not fresh or trainable_spec is None or checked.blocks is None:
+        return {}
+    trainable = checked.blocks.param_names(trainable_spec)
+    out = {}
+    for block, names in sorted(fresh.items()):
+        frozen = [n for n in names if n not in trainable]
+        if frozen:
+            out[block] = frozen
+    return out
 
 
 def target_network(trainer_class, plans: dict, configuration: str, dataset_json: dict) -> nn.Module:
@@ -261,7 +261,7 @@ def incompatibility_message(weights: LoadedWeights, problems: list[str], mismatc
 def check_pretrained(given: str, *, trainer_class, plans: dict, configuration: str, dataset_json: dict,
                      heads: str | Mapping = "new") -> PretrainedFile:
     """Everything that can be said about the file before nnU-Net loads it; raises :class:`TransferError`."""
-    path = resolve_checkpoint(given)
+    path = resolve_checkpoint(given, what="pretrained weights")
     weights = load_weights(path)
     network = target_network(trainer_class, plans, configuration, dataset_json)
     comparison = compare(weights.state, network)
@@ -271,9 +271,15 @@ def check_pretrained(given: str, *, trainer_class, plans: dict, configuration: s
                                                     target=f"{plans.get('dataset_name', '?')} / {configuration}"))
     plan = plan_heads(heads, weights.dataset_json, dataset_json, checkpoint=str(path))
     heads_state = seg_head_state(weights.state) if plan is not None else {}
+    try:
+        blocks = BlockModel.from_network(network)
+    except ArchitectureError:  # other architectures load fine; only block-wise reports need blocks
+        blocks = None
     return PretrainedFile(given, path, plan, heads_state,
-                          dict(weights.dataset_json.get("labels", {})) if weights.dataset_json else None)
+                          dict(weights.dataset_json.get("labels", {})) if weights.dataset_json else None,
+                          transfer_record(weights, network, loaded_keys=comparison.loaded_keys), blocks)
 
 
 __all__ = ["TrainArgs", "nnunet_train_args", "resolve_checkpoint", "redirect_nnunet_loader", "HeadPlan",
-           "plan_heads", "copy_head_rows", "PretrainedFile", "check_pretrained", "target_network"]
+           "plan_heads", "copy_head_rows", "PretrainedFile", "check_pretrained", "target_network",
+           "frozen_not_from_source"]
