@@ -41,11 +41,19 @@ Spec grammar
 A spec is terms joined by ``+`` (union); whitespace is ignored, names are case-insensitive::
 
     spec   := term ("+" term)*
-    term   := group | "blocks:" items | preset
+    term   := unit [":" kind ("," kind)*]
+    unit   := group | "blocks:" items | preset
     group  := "encoder" (blocks 1..N, bottleneck included: nnU-Net's ``encoder`` module)
             | "decoder" (blocks N+1..2N−1) | "bottleneck" (block N)
             | "seg" (the segmentation heads) | "all" (every block and seg)
     items  := item ("," item)*      item := k | a "-" b | N "a" | N "b"   (1 <= k, a <= b <= 2N−1)
+    kind   := "norm" (weight and bias of normalisation layers) | "bias" (every bias: convolutions
+              and normalisation layers) | "kernel" (convolution / linear kernels)
+
+A kind narrows its term to those parameters of the unit: ``all:norm+seg`` tunes the normalisation
+parameters and the heads (norm-only tuning), ``all:bias+seg`` every bias and the heads (BitFit, Ben Zaken
+et al., ACL 2022), ``encoder:kernel`` the encoder's kernels (what Li et al.'s L2-SP anchors). Kinds select
+*parameters*: module and layer selections (``analyze`` hooks block outputs) refuse them.
 
 ``Na`` and ``Nb`` are the two halves of the bottleneck (block N) along the path: ``Na`` its first
 ⌊c/2⌋ convolutions (``PlainConvUNet``; residual blocks for the residual encoders), ``Nb`` the rest, so
@@ -96,9 +104,14 @@ from typing import Callable, Iterable
 from torch import nn
 
 from nnunet_transfer.errors import ArchitectureError, SpecError
-from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.netutil import KERNEL_MODULES, unwrap
 
 GROUPS = ("encoder", "bottleneck", "decoder", "seg", "all")
+#: parameter kinds a term narrows to with ``unit:kind`` (see the grammar above)
+KINDS = {"norm": "weight and bias of normalisation layers",
+         "bias": "every bias, of convolutions and of normalisation layers",
+         "kernel": "convolution / linear kernels"}
+_KIND_ALIASES = {"norms": "norm", "biases": "bias", "kernels": "kernel"}
 SUPPORTED_ARCHITECTURES = (
     "dynamic_network_architectures.architectures.unet.PlainConvUNet",
     "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
@@ -175,9 +188,28 @@ def preset_names() -> list[str]:
 # spec parsing (needs only the stage count)
 # --------------------------------------------------------------------------------------------------
 
+def _units_text(blocks: Iterable[int], halves: Iterable[str], seg: bool) -> list[str]:
+    parts = ["blocks " + format_block_ranges(blocks)] if blocks else []
+    return parts + sorted(halves) + (["seg"] if seg else [])
+
+
+@dataclass(frozen=True)
+class KindPart:
+    """Only the parameters of one kind (:data:`KINDS`) inside some units, e.g. the norms of blocks 1..9."""
+
+    kind: str
+    blocks: frozenset[int]
+    halves: frozenset[str]
+    seg: bool
+
+    def describe(self) -> str:
+        return f"{self.kind} of {' + '.join(_units_text(self.blocks, self.halves, self.seg))}"
+
+
 @dataclass(frozen=True)
 class Selection:
-    """What a spec selects: whole blocks, bottleneck halves and whether the segmentation heads are in."""
+    """What a spec selects: whole blocks, bottleneck halves, whether the segmentation heads are in, and
+    the kind-qualified parts (``all:norm`` -> the norm parameters of every block and of seg)."""
 
     spec: str
     n_stages: int
@@ -185,16 +217,23 @@ class Selection:
     seg: bool
     #: bottleneck halves selected without the whole bottleneck: ``"Na"`` (contracting side), ``"Nb"``
     halves: frozenset[str] = frozenset()
+    #: one entry per kind, units already selected whole removed
+    parts: tuple[KindPart, ...] = ()
 
     def describe(self) -> str:
-        """``"blocks 1-4 + 5a + seg"``: compact, for logs and tables."""
-        parts = []
-        if self.blocks:
-            parts.append("blocks " + format_block_ranges(self.blocks))
-        parts += sorted(self.halves)
-        if self.seg:
-            parts.append("seg")
+        """``"blocks 1-4 + 5a + seg"``, ``"seg + norm of blocks 1-9"``: compact, for logs and tables."""
+        parts = _units_text(self.blocks, self.halves, self.seg) + [p.describe() for p in self.parts]
         return " + ".join(parts) if parts else "nothing"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(p.kind for p in self.parts)
+
+    def refuse_kinds(self, what: str) -> None:
+        """Raise :class:`SpecError` if the spec narrows terms to parameter kinds (``what`` says why not)."""
+        if self.parts:
+            raise SpecError(f"spec {self.spec!r} narrows terms to parameter kinds ({', '.join(self.kinds)}), "
+                            f"which select parameters, not modules; {what}")
 
 
 def _normalise(n: int, blocks: set[int], halves: set[str]) -> tuple[frozenset[int], frozenset[str]]:
@@ -224,7 +263,35 @@ def _grammar_help(n_stages: int) -> str:
     top = 2 * n_stages - 1
     return (f"a term is a group ({', '.join(GROUPS)}), 'blocks:' with numbers and ranges in 1..{top} "
             f"and the bottleneck halves {n_stages}a/{n_stages}b (e.g. blocks:1,2,{top - 1}-{top}), or a preset "
-            f"({', '.join(PRESETS)}); join terms with '+'")
+            f"({', '.join(PRESETS)}), optionally narrowed to parameter kinds with ':' ({', '.join(KINDS)}; "
+            f"e.g. all:norm); join terms with '+'")
+
+
+def _split_kinds(term: str) -> tuple[str, str | None]:
+    """``"all:norm,bias"`` -> ``("all", "norm,bias")``; ``"blocks:1,2:norm"`` -> ``("blocks:1,2", "norm")``."""
+    if term.lower().startswith("blocks:"):
+        body, sep, kinds = term[len("blocks:"):].partition(":")
+        unit = term[:len("blocks:")] + body
+    else:
+        unit, sep, kinds = term.partition(":")
+    return (unit.strip(), kinds) if sep else (term, None)
+
+
+def _parse_kinds(kinds: str | None, term: str, spec: str) -> tuple[str, ...]:
+    if kinds is None:
+        return ()
+    out = []
+    for raw in kinds.split(","):
+        k = raw.strip().lower()
+        k = _KIND_ALIASES.get(k, k)
+        if k not in KINDS:
+            close = difflib.get_close_matches(k, list(KINDS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(f"unknown parameter kind {raw.strip()!r} in term {term!r} of spec {spec!r}{hint}; "
+                            f"kinds: " + ", ".join(f"{name} ({doc})" for name, doc in KINDS.items())
+                            + "; join several with ',' (e.g. all:norm,bias)")
+        out.append(k)
+    return tuple(dict.fromkeys(out))
 
 
 def _range_text(n_stages: int) -> str:
@@ -283,47 +350,76 @@ def parse_spec(spec: str, n_stages: int) -> Selection:
     blocks: set[int] = set()
     halves: set[str] = set()
     seg = False
+    by_kind: dict[str, tuple[set[int], set[str], list[bool]]] = {}
     for raw in spec.split("+"):
         term = raw.strip()
-        low = term.lower()
         if not term:
             raise SpecError(f"malformed spec {spec!r}: empty term (a '+' with nothing on one side); "
                             f"{_grammar_help(n)}")
-        if low.startswith("blocks:"):
-            more, more_halves = _parse_blocks_term(term, term[len("blocks:"):], spec, n)
+        unit, kinds_text = _split_kinds(term)
+        try:
+            more, more_halves, more_seg = _parse_unit(unit, spec, n)
+        except SpecError:
+            if kinds_text is not None and not unit.lower().startswith("blocks:"):
+                _parse_unit(term, spec, n)  # "blokcs:1": the error (and its hint) names the whole term
+            raise
+        kinds = _parse_kinds(kinds_text, term, spec)
+        if not kinds:
             blocks |= more
             halves |= more_halves
-        elif low == "encoder":
-            blocks |= set(_r(1, n))
-        elif low == "bottleneck":
-            blocks.add(n)
-        elif low == "decoder":
-            blocks |= set(_r(n + 1, 2 * n - 1))
-        elif low == "seg":
-            seg = True
-        elif low == "all":
-            blocks |= set(_r(1, 2 * n - 1))
-            seg = True
-        elif low in _PRESETS_LOWER:
-            p = _PRESETS_LOWER[low]
-            if n < p.min_stages:
-                raise SpecError(
-                    f"preset {p.name!r} ({p.rule}) needs a network with at least {p.min_stages} stages "
-                    f"({p.why_min}); this network has N={n}. Select the blocks explicitly instead "
-                    f"with blocks:... ({_range_text(n)})")
-            blocks |= p.blocks(n)
-            halves |= p.halves(n)
-        else:
-            names = [*GROUPS, *PRESETS, "blocks:"]
-            close = difflib.get_close_matches(low, [x.lower() for x in names], n=1)
-            hint = ""
-            if close:
-                hint = f" (did you mean {next(x for x in names if x.lower() == close[0])!r}?)"
-            elif re.fullmatch(r"[\d,\s-]+", term):
-                hint = f" (block numbers need the prefix: blocks:{term})"
-            raise SpecError(f"unknown term {term!r} in spec {spec!r}{hint}; {_grammar_help(n)}")
+            seg = seg or more_seg
+        for k in kinds:
+            b, h, s = by_kind.setdefault(k, (set(), set(), [False]))
+            b |= more
+            h |= more_halves
+            s[0] = s[0] or more_seg
     whole, part = _normalise(n, blocks, halves)
-    return Selection(spec=spec, n_stages=n, blocks=whole, seg=seg, halves=part)
+    parts = []
+    for kind in KINDS:  # fixed order: the same spec always gives the same Selection
+        if kind not in by_kind:
+            continue
+        b, h, s = by_kind[kind]
+        kb, kh = _normalise(n, b, h)
+        kb = kb - whole
+        kh = frozenset() if n in whole else kh - part
+        ks = s[0] and not seg
+        if kb or kh or ks:  # units selected whole already hold every kind
+            parts.append(KindPart(kind, kb, kh, ks))
+    return Selection(spec=spec, n_stages=n, blocks=whole, seg=seg, halves=part, parts=tuple(parts))
+
+
+def _parse_unit(term: str, spec: str, n: int) -> tuple[set[int], set[str], bool]:
+    """One term without its kinds -> (blocks, bottleneck halves, seg)."""
+    low = term.lower()
+    if low.startswith("blocks:"):
+        more, more_halves = _parse_blocks_term(term, term[len("blocks:"):], spec, n)
+        return more, more_halves, False
+    if low == "encoder":
+        return set(_r(1, n)), set(), False
+    if low == "bottleneck":
+        return {n}, set(), False
+    if low == "decoder":
+        return set(_r(n + 1, 2 * n - 1)), set(), False
+    if low == "seg":
+        return set(), set(), True
+    if low == "all":
+        return set(_r(1, 2 * n - 1)), set(), True
+    if low in _PRESETS_LOWER:
+        p = _PRESETS_LOWER[low]
+        if n < p.min_stages:
+            raise SpecError(
+                f"preset {p.name!r} ({p.rule}) needs a network with at least {p.min_stages} stages "
+                f"({p.why_min}); this network has N={n}. Select the blocks explicitly instead "
+                f"with blocks:... ({_range_text(n)})")
+        return set(p.blocks(n)), set(p.halves(n)), False
+    names = [*GROUPS, *PRESETS, "blocks:"]
+    close = difflib.get_close_matches(low, [x.lower() for x in names], n=1)
+    hint = ""
+    if close:
+        hint = f" (did you mean {next(x for x in names if x.lower() == close[0])!r}?)"
+    elif re.fullmatch(r"[\d,\s-]+", term):
+        hint = f" (block numbers need the prefix: blocks:{term})"
+    raise SpecError(f"unknown term {term!r} in spec {spec!r}{hint}; {_grammar_help(n)}")
 
 
 def spec_blocks(spec: str, n_stages: int) -> list[int]:
@@ -418,6 +514,9 @@ class BlockModel:
     seg_module_names: tuple[str, ...]
     seg_param_names: tuple[str, ...]
     n_seg_params: int
+    #: canonical parameter names of each kind (:data:`KINDS`) and the size of every parameter
+    kind_names: dict[str, frozenset[str]] = field(default_factory=dict, repr=False, hash=False)
+    param_sizes: dict[str, int] = field(default_factory=dict, repr=False, hash=False)
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -482,7 +581,8 @@ class BlockModel:
                                     f"{missing[:3]}")
         cls_ = type(net)
         return cls(architecture=cls_.__name__, n_stages=n, blocks=tuple(blocks),
-                   seg_module_names=seg_modules, seg_param_names=seg_names, n_seg_params=seg_count)
+                   seg_module_names=seg_modules, seg_param_names=seg_names, n_seg_params=seg_count,
+                   kind_names=_kind_names(net, canonical), param_sizes={k: v.numel() for k, v in params.items()})
 
     # ---- plain facts --------------------------------------------------------------------------------
     @property
@@ -512,13 +612,26 @@ class BlockModel:
             return spec
         return parse_spec(spec, self.n_stages)
 
+    def _unit_names(self, blocks: Iterable[int], halves: Iterable[str], seg: bool) -> set[str]:
+        names = {n for k in blocks for n in self.blocks[k - 1].param_names}
+        names |= {n for h in halves for n in self.block(self.n_stages).half(h)[2]}
+        return names | set(self.seg_param_names) if seg else names
+
+    def _part_names(self, sel: Selection) -> list[tuple[KindPart, set[str]]]:
+        return [(p, self._unit_names(p.blocks, p.halves, p.seg) & self.kind_names.get(p.kind, frozenset()))
+                for p in sel.parts]
+
     def param_names(self, spec: str | Selection) -> set[str]:
-        """Canonical names of the parameters a spec selects; raises if it selects none."""
+        """Canonical names of the parameters a spec selects; raises if it selects none, or if a
+        kind-qualified term finds no parameter of its kind (e.g. ``seg:norm``: the heads have no norms)."""
         sel = self.select(spec)
-        names = {n for k in sel.blocks for n in self.blocks[k - 1].param_names}
-        names |= {n for h in sel.halves for n in self.block(self.n_stages).half(h)[2]}
-        if sel.seg:
-            names |= set(self.seg_param_names)
+        names = self._unit_names(sel.blocks, sel.halves, sel.seg)
+        for part, mine in self._part_names(sel):
+            if not mine:
+                raise SpecError(f"spec {sel.spec!r}: {part.describe()} matches no parameter of this "
+                                f"{self.architecture} (it has no {part.kind} parameters there: "
+                                f"{part.kind} = {KINDS[part.kind]})")
+            names |= mine
         if not names:
             raise SpecError(f"spec {sel.spec!r} ({sel.describe()}) matches no parameter of this "
                             f"{self.architecture}")
@@ -527,6 +640,7 @@ class BlockModel:
     def module_names(self, spec: str | Selection) -> list[str]:
         """Names of the modules a spec selects, in block order (seg heads last)."""
         sel = self.select(spec)
+        sel.refuse_kinds("give whole blocks or groups here")
         units: list[tuple[int, list[str]]] = [(k, list(self.blocks[k - 1].module_names)) for k in sel.blocks]
         units += [(self.n_stages, list(self.block(self.n_stages).half(h)[1])) for h in sorted(sel.halves)]
         out = [m for _, mods in sorted(units, key=lambda u: u[0]) for m in mods]
@@ -535,19 +649,37 @@ class BlockModel:
     def n_selected(self, spec: str | Selection) -> int:
         """Parameters (scalars) a spec selects; 0 when it selects nothing."""
         sel = self.select(spec)
-        return (sum(self.blocks[k - 1].n_params for k in sel.blocks)
-                + sum(self.block(self.n_stages).half(h)[3] for h in sel.halves)
-                + (self.n_seg_params if sel.seg else 0))
+        whole = (sum(self.blocks[k - 1].n_params for k in sel.blocks)
+                 + sum(self.block(self.n_stages).half(h)[3] for h in sel.halves)
+                 + (self.n_seg_params if sel.seg else 0))
+        if not sel.parts:
+            return whole
+        extra = set().union(*(mine for _, mine in self._part_names(sel)))
+        extra -= self._unit_names(sel.blocks, sel.halves, sel.seg)
+        return whole + sum(self.param_sizes[n] for n in extra)
+
+    def _kind_mark(self, sel: Selection, names: Iterable[str]) -> str:
+        """``"norm,bias: 1,234"``: the kinds selected inside a unit and how many scalars they are."""
+        names = set(names)
+        kinds, chosen = [], set()
+        for part, mine in self._part_names(sel):
+            if mine & names:
+                kinds.append(part.kind)
+                chosen |= mine & names
+        return f"{','.join(kinds)}: {sum(self.param_sizes[n] for n in chosen):,}" if kinds else ""
 
     def _train_mark(self, sel: Selection, b: Block) -> str:
         if b.number in sel.blocks:
             return "yes"
         mine = sorted(h for h in sel.halves if b.halves and h in (x[0] for x in b.halves))
-        return "half " + ",".join(mine) if mine else "-"
+        marks = ["half " + ",".join(mine)] if mine else []
+        kind = self._kind_mark(sel, b.param_names)
+        return "; ".join(marks + ([kind] if kind else [])) or "-"
 
     def output_modules(self, spec: str | Selection) -> dict[int, str]:
         """``{block number: name of the module whose output is the block's output}``."""
         sel = self.select(spec)
+        sel.refuse_kinds("a layer's output has no kind: name whole blocks (drop the ':kind')")
         return {k: self.blocks[k - 1].output_module for k in sorted(sel.blocks)}
 
     # ---- presentation -------------------------------------------------------------------------------
@@ -555,6 +687,7 @@ class BlockModel:
         """Everything :meth:`table` shows, plus parameter names, as JSON-ready data."""
         sel = self.select(spec) if spec is not None else None
         total = self.n_params
+        chosen = self.param_names(sel) if sel is not None and sel.parts else set()
 
         def frac(c: int) -> float:
             return c / total if total else 0.0
@@ -573,17 +706,27 @@ class BlockModel:
                 row["trainable"] = b.number in sel.blocks
                 if b.halves:
                     row["trainable_halves"] = sorted(h for h in sel.halves if h.startswith(str(b.number)))
+                if sel.parts:
+                    row["trainable_kinds"] = [p.kind for p, mine in self._part_names(sel)
+                                              if mine & set(b.param_names)]
+                    row["n_selected"] = sum(self.param_sizes[n] for n in chosen if n in set(b.param_names))
             rows.append(row)
         seg = {"modules": list(self.seg_module_names), "n_params": self.n_seg_params,
                "fraction": frac(self.n_seg_params), "param_names": list(self.seg_param_names)}
         if sel is not None:
             seg["trainable"] = sel.seg
+            if sel.parts:
+                seg["trainable_kinds"] = [p.kind for p, mine in self._part_names(sel)
+                                          if mine & set(self.seg_param_names)]
+                seg["n_selected"] = sum(self.param_sizes[n] for n in chosen if n in set(self.seg_param_names))
         out = {"architecture": self.architecture, "n_stages": self.n_stages, "n_blocks": self.n_blocks,
                "n_params": total, "blocks": rows, "seg": seg}
         if sel is not None:
             n_train = self.n_selected(sel)
             out["spec"] = {"spec": sel.spec, "blocks": sorted(sel.blocks), "halves": sorted(sel.halves),
-                           "seg": sel.seg, "n_trainable_params": n_train, "trainable_fraction": frac(n_train)}
+                           "seg": sel.seg, "n_trainable_params": n_train, "trainable_fraction": frac(n_train),
+                           "kinds": [{"kind": p.kind, "blocks": sorted(p.blocks), "halves": sorted(p.halves),
+                                      "seg": p.seg} for p in sel.parts]}
         return out
 
     def table(self, spec: str | Selection | None = None) -> str:
@@ -610,7 +753,7 @@ class BlockModel:
         seg_row = ["seg", "seg", f"decoder.seg_layers.0-{self.n_stages - 2}", f"{self.n_seg_params:,}",
                    pct(self.n_seg_params), "-", "-", "-"]
         if sel is not None:
-            seg_row.append("yes" if sel.seg else "-")
+            seg_row.append("yes" if sel.seg else (self._kind_mark(sel, self.seg_param_names) or "-"))
         rows.append(seg_row)
         total_row = ["total", "", "", f"{total:,}", pct(total), "", "", ""]
         if sel is not None:
@@ -631,6 +774,23 @@ class BlockModel:
         lines = [title, fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows[:-1]),
                  fmt(["-" * w for w in widths]), fmt(rows[-1])]
         return "\n".join(lines)
+
+
+def _kind_names(net: nn.Module, canonical: dict[int, str]) -> dict[str, frozenset[str]]:
+    """Canonical parameter names of each kind: norm layers' parameters, every ``bias``, conv/linear kernels."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, *(
+        (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+    out: dict[str, set[str]] = {k: set() for k in KINDS}
+    for module in net.modules():
+        for local, p in module.named_parameters(recurse=False):
+            name = canonical[id(p)]
+            if isinstance(module, norms):
+                out["norm"].add(name)
+            if local == "bias":
+                out["bias"].add(name)
+            if local == "weight" and isinstance(module, KERNEL_MODULES):
+                out["kernel"].add(name)
+    return {k: frozenset(v) for k, v in out.items()}
 
 
 def block_model(network_or_model: nn.Module | BlockModel) -> BlockModel:
