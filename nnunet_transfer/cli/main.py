@@ -23,6 +23,9 @@ SUBCOMMANDS = [
     "weights",
     "pool",
     "analyze",
+    "splits",
+    "evaluate",
+    "compare",
 ]
 
 
