@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -95,8 +96,41 @@ def _heads(key: str, v: Any) -> None:
                       f"got {v!r}")
 
 
+def _stages(key: str, v: Any) -> None:
+    """A staged schedule: ``[[spec, end_epoch], ..., [spec, null]]``, end epochs increasing, the last open."""
+    if v is None:
+        return
+    example = 'e.g. [["decoder+seg", 50], ["all", null]] (--set stages=decoder+seg:50,all)'
+    if not isinstance(v, list) or not v:
+        raise ConfigError(f"setting {key!r} must be a non-empty list of [block spec, end epoch] stages, "
+                          f"{example}; got {v!r}")
+    last_end = 0
+    for i, item in enumerate(v, 1):
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or not item[0].strip()
+                or not (item[1] is None or _is_int(item[1]))):
+            raise ConfigError(f"setting {key!r}: stage {i} must be [block spec, end epoch or null], got {item!r}; "
+                              f"{example}")
+        spec, end = item
+        if i == len(v):
+            if end is not None:
+                raise ConfigError(f"setting {key!r}: the last stage ({spec!r}) runs until num_epochs, so it has "
+                                  f"no end epoch; got {end} (write {spec!r} without ':{end}')")
+        elif end is None:
+            raise ConfigError(f"setting {key!r}: stage {i} ({spec!r}) has no end epoch; every stage but the last "
+                              f"needs one, {example}")
+        elif end <= last_end and i == 1:
+            raise ConfigError(f"setting {key!r}: stage 1 ({spec!r}) must end at an epoch >= 1 (the epoch at which "
+                              f"stage 2 starts), got {end}")
+        elif end <= last_end:
+            raise ConfigError(f"setting {key!r}: stage end epochs must increase (each is the epoch at which the next "
+                              f"stage starts, the first >= 1); stage {i} ({spec!r}) ends at epoch {end}, not after "
+                              f"{last_end}")
+        else:
+            last_end = end
+
+
 #: setting groups: a trainer reads the settings of the groups it declares (``transfer_groups``)
-GROUPS = ("schedule", "run", "freeze", "blockwise", "l2sp")
+GROUPS = ("schedule", "run", "freeze", "blockwise", "l2sp", "stages", "lora")
 
 
 def _setting(default: Any, check, doc: str, *, group: str, resumable: bool = False, spec: bool = False):
@@ -166,6 +200,20 @@ class TransferConfig:
     allow_random_anchor: bool = _setting(False, _bool,
                                          "allow L2-SP without pretrained weights (anchor = random init)",
                                          group="l2sp")
+    # -- staged schedules --
+    stages: list | None = _setting(None, _stages,
+                                   "trainable set per stage: [[spec, end epoch], ..., [spec, null]]; text "
+                                   "decoder+seg:50,all", group="stages")
+    stage_warmup_epochs: int = _setting(0, _int_at_least(0),
+                                        "linear LR warm-up of the parameters a stage adds, over this many epochs "
+                                        "from the stage's start", group="stages")
+    # -- low-rank adapters --
+    lora_rank: int = _setting(8, _int_at_least(1), "rank r of the update B·A of every adapted convolution",
+                              group="lora")
+    lora_alpha: float = _setting(8.0, _positive_float, "the update is scaled by lora_alpha / lora_rank",
+                                 group="lora")
+    lora_targets: str = _setting("encoder+decoder", _spec, "block spec of the convolutions that get adapters",
+                                 group="lora", spec=True)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -227,7 +275,50 @@ def _coerce_special(key: str, v: Any) -> Any:
         return math.inf
     if key == "heads" and isinstance(v, str) and v.strip() not in HEADS_MODES:
         return parse_heads_text(v)
+    if key == "stages":
+        if isinstance(v, str):
+            return parse_stages_text(v)
+        if isinstance(v, (list, tuple)):  # (spec, end) tuples from Python callers: the JSON form is lists
+            return [list(item) if isinstance(item, tuple) else item for item in v]
     return v
+
+
+_BLOCK_ITEM = re.compile(r"\s*\d+\s*(?:[abAB]|-\s*\d+)?\s*(?::\s*\d+\s*)?")
+
+
+def parse_stages_text(text: str) -> list:
+    """``"decoder+seg:50,all"`` -> ``[["decoder+seg", 50], ["all", None]]`` (a JSON list is read as JSON).
+
+    Stages are separated by ',' (or ';'); each is ``SPEC:END`` with END the epoch at which the next stage
+    starts, the last one ``SPEC``. Commas inside a ``blocks:`` list stay in it (``blocks:1,2:20,all``)."""
+    t = text.strip()
+    if t.startswith("["):
+        try:
+            return json.loads(t)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"setting 'stages': {t!r} is not a valid JSON list ({e})") from None
+    pieces: list[str] = []
+    for raw in t.split(";") if ";" in t else t.split(","):
+        prev = pieces[-1] if pieces else ""
+        # "blocks:1,2:20": the "2:20" continues the block list of the stage before it
+        last_term = prev.split("+")[-1].strip().lower()
+        if ";" not in t and last_term.startswith("blocks:") and _BLOCK_ITEM.fullmatch(raw) \
+                and not re.search(r":\s*\d+\s*$", last_term[len("blocks:"):]):
+            pieces[-1] = f"{prev},{raw}"
+        else:
+            pieces.append(raw)
+    out = []
+    for piece in pieces:
+        spec, end = piece.strip(), None
+        m = re.fullmatch(r"(.*\S)\s*:\s*(\d+)", spec)
+        # "blocks:3" is a block list, not "blocks" ending at epoch 3
+        if m and m.group(1).split("+")[-1].strip().lower() != "blocks":
+            spec, end = m.group(1).strip(), int(m.group(2))
+        if not spec:
+            raise ConfigError(f"setting 'stages': empty stage in {t!r}; write SPEC:END_EPOCH,...,SPEC, "
+                              f"e.g. decoder+seg:50,all")
+        out.append([spec, end])
+    return out
 
 
 def parse_heads_text(text: str) -> Any:
@@ -261,6 +352,8 @@ def parse_cli_value(key: str, text: str) -> Any:
         return _coerce_special(key, t)
     if t.lower() in ("null", "none"):
         return None
+    if key == "stages":
+        return _coerce_special(key, t)
     if t.lower() in ("true", "false"):
         return t.lower() == "true"
     if t.lower() in ("inf", "infinity"):

@@ -19,6 +19,7 @@ Where things happen (nnU-Net 2.8 order of events, see DESIGN.md):
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -47,7 +48,7 @@ from nnunet_transfer.policies.l2sp import penalised_step
 from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
 from nnunet_transfer.policies.snapshots import save_snapshot, save_weights, snapshot_name, SNAPSHOT_DIR
 from nnunet_transfer.trainers.pretrained import (PretrainedFile, check_pretrained, copy_head_rows,
-                                                 nnunet_train_args, redirect_nnunet_loader)
+                                                 nnunet_train_args, redirect_nnunet_loader, target_network)
 
 CHECKPOINT_KEY = "nnunet_transfer"
 CONFIG_FILE = "transfer_config.json"
@@ -60,6 +61,12 @@ START_FILE = "start_weights.pth"
 RESUMABLE_KEYS = TransferConfig.resumable_keys()
 #: what every trainer reads; strategy trainers add the keys of their group (a new setting is one field)
 BASE_KEYS = frozenset(TransferConfig.keys("schedule", "run"))
+
+
+def planned_network(trainer_class, plans: dict, configuration: str, dataset_json: dict) -> nn.Module:
+    """The network ``trainer_class`` builds for these plans, on the meta device: structure and shapes only."""
+    with torch.device("meta"):
+        return target_network(trainer_class, plans, configuration, dataset_json)
 
 
 def _pretrained_weights_argument() -> str | None:
@@ -86,6 +93,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         # validate before nnU-Net creates the output folder: bad settings, a refusal that depends only on
         # the command line, or an incompatible -pretrained_weights file leave nothing behind
         self.transfer_config = self.read_transfer_config(plans, configuration)
+        self.check_network(self.transfer_config, functools.cache(
+            lambda: planned_network(type(self), plans, configuration, dataset_json)))
         self.pretrained_file: PretrainedFile | None = self._check_command_line(plans, configuration,
                                                                                dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -148,6 +157,21 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             if key in cls.settings_used() and spec is not None and n_stages:
                 try:
                     parse_spec(spec, int(n_stages))
+                except SpecError as e:
+                    raise ConfigError(f"setting {key!r}: {e}") from None
+
+    @classmethod
+    def check_network(cls, cfg: TransferConfig, network) -> None:
+        """Checks that need the planned network's structure (parameter names and kinds, conv shapes), before any
+        folder exists: ``network()`` builds it on the meta device (no memory, no initialisation cost). By
+        default every block spec in use must select a parameter (``seg:norm`` selects none)."""
+        specs = {k: getattr(cfg, k) for k in TransferConfig.spec_keys()
+                 if k in cls.settings_used() and getattr(cfg, k) is not None}
+        if specs:
+            model = BlockModel.from_network(network())
+            for key, spec in specs.items():
+                try:
+                    model.param_names(spec)
                 except SpecError as e:
                     raise ConfigError(f"setting {key!r}: {e}") from None
 
