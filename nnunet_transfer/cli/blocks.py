@@ -13,7 +13,9 @@ def add_parser(sub) -> None:
                     "init, CPU) and print its blocks. A spec is terms joined by '+': a group "
                     "(encoder, bottleneck, decoder, seg, all), block numbers 'blocks:1,2,8-9', or a "
                     "preset (whole, contracting, expanding, exceptBottleneck, bottleneck, outer, "
-                    "inner, first, last, firstLast, first2, deepEncoder).")
+                    "inner, first, last, firstLast, first2, deepEncoder); ':norm', ':bias' or ':kernel' "
+                    "narrows a term to that kind of parameter (all:norm+seg = norm-only tuning, "
+                    "all:bias+seg = BitFit) and the train column shows the count per block.")
     p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
     p.add_argument("-c", dest="configuration", required=True, help="configuration, e.g. 3d_fullres")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")

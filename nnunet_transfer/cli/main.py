@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "demo",
     "plans",
     "weights",
+    "lora",
     "pool",
     "analyze",
     "splits",

@@ -8,6 +8,10 @@ from nnunet_transfer.trainers.base import nnUNetTrainerFinetune, nnUNetTrainerTr
 from nnunet_transfer.trainers.freezing import *  # noqa: F401,F403 - frozen encoder/decoder, 12 presets
 from nnunet_transfer.trainers.l2sp import (nnUNetTrainerL2SP, nnUNetTrainerL2SP_Li,
                                           nnUNetTrainerL2SP_Sagie)
+from nnunet_transfer.trainers.lora import nnUNetTrainerLoRA
+from nnunet_transfer.trainers.peft import nnUNetTrainerBitFit, nnUNetTrainerNormOnly
+from nnunet_transfer.trainers.staged import (nnUNetTrainerStaged, nnUNetTrainerStaged_decoderFirst,
+                                            nnUNetTrainerStaged_headsFirst)
 
 __all__ = [
     "nnUNetTrainerTransferBase",
@@ -16,4 +20,10 @@ __all__ = [
     "nnUNetTrainerL2SP",
     "nnUNetTrainerL2SP_Sagie",
     "nnUNetTrainerL2SP_Li",
+    "nnUNetTrainerStaged",
+    "nnUNetTrainerStaged_headsFirst",
+    "nnUNetTrainerStaged_decoderFirst",
+    "nnUNetTrainerNormOnly",
+    "nnUNetTrainerBitFit",
+    "nnUNetTrainerLoRA",
 ]
