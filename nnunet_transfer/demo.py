@@ -77,6 +77,9 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
              seed: int = 0, say: Callable[[str], None] = print) -> dict:
     out = Path(out).resolve()
     strategies = STRATEGIES if strategies is None else strategies
+    blocking = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise TransferError(f"--out {out} cannot be created: {blocking} is a file; choose a folder with --out")
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise TransferError(f"{out} exists and is not a folder this demo wrote (no {MARKER}); "
@@ -136,17 +139,21 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
               s.configuration, "-f", 0, "-tr", s.trainer, "-device", "cpu", "-npp", 1, "-nps", 1,
               "--disable_tta", "--disable_progress_bar"], f"1{i}_predict_{s.trainer}.log")
         scores = dice_folder(pred, out / "raw" / tgt / "labelsTs", [v for v in LABELS.values() if v])
+        fold = out / "results" / tgt / f"{s.trainer}__nnUNetPlans__{s.configuration}" / "fold_0"
+        drift = json.loads((fold / "transfer_config.json").read_text()).get("drift") or {}
         rows.append({"strategy": s.name, "trainer": s.trainer, "configuration": s.configuration,
                      "pretrained": s.pretrained, "dice_mean": scores["mean"],
                      "dice_per_label": {name: scores["mean_per_label"][v] for name, v in LABELS.items() if v},
-                     "train_seconds": round(seconds, 1)})
+                     "train_seconds": round(seconds, 1),
+                     "drift": {k: drift.get(k) for k in ("encoder", "decoder")}})
     results = {"source": src, "target": tgt, "schedule": schedule.__dict__, "seed": seed,
                "rows": rows, "total_seconds": round(time.perf_counter() - t_start, 1)}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     n_test = len(list((out / "raw" / tgt / "labelsTs").glob("*.nii.gz")))
     table = (format_table(rows) + f"\n\nTest Dice on the {n_test} target test cases (nnUNetv2_predict "
              f"without test-time mirroring); train time is the wall time of nnUNetv2_train, start-up "
-             f"included. Source: {schedule.pretrain_epochs}x{schedule.iterations} iterations; target: "
+             f"included; 'moved' is ||theta - theta_0|| / ||theta_0|| of the part between the start and the end "
+             f"of training. Source: {schedule.pretrain_epochs}x{schedule.iterations} iterations; target: "
              f"{schedule.finetune_epochs}x{schedule.iterations}, seed {seed}.")
     (out / "results.md").write_text(table + "\n")
     if any(s.trainer == "nnUNetTrainerFinetune" and not s.settings for s in strategies):
@@ -164,10 +171,18 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
     return results
 
 
+def _drift(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ("| strategy | trainer | test Dice (mean) | organ | lesion | train time [s] |\n"
-            "|---|---|---|---|---|---|")
+    """Test Dice per strategy, training time, and how far encoder and decoder moved from where training
+    started (‖θ − θ₀‖/‖θ₀‖, from each run's transfer_config.json): 0 for a frozen part, small when an L2-SP
+    λ held it near the pretrained weights."""
+    head = ("| strategy | trainer | test Dice (mean) | organ | lesion | train time [s] | encoder moved | "
+            "decoder moved |\n|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['strategy']} | `{r['trainer']}` | {r['dice_mean']:.3f} | "
              f"{r['dice_per_label']['organ']:.3f} | {r['dice_per_label']['lesion']:.3f} | "
-             f"{r['train_seconds']:.0f} |" for r in rows]
+             f"{r['train_seconds']:.0f} | {_drift(r['drift']['encoder'])} | {_drift(r['drift']['decoder'])} |"
+             for r in rows]
     return "\n".join([head, *lines])

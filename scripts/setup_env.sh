@@ -23,5 +23,7 @@ else
     "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$here" 2>/dev/null \
         || "$venv/bin/python" -m pip install -q --no-deps -e "$here"
 fi
+# this environment is ours: opt in to one-line hints for a misspelt -tr in nnUNetv2_predict too
+"$venv/bin/nnunet_transfer" doctor --install-hints >/dev/null
 export PATH="$venv/bin:$PATH"
 export VIRTUAL_ENV="$venv"

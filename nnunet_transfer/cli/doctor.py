@@ -4,10 +4,14 @@ Each problem is printed with the exact line that fixes it; the exit code is 1 wh
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from nnunet_transfer.errors import DataError
 
 
 @dataclass
@@ -113,10 +117,42 @@ def add_parser(sub) -> None:
                        description="Check nnunetv2's version, nnU-Net's folder variables, "
                                    "nnUNet_extTrainer, torchvision, and that nnU-Net's own lookup "
                                    "resolves every trainer of this package. Exit 1 on any problem.")
+    hints = p.add_mutually_exclusive_group()
+    hints.add_argument("--install-hints", action="store_true",
+                       help="opt in: one-line errors for a misspelt -tr/-p/-c in nnUNetv2_predict too (writes "
+                            "nnunet_transfer_hints.pth into this environment's site-packages; only nnUNetv2_train "
+                            "and nnUNetv2_predict processes are affected)")
+    hints.add_argument("--remove-hints", action="store_true", help="delete that file again")
+    p.add_argument("--site-dir", default=None, help=argparse.SUPPRESS)  # tests: another site folder
     p.set_defaults(func=run)
 
 
+def hints_file(site_dir: str | None = None) -> Path:
+    import sysconfig
+
+    from nnunet_transfer._hints import PTH_NAME
+
+    return Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
+
+
 def run(args) -> int:
+    if args.install_hints or args.remove_hints:
+        from nnunet_transfer._hints import PTH_LINE
+
+        path = hints_file(args.site_dir)
+        if args.remove_hints:
+            existed = path.exists()
+            path.unlink(missing_ok=True)
+            print(f"removed {path}" if existed else f"{path} was not installed")
+            return 0
+        if not path.parent.is_dir():
+            raise DataError(f"site-packages folder {path.parent} does not exist")
+        try:
+            path.write_text(PTH_LINE)
+        except OSError as e:
+            raise DataError(f"cannot write {path}: {e.strerror}; run it in an environment you may write to") from None
+        print(f"wrote {path}: nnUNetv2_train and nnUNetv2_predict now print misspelt trainer names as one line")
+        return 0
     checks = run_checks()
     for c in checks:
         print(f"[{'ok' if c.ok else 'PROBLEM'}] {c.detail}")

@@ -21,6 +21,8 @@ from scipy import ndimage
 from nnunet_transfer.errors import DataError
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
+#: a third foreground class for targets that add a label the source never saw: the distractor blobs
+EXTRA_LABEL = ("cyst", 3)
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,13 @@ def _smooth_blob(rng: np.random.Generator, grid: np.ndarray, center: np.ndarray,
     return r < 1.0 + roughness * wobble
 
 
-def make_case(rng: np.random.Generator, domain: Domain, physical_size: float = 40.0
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its label map, sampled on the domain's grid (arrays in (z, y, x) order)."""
+def make_case(rng: np.random.Generator, domain: Domain, physical_size: float = 40.0, *,
+              label_distractors: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One image and its label map, sampled on the domain's grid (arrays in (z, y, x) order).
+
+    ``label_distractors``: the organ-like distractor blobs get label 3 (:data:`EXTRA_LABEL`) instead of
+    staying background — the same images, one more class.
+    """
     spacing = np.asarray(domain.spacing, dtype=float)
     shape = tuple(int(round(physical_size / s)) for s in spacing)
     grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"))
@@ -95,6 +101,8 @@ def make_case(rng: np.random.Generator, domain: Domain, physical_size: float = 4
     seg = np.zeros(shape, dtype=np.uint8)
     seg[organ] = LABELS["organ"]
     seg[lesion] = LABELS["lesion"]
+    if label_distractors:
+        seg[distractors] = EXTRA_LABEL[1]
     return img.astype(np.float32), seg
 
 
@@ -105,7 +113,8 @@ def _save_nifti(arr: np.ndarray, spacing: tuple[float, float, float], path: Path
 
 
 def make_dataset(raw_root: str | Path, dataset_id: int, name: str, domain: Domain, *, n_train: int,
-                 n_test: int = 0, seed: int = 0, physical_size: float = 40.0) -> Path:
+                 n_test: int = 0, seed: int = 0, physical_size: float = 40.0,
+                 label_distractors: bool = False) -> Path:
     """Write ``DatasetXXX_name`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json) under raw_root."""
     if not 1 <= dataset_id <= 999:
         raise DataError(f"dataset id must be in 1..999, got {dataset_id}")
@@ -118,12 +127,12 @@ def make_dataset(raw_root: str | Path, dataset_id: int, name: str, domain: Domai
     for i in range(n_train + n_test):
         split = "Tr" if i < n_train else "Ts"
         case = f"{name.lower()}_{i:03d}"
-        img, seg = make_case(rng, domain, physical_size)
+        img, seg = make_case(rng, domain, physical_size, label_distractors=label_distractors)
         _save_nifti(img, domain.spacing, folder / f"images{split}" / f"{case}_0000.nii.gz")
         _save_nifti(seg, domain.spacing, folder / f"labels{split}" / f"{case}.nii.gz")
     dataset_json = {
         "channel_names": {"0": "CT"},
-        "labels": dict(LABELS),
+        "labels": {**LABELS, **({EXTRA_LABEL[0]: EXTRA_LABEL[1]} if label_distractors else {})},
         "numTraining": n_train,
         "file_ending": ".nii.gz",
         "name": name,
@@ -147,4 +156,4 @@ def make_transfer_pair(raw_root: str | Path, *, source_id: int = 901, target_id:
     return src.name, tgt.name
 
 
-__all__ = ["Domain", "SOURCE", "TARGET", "LABELS", "make_case", "make_dataset", "make_transfer_pair"]
+__all__ = ["Domain", "SOURCE", "TARGET", "LABELS", "EXTRA_LABEL", "make_case", "make_dataset", "make_transfer_pair"]

@@ -6,7 +6,11 @@ The ``nnUNet_extTrainer`` shim installs :func:`install_excepthook` when nnU-Net 
 * a :class:`~nnunet_transfer.errors.TransferError` (a bad setting, an incompatible
   ``-pretrained_weights`` file, a refused strategy) prints as ``nnunet_transfer: error: …``;
 * nnU-Net's "Could not find requested nnunet trainer X" (a misspelt ``-tr``) prints as one line naming
-  the closest trainers of this package and of nnU-Net and the ``nnUNet_extTrainer`` value in effect.
+  the closest trainers of this package and of nnU-Net and the ``nnUNet_extTrainer`` value in effect;
+* in ``nnUNetv2_predict`` a model folder ``TRAINER__PLANS__CONFIG`` that does not exist prints as one line
+  naming the models the dataset has and the closest trainers. ``nnUNetv2_predict`` looks for the folder
+  before it imports any external trainer, so there the hook is installed at start-up by the opt-in
+  ``nnunet_transfer doctor --install-hints`` (see :mod:`nnunet_transfer._hints`).
 
 The process still exits non-zero (Python exits with 1 after an uncaught exception).
 """
@@ -58,6 +62,26 @@ def unknown_trainer_message(name: str, *, ours: list[str] | None = None, nnunet:
             f"nnUNet_extTrainer={ext or '<unset>'}{hint}")
 
 
+_MODEL_FOLDER = re.compile(r"^(?P<trainer>[^/\\]+?)__(?P<plans>[^/\\]+?)__(?P<configuration>[^/\\]+)$")
+
+
+def missing_model_message(path: str) -> str | None:
+    """For ``nnUNetv2_predict``: a model folder ``…/DatasetXXX/TRAINER__PLANS__CONFIG`` that does not exist
+    (a misspelt ``-tr``, ``-p`` or ``-c``) -> one line naming what exists; None for any other path."""
+    p = Path(path)
+    for folder in [p, *p.parents]:
+        m = _MODEL_FOLDER.match(folder.name)
+        if not m or folder.exists():
+            continue
+        dataset = folder.parent
+        trained = sorted(x.name for x in dataset.iterdir() if x.is_dir() and _MODEL_FOLDER.match(x.name)) \
+            if dataset.is_dir() else []
+        have = ", ".join(trained) if trained else "none"
+        return (f"no trained model {folder}: {dataset.name} has {have}; "
+                + unknown_trainer_message(m.group("trainer")).replace("no trainer", "for the trainer", 1))
+    return None
+
+
 def install_excepthook() -> None:
     previous = sys.excepthook
     if getattr(previous, "_nnunet_transfer", False):
@@ -75,6 +99,14 @@ def install_excepthook() -> None:
                     return
                 except Exception:  # noqa: BLE001 - never hide nnU-Net's own error behind a failing hint
                     pass
+        if issubclass(exc_type, FileNotFoundError) and getattr(exc, "filename", None):
+            try:
+                message = missing_model_message(str(exc.filename))
+            except Exception:  # noqa: BLE001 - as above
+                message = None
+            if message:
+                print(f"nnunet_transfer: error: {message}", file=sys.stderr)
+                return
         previous(exc_type, exc, tb)
 
     hook._nnunet_transfer = True

@@ -1,0 +1,133 @@
+"""Pretrained segmentation heads through the real ``nnUNetv2_train`` (setting ``heads``; Karimi's second
+frozen-decoder variant, ``nnUNetTrainerFrozenDecoderAndHeads``).
+
+Target 903 has the source's images style and labels plus one the source never saw (``cyst``): a
+fine-tune with ``heads=by-name`` keeps background, organ and lesion from the source model and gives the
+new label nnU-Net's fresh initialisation.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nnunet_transfer.data import TARGET, make_dataset
+from nnunet_transfer.trainers import nnUNetTrainerFinetune
+from nnunet_transfer.trainers.pretrained import target_network
+
+from conftest import QUICK_SETTINGS, SOURCE_ID, TARGET_ID, TINY, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+PLUS_ID = 903
+SETTINGS = {**QUICK_SETTINGS, "num_epochs": 1}
+
+
+def heads_of(state: dict) -> dict:
+    return {k: v for k, v in state.items() if ".seg_layers." in k and ".all_modules." not in k}
+
+
+@pytest.fixture(scope="module")
+def plus(workspace):
+    """Dataset 903 (4 labels; 5 cases, the fewest nnU-Net's default 5-fold split takes) preprocessed with the
+    source's plans."""
+    ws = workspace
+    folder = make_dataset(ws.root / "raw", PLUS_ID, "TargetPlus", TARGET, n_train=5, n_test=0, seed=5,
+                          physical_size=32.0, label_distractors=True)
+    ws.extra_datasets[PLUS_ID] = folder.name
+    ws.run(["nnunet_transfer", "plans", "transfer", "-s", SOURCE_ID, "-t", PLUS_ID, "-np", 1], "plans transfer 903")
+    ws.run(["nnUNetv2_preprocess", "-d", PLUS_ID, "-plans_name", "nnUNetPlans", "-c", "3d_fullres", "-np", 1],
+           "preprocess 903")
+    return ws
+
+
+def test_by_name_keeps_known_classes_and_adds_a_new_one(plus):
+    ws = plus
+    ws.configure(PLUS_ID, TINY, "heads", {**SETTINGS, "heads": "by-name"})
+    fold = ws.train(PLUS_ID, "heads", "nnUNetTrainerFinetune", pretrained=ws.source_checkpoint)
+    source = heads_of(load_checkpoint(ws.source_checkpoint)["network_weights"])
+    start = heads_of(torch.load(fold / "start_weights.pth", weights_only=False)["network_weights"])
+    assert source.keys() == start.keys() and len(start) == 4  # 2 deep-supervision heads x (weight, bias)
+    for k in start:
+        assert start[k].shape[0] == 4 and source[k].shape[0] == 3
+        assert torch.equal(start[k][:3], source[k]), k  # background, organ, lesion: the source's rows
+    # cyst keeps nnU-Net's initialisation: the network the trainer builds with seed 0 (same calls, CPU)
+    plans = json.loads((ws.root / "preprocessed" / ws.dataset_name(PLUS_ID) / "nnUNetPlans.json").read_text())
+    dj = json.loads((ws.root / "preprocessed" / ws.dataset_name(PLUS_ID) / "dataset.json").read_text())
+    torch.manual_seed(0)
+    fresh = heads_of(target_network(nnUNetTrainerFinetune, plans, "heads", dj).state_dict())
+    for k in start:
+        assert torch.equal(start[k][3], fresh[k][3]), k
+        if k.endswith(".weight"):  # (biases start at zero either way)
+            assert not torch.equal(start[k][:3], fresh[k][:3])
+    info = json.loads((fold / "transfer_config.json").read_text())
+    assert [(c["target"], c["source"]) for c in info["heads"]["copied"]] == [
+        ("background", "background"), ("organ", "organ"), ("lesion", "lesion")]
+    assert info["heads"]["new"] == ["cyst"]
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "heads (by-name): copied background <- background, organ <- organ, lesion <- lesion; new: cyst" in log
+
+
+def test_encoder_only_variant_keeps_decoder_and_heads_bit_identical(workspace, tmp_path):
+    ws = workspace
+    ws.configure(TARGET_ID, TINY, "fdh", SETTINGS)
+    fold = ws.train(TARGET_ID, "fdh", "nnUNetTrainerFrozenDecoderAndHeads", pretrained=ws.source_checkpoint)
+    source = load_checkpoint(ws.source_checkpoint)["network_weights"]
+    final = load_checkpoint(fold / "checkpoint_final.pth")["network_weights"]
+    fixed = [k for k in source if k.startswith("decoder.") and not k.startswith("decoder.encoder.")]
+    assert any(".seg_layers." in k for k in fixed) and any(".transpconvs." in k for k in fixed)
+    changed = [k for k in fixed if not torch.equal(final[k], source[k])]
+    assert not changed, changed  # decoder AND heads are the source's, bit for bit
+    assert any(not torch.equal(final[k], source[k]) for k in source if k.startswith("encoder.") and
+               k.endswith("conv.weight"))
+    info = json.loads((fold / "transfer_config.json").read_text())
+    assert info["parameters"]["seg_trainable"] is False and info["heads"]["new"] == []
+    assert info["drift"]["decoder"] == 0.0 and info["drift"]["seg"] == 0.0 and info["drift"]["encoder"] > 0
+    out = ws.predict(TARGET_ID, "fdh", "nnUNetTrainerFrozenDecoderAndHeads", tmp_path / "pred")
+    assert len(list(out.glob("*.nii.gz"))) == 2
+
+
+def test_drift_figures_equal_an_independent_computation(workspace):
+    ws = workspace
+    fold = ws.fold_folder(TARGET_ID, "fdh", "nnUNetTrainerFrozenDecoderAndHeads")
+    start = torch.load(fold / "start_weights.pth", weights_only=False)["network_weights"]
+    final = load_checkpoint(fold / "checkpoint_final.pth")["network_weights"]
+    enc = [k for k in start if k.startswith("encoder.") and ".all_modules." not in k]
+    num = sum(float(((final[k].double() - start[k].double()) ** 2).sum()) for k in enc)
+    den = sum(float((start[k].double() ** 2).sum()) for k in enc)
+    info = json.loads((fold / "transfer_config.json").read_text())
+    assert info["drift"]["encoder"] == pytest.approx((num / den) ** 0.5, rel=1e-12)
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "moved from the start, ||theta - theta_0|| / ||theta_0||: encoder " in log
+
+
+@pytest.mark.parametrize("dataset, trainer, settings, message", [
+    (TARGET_ID, "nnUNetTrainerFinetune", {"heads": {"organ": "liver"}},
+     "setting 'heads': source label 'liver' does not exist in the checkpoint's dataset.json"),
+    (TARGET_ID, "nnUNetTrainerFinetune", {"heads": {"spleen": "organ"}},
+     "setting 'heads': target label 'spleen' does not exist in the target's dataset.json"),
+    (PLUS_ID, "nnUNetTrainerFrozenDecoderAndHeads", {},
+     "nnUNetTrainerFrozenDecoderAndHeads freezes the segmentation heads, but target label(s) cyst have no row"),
+])
+def test_bad_head_settings_stop_before_any_folder(plus, dataset, trainer, settings, message):
+    ws = plus
+    ws.write_configuration(dataset, TINY, "badheads", {**SETTINGS, **settings})
+    proc = ws.run_expect_failure(["nnUNetv2_train", dataset, "badheads", 0, "-tr", trainer, "-device", "cpu",
+                                  "-pretrained_weights", ws.source_checkpoint], train=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"nnunet_transfer: error: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert not ws.fold_folder(dataset, "badheads", trainer).parent.exists()
+
+
+def test_checkpoint_without_dataset_json_cannot_map_by_name(plus, tmp_path):
+    ws = plus
+    bare = tmp_path / "bare.pth"
+    torch.save({"network_weights": load_checkpoint(ws.source_checkpoint)["network_weights"]}, bare)
+    ws.write_configuration(TARGET_ID, TINY, "badheads2", {**SETTINGS, "heads": "by-name"})
+    proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, "badheads2", 0, "-tr", "nnUNetTrainerFinetune",
+                                  "-device", "cpu", "-pretrained_weights", bare], train=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (f"heads=by-name needs the source's label names, but {bare} holds no dataset.json (nnU-Net stores "
+            f"it in the checkpoint's init_args['dataset_json'])") in proc.stderr
+    assert not ws.fold_folder(TARGET_ID, "badheads2", "nnUNetTrainerFinetune").parent.exists()
