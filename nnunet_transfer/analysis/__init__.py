@@ -37,9 +37,10 @@ from .similarity import (
 # name -> submodule; loaded lazily so that the measures above stay a numpy-only import
 _LAZY = {
     "run_compare": "studies", "run_evolution": "studies", "run_groups": "studies", "run_reuse": "studies",
-    "run_weights": "studies", "open_analysis": "studies", "permutation_test": "studies",
-    "weight_change": "studies", "convergence_epoch": "runs", "resolve_network": "runs",
-    "PatchSource": "activations", "select_layers": "activations", "default_layer_blocks": "activations",
+    "run_weights": "studies", "open_analysis": "session", "permutation_test": "stats",
+    "weight_change": "weight_change", "filter_changes": "weight_change", "convergence_epoch": "runs",
+    "resolve_network": "runs", "PatchSource": "activations", "select_layers": "activations",
+    "default_layer_blocks": "activations",
 }
 
 

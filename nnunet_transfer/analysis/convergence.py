@@ -8,7 +8,8 @@ sets the maximum; by default the curve is nnU-Net's own exponential moving avera
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 #: the first epoch within this fraction of the curve's maximum is the convergence epoch
 CONVERGENCE_TOLERANCE = 0.005
@@ -25,8 +26,6 @@ def first_within(values: Sequence[float | None], *, tolerance: float = CONVERGEN
     best = max(v for _, v in finite)
     threshold = best - tolerance * abs(best)
     return next(i for i, v in finite if v >= threshold)
-
-
 
 
 def log_convergence(logging: Mapping[str, Sequence], *, key: str = "ema_fg_dice",
@@ -58,4 +57,106 @@ def log_convergence(logging: Mapping[str, Sequence], *, key: str = "ema_fg_dice"
             "seconds_per_epoch": sum(durations) / len(durations) if durations else None, "curve": curve}
 
 
-__all__ = ["CONVERGENCE_TOLERANCE", "first_within", "log_convergence"]
+# --------------------------------------------------------------------------------------------------
+# the convergence epoch of a run with snapshots (analyze evolution / reuse / weights)
+# --------------------------------------------------------------------------------------------------
+
+#: ``--convergence-from``: which validation curve decides the convergence epoch
+SOURCES = ("ema", "raw", "validation")
+DEFAULT_SOURCE = "ema"
+#: the snapshot index (and nnU-Net log) key of each logged curve
+INDEX_KEYS = {"ema": "ema_fg_dice", "raw": "mean_fg_dice"}
+#: what each curve is, for summaries
+DESCRIPTIONS = {
+    "ema": "moving average of nnU-Net's validation pseudo-Dice (ema_fg_dice)",
+    "raw": "per-epoch validation pseudo-Dice of nnU-Net (mean_fg_dice, a few patches)",
+    "validation": "mean foreground Dice of a sliding-window validation of each snapshot",
+    "given": "given on the command line",
+}
+
+
+def check_source(source: str) -> str:
+    if source not in SOURCES:
+        raise ValueError(f"--convergence-from must be one of {', '.join(SOURCES)}, got {source!r}")
+    return source
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def index_curve(index: Sequence[Mapping], *, source: str = DEFAULT_SOURCE) -> list[tuple[int, float]]:
+    """``[(snapshot epoch, value)]`` of a logged curve (``ema`` / ``raw``) from a snapshot index.
+
+    Entries without a finite value (the epoch-0 snapshot: no validation yet) are skipped; sorted by epoch.
+    """
+    if source not in INDEX_KEYS:
+        raise ValueError(f"a snapshot index records the curves {sorted(INDEX_KEYS)}, not {source!r}")
+    key = INDEX_KEYS[source]
+    return sorted((int(e["epoch"]), float(e[key])) for e in index if _finite(e.get(key)))
+
+
+@dataclass
+class Convergence:
+    """A run's convergence epoch and the curve that decided it.
+
+    ``epoch`` is :func:`first_within` of ``curve`` (values at snapshot epochs, so the answer always has a
+    snapshot); with ``source="given"`` it was given and ``curve`` is for information only.
+    """
+
+    source: str  # ema | raw | validation | given
+    tolerance: float
+    epoch: int
+    curve: list[tuple[int, float]]  # (snapshot epoch = completed epochs, value)
+    run: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return INDEX_KEYS.get(self.source, "validation_dice" if self.source == "validation" else "given")
+
+    @property
+    def maximum(self) -> float | None:
+        return max((v for _, v in self.curve), default=None)
+
+    @property
+    def threshold(self) -> float | None:
+        m = self.maximum
+        return None if m is None else m - self.tolerance * abs(m)
+
+    def rule(self) -> str:
+        if self.source == "given":
+            return "given"
+        return (f"first snapshot epoch whose {DESCRIPTIONS[self.source]} is within {100 * self.tolerance:g} % "
+                f"of its maximum")
+
+    def text(self) -> str:
+        """One line for summary.md."""
+        if self.source == "given":
+            return f"epoch **{self.epoch}** (given)"
+        return (f"epoch **{self.epoch}**, the {self.rule()} ({self.value_at(self.epoch):.4f} ≥ {self.threshold:.4f} "
+                f"= (1 − {self.tolerance:g}) × max {self.maximum:.4f})")
+
+    def value_at(self, epoch: int) -> float | None:
+        return next((v for e, v in self.curve if e == epoch), None)
+
+    def to_dict(self) -> dict:
+        return {"run": self.run, "source": self.source, "key": self.key, "tolerance": self.tolerance,
+                "epoch": self.epoch, "rule": self.rule(), "maximum": self.maximum, "threshold": self.threshold,
+                "curve": [{"epoch": e, "value": v} for e, v in self.curve], **self.details}
+
+
+def curve_convergence(curve: Sequence[tuple[int, float | None]], *, source: str,
+                      tolerance: float = CONVERGENCE_TOLERANCE, run: str | None = None,
+                      details: Mapping[str, Any] | None = None) -> Convergence | None:
+    """The :class:`Convergence` of ``[(epoch, value)]`` (None when no value is finite)."""
+    pts = sorted((int(e), float(v)) for e, v in curve if _finite(v))
+    i = first_within([v for _, v in pts], tolerance=tolerance)
+    if i is None:
+        return None
+    return Convergence(source=source, tolerance=tolerance, epoch=pts[i][0], curve=pts, run=run,
+                       details=dict(details or {}))
+
+
+__all__ = ["CONVERGENCE_TOLERANCE", "DEFAULT_SOURCE", "DESCRIPTIONS", "INDEX_KEYS", "SOURCES", "Convergence",
+           "check_source", "curve_convergence", "first_within", "index_curve", "log_convergence"]

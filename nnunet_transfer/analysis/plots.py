@@ -56,7 +56,8 @@ def plot_layer_lines(path: str | Path, layers: Sequence[str], series: Mapping[st
 
 
 def plot_evolution(path: str | Path, epochs: Sequence[int], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-                   *, convergence: int, dice: Sequence[tuple[int, float]], measure: str, title: str) -> Path:
+                   *, convergence: int, dice: Sequence[tuple[int, float]], measure: str, title: str,
+                   dice_label: str = "val. pseudo-Dice") -> Path:
     """Karimi et al. Fig. 6–7: similarity of each snapshot's layer to the same layer at convergence."""
     fig = _figure(7.5, 6.0)
     gs = fig.add_gridspec(2, 1, height_ratios=[3, 1])
@@ -79,7 +80,7 @@ def plot_evolution(path: str | Path, epochs: Sequence[int], series: Mapping[str,
 
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("val. pseudo-Dice")
+    ax2.set_ylabel(dice_label)
     ax2.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -1,4 +1,5 @@
-"""Writing analysis results: JSON (everything), CSV (one file per table) and a markdown summary.
+"""Writing analysis results: JSON (everything), CSV (one file per table) and a markdown summary, and
+the table rows and markdown cells every study shares.
 
 NaN and infinities become ``null`` in JSON and empty cells in CSV; floats keep full precision
 (``repr``) so tables can be re-read without loss.
@@ -10,9 +11,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from nnunet_transfer.analysis.activations import Layer
+    from nnunet_transfer.analysis.similarity import SimilarityResult
+
+#: the similarity measures every table carries (each with its null baseline)
+MEASURES = ("pwcca", "mean_cca", "svcca", "linear_cka")
 
 
 def plain(obj: Any) -> Any:
@@ -101,6 +109,33 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def sim_row(layer: "Layer", res: "SimilarityResult") -> dict:
+    """One table row: the layer, channels, samples, every measure, every null, dead channels."""
+    row = layer.to_dict() | {"channels": res.cx, "n": res.n}
+    for m in MEASURES:
+        row[m] = getattr(res, m)
+    for m in MEASURES:
+        row[f"null_{m}"] = getattr(res, f"null_{m}")
+    row |= {"dead_a": res.dead_x, "dead_b": res.dead_y}
+    return row
+
+
+def layer_label(layer: "Layer") -> str:
+    """``block3 (enc L2)``; ``seg`` for the segmentation head."""
+    return "seg" if layer.block is None else f"{layer.name} ({layer.group[:3]} L{layer.level})"
+
+
+def similarity_table(layers: Sequence["Layer"], columns: Sequence[str],
+                     result: Callable[["Layer", int], "SimilarityResult"], *, measure: str) -> str:
+    """Markdown: one row per layer, one column per comparison, each cell ``value (null …)``.
+
+    ``result(layer, k)`` is the :class:`SimilarityResult` of comparison ``k`` at ``layer``.
+    """
+    return md_table(["layer", *columns],
+                    [[layer_label(l)] + [with_null(getattr(result(l, k), measure), getattr(result(l, k), f"null_{measure}"))
+                                         for k in range(len(columns))] for l in layers])
 
 
 def write_outputs(out: str | Path, study: str, *, meta: Mapping[str, Any], tables: Mapping[str, list[dict]],

@@ -5,8 +5,10 @@ A *network reference* (``NET`` on the command line) is one of::
     path/to/file.pth          an nnU-Net checkpoint (key ``network_weights``), a snapshot or a state dict
     path/to/fold_0            the run's checkpoint_final.pth
     path/to/fold_0@12         the run's snapshot of epoch 12 (snapshots/epoch_0012.pth)
-    path/to/fold_0@start      = @0, the network as training started (pretrained weights loaded)
-    path/to/fold_0@converged  the snapshot at the convergence epoch (:func:`convergence_epoch`)
+    path/to/fold_0@start      = @0, the network as training started (pretrained weights loaded); without
+                              snapshots the run's start_weights.pth (every trainer of this package writes it)
+    path/to/fold_0@converged  the snapshot at the convergence epoch (:func:`convergence_epoch`, from
+                              nnU-Net's EMA pseudo-Dice of the snapshot index)
     path/to/fold_0@final | @latest | @best   checkpoint_final / _latest / _best.pth
 
 Every file is read with ``map_location="cpu"`` and its keys lose the ``module.`` / ``_orig_mod.``
@@ -15,26 +17,33 @@ difference, when its keys or shapes differ from the network the plans build.
 """
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from nnunet_transfer.analysis.convergence import (
+    CONVERGENCE_TOLERANCE,
+    DEFAULT_SOURCE,
+    INDEX_KEYS,
+    Convergence,
+    curve_convergence,
+    index_curve,
+)
 from nnunet_transfer.checkpoints import SEG_KEY, compare, is_seg_key, load_state
 from nnunet_transfer.checkpoints import load_into as load_into_network
-from nnunet_transfer.errors import ArchitectureError, DataError
+from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError
 from nnunet_transfer.policies.snapshots import SNAPSHOT_DIR, read_index, snapshot_name
 
 #: ``@name`` -> checkpoint file of nnU-Net in a fold folder.
 CHECKPOINTS = {"final": "checkpoint_final.pth", "latest": "checkpoint_latest.pth",
                "best": "checkpoint_best.pth"}
-#: A run has converged at the first epoch whose validation pseudo-Dice is within this fraction of
-#: its maximum (Karimi et al. 2021).
-CONVERGENCE_TOLERANCE = 0.005
+#: the start weights every trainer of this package writes into its fold folder
+#: (``nnunet_transfer.trainers.base.START_FILE``; not imported: that module needs nnU-Net's trainer)
+START_FILE = "start_weights.pth"
 _AT = re.compile(r"(.+)@(\d+|start|converged|final|latest|best)")
 
 
@@ -46,10 +55,15 @@ class NetworkRef:
     path: Path
     run: Path | None = None  # fold folder, when the reference came from one
     epoch: int | None = None  # snapshot epoch (completed epochs), when it is a snapshot
+    #: how ``@converged`` chose the epoch, when it did
+    convergence: Convergence | None = field(default=None, compare=False, hash=False)
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "path": str(self.path), "run": None if self.run is None else str(self.run),
-                "epoch": self.epoch}
+        d = {"label": self.label, "path": str(self.path), "run": None if self.run is None else str(self.run),
+             "epoch": self.epoch}
+        if self.convergence is not None:
+            d["convergence"] = {k: v for k, v in self.convergence.to_dict().items() if k != "curve"}
+        return d
 
 
 def run_label(fold: Path) -> str:
@@ -90,6 +104,24 @@ def snapshot_ref(fold: str | Path, epoch: int) -> NetworkRef:
                       run=fold, epoch=epoch)
 
 
+def start_ref(fold: str | Path) -> NetworkRef:
+    """The network as the run started: the epoch-0 snapshot, else ``start_weights.pth``.
+
+    Both hold the weights after pretrained weights were loaded, before the first step.
+    """
+    fold = Path(fold)
+    if not fold.is_dir():
+        raise DataError(f"run folder {fold} does not exist; give a fold folder such as "
+                        f"$nnUNet_results/DatasetXXX/Trainer__Plans__Config/fold_0")
+    if 0 in snapshot_epochs(fold):
+        return snapshot_ref(fold, 0)
+    if (fold / START_FILE).is_file():
+        return NetworkRef(label=f"{run_label(fold)}@start", path=fold / START_FILE, run=fold, epoch=0)
+    raise DataError(f"run {fold} has no snapshots ({SNAPSHOT_DIR}/index.json with epoch 0) and no {START_FILE}, so "
+                    f"its start weights are unknown; train with a trainer of this package (it writes {START_FILE}; "
+                    f"the setting snapshot_every > 0 adds snapshots), or give the start network explicitly")
+
+
 def _epochs_text(epochs: Sequence[int]) -> str:
     epochs = list(epochs)
     return ", ".join(map(str, epochs)) if len(epochs) <= 12 else (
@@ -100,56 +132,77 @@ def _epochs_text(epochs: Sequence[int]) -> str:
 # convergence epoch
 # --------------------------------------------------------------------------------------------------
 
-def dice_curve(index: Sequence[Mapping]) -> tuple[str, list[tuple[int, float]]]:
-    """``(key, [(epoch, pseudo-Dice), …])`` from a snapshot index.
+def dice_curve(index: Sequence[Mapping], *, source: str = DEFAULT_SOURCE) -> tuple[str, list[tuple[int, float]]]:
+    """``(key, [(epoch, value), …])`` of a snapshot index's curve (:func:`.convergence.index_curve`).
 
-    The key is ``mean_fg_dice`` (the epoch's validation pseudo-Dice) when any entry has it, else
-    ``ema_fg_dice`` (nnU-Net's moving average). Entries without a finite value (epoch 0) are skipped.
+    ``source="ema"`` (default): nnU-Net's moving average ``ema_fg_dice``; ``"raw"``: the epoch's
+    validation pseudo-Dice ``mean_fg_dice``. Entries without a finite value (epoch 0) are skipped.
     """
-    def finite(v) -> bool:
-        return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
-
-    key = "mean_fg_dice" if any(finite(e.get("mean_fg_dice")) for e in index) else "ema_fg_dice"
-    curve = [(int(e["epoch"]), float(e[key])) for e in index if finite(e.get(key))]
-    return key, sorted(curve)
+    _index_source(source)
+    return INDEX_KEYS[source], index_curve(index, source=source)
 
 
-def convergence_epoch(index: Sequence[Mapping], *, tolerance: float = CONVERGENCE_TOLERANCE) -> int:
-    """First epoch whose validation pseudo-Dice ``d`` satisfies ``d ≥ max(d) − tolerance · |max(d)|``.
+def _index_source(source: str) -> None:
+    if source not in INDEX_KEYS:
+        raise ConfigError(f"the snapshot index records the curves {', '.join(INDEX_KEYS)}; {source!r} needs "
+                          f"an analysis (nnunet_transfer analyze ... --convergence-from {source})")
 
-    Karimi et al. (2021) call it the convergence epoch: the first epoch within 0.5 % of the best
-    validation Dice. Only epochs with a snapshot (and a recorded Dice) are candidates, so the
-    answer always has a snapshot.
 
-    Raises:
-        DataError: no entry has a pseudo-Dice (e.g. only the start snapshot exists).
-    """
+def _convergence_of_index(index: Sequence[Mapping], *, source: str, tolerance: float,
+                          run: str | None = None) -> Convergence:
+    _index_source(source)
     if not 0 <= tolerance < 1:
         raise ValueError(f"`tolerance` must be a fraction in [0, 1), got {tolerance!r}")
-    key, curve = dice_curve(index)
-    if not curve:
-        raise DataError("no validation pseudo-Dice is recorded in the snapshot index (index.json), so "
-                        "the convergence epoch is unknown; give it explicitly (--convergence-epoch E)")
-    best = max(v for _, v in curve)
-    threshold = best - tolerance * abs(best)
-    return next(e for e, v in curve if v >= threshold)
+    conv = curve_convergence(index_curve(index, source=source), source=source, tolerance=tolerance, run=run)
+    if conv is None:
+        other = next(k for k in INDEX_KEYS if k != source)
+        raise DataError(f"no validation pseudo-Dice ({INDEX_KEYS[source]}) is recorded in the snapshot index "
+                        f"(index.json), so the convergence epoch is unknown; use --convergence-from {other} or "
+                        f"validation, or give it explicitly (--convergence-epoch E)")
+    return conv
 
 
-def run_convergence(fold: str | Path, *, tolerance: float = CONVERGENCE_TOLERANCE) -> int:
+def convergence_epoch(index: Sequence[Mapping], *, tolerance: float = CONVERGENCE_TOLERANCE,
+                      source: str = DEFAULT_SOURCE) -> int:
+    """First snapshot epoch whose curve value ``d`` satisfies ``d ≥ max(d) − tolerance · |max(d)|``.
+
+    Karimi et al. (2021) call it the convergence epoch: the first epoch within 0.5 % of the best
+    validation Dice. The curve is nnU-Net's EMA pseudo-Dice by default (``source="ema"``; one noisy
+    epoch cannot set its maximum), the raw per-epoch pseudo-Dice with ``source="raw"``. Only epochs
+    with a snapshot (and a recorded value) are candidates, so the answer always has a snapshot.
+
+    Raises:
+        DataError: no entry has a value of that curve (e.g. only the start snapshot exists).
+    """
+    return _convergence_of_index(index, source=source, tolerance=tolerance).epoch
+
+
+def index_convergence(fold: str | Path, *, source: str = DEFAULT_SOURCE,
+                      tolerance: float = CONVERGENCE_TOLERANCE) -> Convergence:
+    """The run's :class:`.convergence.Convergence` from its snapshot index (``ema`` or ``raw``)."""
     fold = Path(fold)
     require_snapshots(fold)
     try:
-        return convergence_epoch(read_index(fold), tolerance=tolerance)
+        return _convergence_of_index(read_index(fold), source=source, tolerance=tolerance, run=str(fold))
     except DataError as e:
         raise DataError(f"run {fold}: {e}") from None
+
+
+def run_convergence(fold: str | Path, *, tolerance: float = CONVERGENCE_TOLERANCE,
+                    source: str = DEFAULT_SOURCE) -> int:
+    return index_convergence(fold, source=source, tolerance=tolerance).epoch
 
 
 # --------------------------------------------------------------------------------------------------
 # references
 # --------------------------------------------------------------------------------------------------
 
-def resolve_network(text: str | Path, *, tolerance: float = CONVERGENCE_TOLERANCE) -> NetworkRef:
-    """Resolve a network reference (see the module docstring) to a file."""
+def resolve_network(text: str | Path, *, tolerance: float = CONVERGENCE_TOLERANCE,
+                    source: str = DEFAULT_SOURCE) -> NetworkRef:
+    """Resolve a network reference (see the module docstring) to a file.
+
+    ``@converged`` uses the snapshot index's curve ``source`` (``ema`` or ``raw``) and ``tolerance``.
+    """
     raw = str(text).strip()
     if not raw:
         raise DataError("empty network reference; give a checkpoint file, a fold folder or FOLD@EPOCH")
@@ -159,8 +212,12 @@ def resolve_network(text: str | Path, *, tolerance: float = CONVERGENCE_TOLERANC
         if what in CHECKPOINTS:
             return _checkpoint_ref(fold, what)
         if what == "converged":
-            return snapshot_ref(fold, run_convergence(fold, tolerance=tolerance))
-        return snapshot_ref(fold, 0 if what == "start" else int(what))
+            conv = index_convergence(fold, source=source, tolerance=tolerance)
+            ref = snapshot_ref(fold, conv.epoch)
+            return NetworkRef(ref.label, ref.path, ref.run, ref.epoch, convergence=conv)
+        if what == "start":
+            return start_ref(fold)
+        return snapshot_ref(fold, int(what))
     path = Path(raw)
     if path.is_dir():
         return _checkpoint_ref(path, "final")
@@ -212,7 +269,8 @@ def unique_labels(refs: Sequence[NetworkRef]) -> list[NetworkRef]:
     out = []
     for r in refs:
         seen[r.label] = seen.get(r.label, 0) + 1
-        out.append(r if seen[r.label] == 1 else NetworkRef(f"{r.label}#{seen[r.label]}", r.path, r.run, r.epoch))
+        out.append(r if seen[r.label] == 1 else
+                   NetworkRef(f"{r.label}#{seen[r.label]}", r.path, r.run, r.epoch, convergence=r.convergence))
     return out
 
 

@@ -10,8 +10,19 @@ import sys
 import warnings
 from contextlib import contextmanager
 
+CONVERGENCE_HELP = ("curve of the convergence epoch (first snapshot epoch within --tolerance of its maximum): "
+                    "ema = nnU-Net's moving average of the validation pseudo-Dice (default; one noisy epoch cannot "
+                    "set the maximum), raw = its per-epoch pseudo-Dice, validation = a sliding-window validation "
+                    "of every snapshot on the fold's validation cases (slower); written to convergence.json")
+
 NET_HELP = ("a checkpoint file, a fold folder (its checkpoint_final.pth), or FOLD@EPOCH, FOLD@start, "
             "FOLD@converged, FOLD@final, FOLD@latest, FOLD@best")
+
+
+def _convergence(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--convergence-from", dest="convergence_from", default="ema", choices=["ema", "raw", "validation"],
+                   help=CONVERGENCE_HELP)
+    p.add_argument("--tolerance", type=float, default=0.005, help="convergence tolerance (default 0.005 = 0.5%%)")
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool = True, run_flags: bool = False) -> None:
@@ -68,12 +79,13 @@ def add_parser(sub) -> None:
 
     e = ps.add_parser("evolution", help="a run's snapshots against its convergence epoch (Karimi Fig. 6-7)",
                       description="Similarity of each snapshot's layers to the same layers at the convergence "
-                                  "epoch: the first epoch whose validation pseudo-Dice is within 0.5 percent of its "
-                                  "maximum (snapshots/index.json), unless --convergence-epoch is given.")
+                                  "epoch: the first snapshot epoch whose validation curve (--convergence-from, default "
+                                  "nnU-Net's EMA pseudo-Dice) is within 0.5 percent of its maximum, unless "
+                                  "--convergence-epoch is given.")
     e.add_argument("run", nargs="?", metavar="RUN", help="fold folder with snapshots (or -tr/-f)")
     e.add_argument("--convergence-epoch", dest="convergence_epoch", type=int, default=None,
                    help="use this snapshot epoch as the reference")
-    e.add_argument("--tolerance", type=float, default=0.005, help="convergence tolerance (default 0.005 = 0.5%%)")
+    _convergence(e)
     _common(e, run_flags=True)
     e.set_defaults(func=run_evolution)
 
@@ -93,17 +105,26 @@ def add_parser(sub) -> None:
     r.add_argument("--tl", action="append", required=True, metavar="RUN,RUN", help="transfer runs (fold folders)")
     r.add_argument("--converged", default="convergence", choices=["convergence", "final"],
                    help="end state: the convergence-epoch snapshot (default) or checkpoint_final")
-    r.add_argument("--tolerance", type=float, default=0.005, help="convergence tolerance (default 0.005)")
+    _convergence(r)
     _common(r)
     r.set_defaults(func=run_reuse)
 
-    w = ps.add_parser("weights", help="||dw||/||w0|| per conv/block/group; filter and feature-map pictures",
-                      description="Weight change between START and END (one RUN: its epoch-0 snapshot and "
-                                  "checkpoint_final), filters (middle slice) and feature maps of the selected layers.")
+    w = ps.add_parser("weights", help="per-filter and pooled ||dw||/||w0|| per conv/block/group; filter and "
+                                      "feature-map pictures",
+                      description="Weight change between START and END: per conv, block and group the mean over "
+                                  "filters of ||w1[f] - w0[f]|| / ||w0[f]|| (Karimi et al.) and the pooled "
+                                  "||W1 - W0|| / ||W0||. With one RUN: its start (epoch-0 snapshot, else "
+                                  "start_weights.pth) against the snapshot at its convergence epoch when it has "
+                                  "snapshots (--converged convergence, default), else checkpoint_final. Filters "
+                                  "(middle slice) and feature maps of the selected layers.")
     w.add_argument("networks", nargs="*", metavar="NET", help="RUN, or START END (or -tr/-f for a run)")
     w.add_argument("--filters", type=int, default=8, help="filters / feature maps drawn per layer (default 8)")
     w.add_argument("--no-feature-maps", dest="feature_maps", action="store_false",
                    help="skip feature maps (then no preprocessed data is read)")
+    w.add_argument("--converged", default="convergence", choices=["convergence", "final"],
+                   help="end state of a RUN: the convergence-epoch snapshot (default, when it has snapshots) or "
+                        "checkpoint_final")
+    _convergence(w)
     _common(w, data=False, run_flags=True)
     w.add_argument("--foreground", type=float, default=0.33, help="probability that patch 0 is centred on foreground")
     w.add_argument("--cases", default=None, help="case identifiers to draw the feature-map patch from")
@@ -176,7 +197,7 @@ def run_evolution(args) -> int:
     from nnunet_transfer.analysis.studies import run_evolution as api
 
     return _call(api, _run_folder(args, args.run), convergence_epoch=args.convergence_epoch,
-                 tolerance=args.tolerance, **_where(args), **_options(args))
+                 tolerance=args.tolerance, convergence_from=args.convergence_from, **_where(args), **_options(args))
 
 
 def run_groups(args) -> int:
@@ -198,7 +219,7 @@ def run_reuse(args) -> int:
     from nnunet_transfer.analysis.studies import run_reuse as api
 
     return _call(api, _split(args.ri), _split(args.tl), converged=args.converged, tolerance=args.tolerance,
-                 **_where(args), **_options(args))
+                 convergence_from=args.convergence_from, **_where(args), **_options(args))
 
 
 def run_weights(args) -> int:
@@ -216,4 +237,5 @@ def run_weights(args) -> int:
         start, end = _run_folder(args, nets[0] if nets else None), None
     opts = _options(args, data=False) | {"foreground": args.foreground,
                                          "cases": _split([args.cases]) if args.cases else None}
-    return _call(api, start, end, filters=args.filters, feature_maps=args.feature_maps, **_where(args), **opts)
+    return _call(api, start, end, filters=args.filters, feature_maps=args.feature_maps, converged=args.converged,
+                 convergence_from=args.convergence_from, tolerance=args.tolerance, **_where(args), **opts)

@@ -364,7 +364,7 @@ def test_network_references(tmp_path, net):
     torch.save({"network_weights": net.state_dict()}, fold / "checkpoint_final.pth")
     assert resolve_network(fold).label == "nnUNetTrainerX__nnUNetPlans__tiny/fold_0@final"
     assert resolve_network(f"{fold}@start").epoch == 0
-    assert resolve_network(f"{fold}@converged").epoch == 2
+    assert resolve_network(f"{fold}@converged", source="raw").epoch == 2
     assert resolve_network(fold / "snapshots" / "epoch_0003.pth").label.endswith("fold_0@3")
     with pytest.raises(DataError, match="no snapshot of epoch 7; snapshots exist for epochs 0, 1, 2, 3"):
         resolve_network(f"{fold}@7")
@@ -372,4 +372,5 @@ def test_network_references(tmp_path, net):
         resolve_network(f"{fold}@best")
     with pytest.raises(DataError, match="not found"):
         resolve_network(tmp_path / "nothing.pth")
-    assert convergence_epoch([{"epoch": 0, "mean_fg_dice": None}, {"epoch": 4, "mean_fg_dice": 0.3}]) == 4
+    assert convergence_epoch([{"epoch": 0, "mean_fg_dice": None}, {"epoch": 4, "mean_fg_dice": 0.3}],
+                             source="raw") == 4

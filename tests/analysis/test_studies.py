@@ -38,17 +38,19 @@ def idx(*dice, key="mean_fg_dice"):
       {"epoch": 10, "mean_fg_dice": 0.7}], 0.005, 5),  # snapshot_every > 1: epochs are the snapshots'
 ])
 def test_convergence_epoch(index, tolerance, expected):
-    assert convergence_epoch(index, tolerance=tolerance) == expected
+    # the curve these indexes record, given explicitly (the default is the EMA since issue 9)
+    source = "ema" if any("ema_fg_dice" in e for e in index) else "raw"
+    assert convergence_epoch(index, tolerance=tolerance, source=source) == expected
 
 
 def test_convergence_prefers_mean_dice_and_needs_one():
     mixed = [{"epoch": 0, "mean_fg_dice": None, "ema_fg_dice": None},
              {"epoch": 1, "mean_fg_dice": 0.9, "ema_fg_dice": 0.1},
              {"epoch": 2, "mean_fg_dice": 0.2, "ema_fg_dice": 0.5}]
-    assert dice_curve(mixed) == ("mean_fg_dice", [(1, 0.9), (2, 0.2)])
-    assert convergence_epoch(mixed) == 1
+    assert dice_curve(mixed, source="raw") == ("mean_fg_dice", [(1, 0.9), (2, 0.2)])
+    assert convergence_epoch(mixed, source="raw") == 1
     with pytest.raises(DataError, match=r"no validation pseudo-Dice .*\(--convergence-epoch E\)"):
-        convergence_epoch(idx(None))
+        convergence_epoch(idx(None), source="raw")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,7 +210,8 @@ def test_compare_identical_checkpoints_score_one(toy_env, runs, capsys, tmp_path
 
 def test_evolution_groups_reuse_weights(toy_env, runs, capsys, tmp_path):
     ri0 = runs["RI"][0]
-    code, out, err = cli(capsys, "analyze", "evolution", ri0, *FAST, "-o", tmp_path / "evo")
+    code, out, err = cli(capsys, "analyze", "evolution", ri0, *FAST, "-o", tmp_path / "evo",
+                         "--convergence-from", "raw")
     assert code == 0, err
     evo = json.loads((tmp_path / "evo" / "evolution.json").read_text())
     assert evo["convergence_epoch"] == 3 and evo["epochs"] == [0, 1, 2, 3, 4]
@@ -230,7 +233,8 @@ def test_evolution_groups_reuse_weights(toy_env, runs, capsys, tmp_path):
     assert is_png(tmp_path / "grp" / "groups.png") and (tmp_path / "grp" / "groups_tests.csv").is_file()
 
     code, out, err = cli(capsys, "analyze", "reuse", "--ri", ",".join(map(str, runs["RI"])),
-                         "--tl", ",".join(map(str, runs["TL"])), *FAST, "-o", tmp_path / "reuse")
+                         "--tl", ",".join(map(str, runs["TL"])), *FAST, "-o", tmp_path / "reuse",
+                         "--convergence-from", "raw")
     assert code == 0, err
     reuse = json.loads((tmp_path / "reuse" / "reuse.json").read_text())["tables"]["reuse"]
     assert [r["layer"] for r in reuse] == ["block1", "block5"]
@@ -240,7 +244,7 @@ def test_evolution_groups_reuse_weights(toy_env, runs, capsys, tmp_path):
     assert is_png(tmp_path / "reuse" / "reuse.png")
 
     code, out, err = cli(capsys, "analyze", "weights", runs["TL"][0], *FAST[:6], "--device", "cpu",
-                         "--no-progress", "--filters", "4", "-o", tmp_path / "w")
+                         "--no-progress", "--filters", "4", "-o", tmp_path / "w", "--converged", "final")
     assert code == 0, err
     w = json.loads((tmp_path / "w" / "weights.json").read_text())
     assert w["start"].endswith("@0") and w["end"].endswith("@final")
