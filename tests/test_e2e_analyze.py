@@ -6,13 +6,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from nnunet_transfer.analysis.runs import convergence_epoch
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.policies.snapshots import read_index
 
-from conftest import QUICK_SETTINGS, TARGET_ID, TINY
+from analysis.test_convergence import by_hand, check_filter_numbers, nanmean2, one_tile_dice
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +91,7 @@ def test_compare_with_default_sampling(runs, capsys, tmp_path):
 def test_evolution(runs, capsys, tmp_path):
     ws, r = runs
     fold = r["RI"][0]
-    expected = convergence_epoch(read_index(fold))
+    expected = convergence_epoch(read_index(fold), source="ema")
     # the run by trainer and fold, as nnU-Net names it
     code, out, err = analyze(capsys, "evolution", "-d", TARGET_ID, "-c", "an_ri0", "-tr", RI, "-f", 0,
                              *FAST, "-o", tmp_path)
@@ -103,6 +106,13 @@ def test_evolution(runs, capsys, tmp_path):
             assert row["converged"] and row["pwcca"] == pytest.approx(1, abs=TOL)
     assert f"convergence epoch: **{expected}**" in (tmp_path / "summary.md").read_text()
     assert valid_png(tmp_path / "evolution.png")
+    # the default curve is nnU-Net's own EMA: the snapshot index holds, at snapshot epoch e (completed epochs),
+    # the value nnU-Net logged at the end of epoch e - 1; the epoch is the first within 0.5 % of its maximum
+    log = load_checkpoint(fold / "checkpoint_final.pth")["logging"]["ema_fg_dice"]
+    conv = json.loads((tmp_path / "convergence.json").read_text())["runs"][0]
+    assert conv["source"] == "ema" and conv["epoch"] == expected
+    assert [(c["epoch"], c["value"]) for c in conv["curve"]] == [(i + 1, pytest.approx(v)) for i, v in enumerate(log)]
+    assert expected == by_hand([(i + 1, v) for i, v in enumerate(log)])
     # an explicit convergence epoch
     code, out, err = analyze(capsys, "evolution", fold, "-d", TARGET_ID, "-c", TINY, "--convergence-epoch", 0,
                              "--layers", "blocks:1", *FAST, "-o", tmp_path / "e0")
@@ -138,7 +148,7 @@ def test_groups_reuse_weights(runs, capsys, tmp_path):
     assert valid_png(tmp_path / "reuse" / "reuse.png")
 
     code, out, err = analyze(capsys, "weights", r["TL"][0], "-d", TARGET_ID, "-c", TINY, "--device", "cpu",
-                             "--no-progress", "--filters", "4", "-o", tmp_path / "weights")
+                             "--no-progress", "--filters", "4", "-o", tmp_path / "weights", "--converged", "final")
     assert code == 0, err
     w = json.loads((tmp_path / "weights" / "weights.json").read_text())
     assert w["start"].endswith("fold_0@0") and w["end"].endswith("fold_0@final")
@@ -174,3 +184,68 @@ def test_bad_input_on_real_runs(runs, capsys, tmp_path):
                                  "-o", tmp_path)
         assert code == 2, (args, err)
         assert len(err.strip().splitlines()) == 1 and message in err, (args, err)
+
+
+def test_weights_to_the_convergence_epoch_and_validation_mode(runs, capsys, tmp_path):
+    ws, r = runs
+    fold = r["TL"][0]
+    # default: from the epoch-0 snapshot to the EMA convergence epoch
+    code, out, err = analyze(capsys, "weights", fold, "-d", TARGET_ID, "-c", TINY, "--device", "cpu", "--no-progress",
+                             "--no-feature-maps", "-o", tmp_path / "ema")
+    assert code == 0, err
+    w = json.loads((tmp_path / "ema" / "weights.json").read_text())
+    e_ema = convergence_epoch(read_index(fold), source="ema")
+    assert w["start"].endswith("fold_0@0") and w["end"].endswith(f"fold_0@{e_ema}") and w["convergence_from"] == "ema"
+    check_filter_numbers(w["tables"], fold / "snapshots" / "epoch_0000.pth", fold / "snapshots" / f"epoch_{e_ema:04d}.pth")
+    assert (tmp_path / "ema" / "convergence.json").is_file()
+    # a real validation of every snapshot on the fold's validation cases (nnU-Net's split)
+    code, out, err = analyze(capsys, "weights", fold, "-d", TARGET_ID, "-c", TINY, "--device", "cpu", "--no-progress",
+                             "--no-feature-maps", "--convergence-from", "validation", "-o", tmp_path / "val")
+    assert code == 0, err
+    conv = json.loads((tmp_path / "val" / "convergence.json").read_text())["runs"][0]
+    pre = ws.root / "preprocessed" / ws.target
+    split = json.loads((pre / "splits_final.json").read_text())[0]["val"]
+    assert conv["source"] == "validation" and conv["validation"]["cases"] == split and len(split) >= 1
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(ws.plans(TARGET_ID)).get_configuration(TINY)
+    ds = infer_dataset_class(str(pre / cm.data_identifier))(str(pre / cm.data_identifier))
+    patch = cm.patch_size
+    labels = conv["validation"]["labels_or_regions"]
+    from nnunet_transfer.nnunet_io import build_network
+
+    net = build_network(ws.plans(TARGET_ID), TINY, json.loads((pre / "dataset.json").read_text()), deep_supervision=False)
+    curve = []
+    for entry in conv["validation"]["per_snapshot"]:
+        net.load_state_dict(torch.load(fold / "snapshots" / f"epoch_{entry['epoch']:04d}.pth")["network_weights"])
+        per_case = []
+        for case in split:
+            data, seg, _, _ = ds.load_case(case)
+            per_case.append(one_tile_dice(net, np.asarray(data), np.asarray(seg), patch, labels))
+            assert entry["cases"][case] == pytest.approx(per_case[-1], abs=1e-3, nan_ok=True), (entry["epoch"], case)
+        curve.append((entry["epoch"], nanmean2(per_case)))
+    assert [(c["epoch"], c["value"]) for c in conv["curve"]] == [(e, pytest.approx(v, abs=1e-3)) for e, v in curve]
+    assert conv["epoch"] == by_hand([(c["epoch"], c["value"]) for c in conv["curve"]])
+    w = json.loads((tmp_path / "val" / "weights.json").read_text())
+    assert w["end"].endswith(f"fold_0@{conv['epoch']}")
+    check_filter_numbers(w["tables"], fold / "snapshots" / "epoch_0000.pth",
+                         fold / "snapshots" / f"epoch_{conv['epoch']:04d}.pth")
+
+
+def test_failures_on_real_runs_leave_no_folder(runs, capsys, tmp_path):
+    ws, r = runs
+    source_fold = ws.source_checkpoint.parent  # no snapshots
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (["compare", r["RI"][0], r["TL"][0], "-c", "3d_fullres"], tmp_path / "a" / "out", "is not a network of"),
+        (["evolution", source_fold, "-c", TINY], tmp_path / "b" / "out", "has no snapshots"),
+        (["weights", r["RI"][0], "-c", TINY, "--convergence-from", "validation", "--tolerance", "1.5"],
+         tmp_path / "c" / "out", "--tolerance must be a fraction"),
+        (["reuse", "--ri", r["RI"][0], "--tl", source_fold, "-c", TINY], tmp_path / "d" / "out", "has no snapshots"),
+        (["compare", r["RI"][0], r["TL"][0], "-c", TINY], tmp_path / "file" / "out", "is a file, not a folder"),
+    ]
+    for args, out, message in cases:
+        code, _, err = analyze(capsys, *args, "-d", TARGET_ID, "--device", "cpu", "--no-progress", "-o", out)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (args, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
