@@ -100,6 +100,25 @@ def test_infinite_alpha_freezes_the_scope(runs):
         load_checkpoint(ws.source_checkpoint)["network_weights"]).items() if k.startswith("decoder.stages"))
     info = json.loads((out["l2sp_inf"] / "transfer_config.json").read_text())
     assert info["parameters"]["frozen_blocks"] == [1, 2, 3]
+    assert info["drift"]["encoder"] == 0.0 and info["drift"]["decoder"] > 0
+
+
+def test_every_run_ends_with_the_drift_of_encoder_and_decoder(runs):
+    # the figure that shows a lambda holding the encoder: smaller for larger alpha, equal to the
+    # relative distance from the anchor computed here from the checkpoints
+    ws, out = runs
+    source = encoder(load_checkpoint(ws.source_checkpoint)["network_weights"])
+    figures = {}
+    for name in ("l2sp_0", "l2sp_small"):
+        info = json.loads((out[name] / "transfer_config.json").read_text())
+        final = load_checkpoint(out[name] / "checkpoint_final.pth")["network_weights"]
+        norm = float(sum((v.double() ** 2).sum() for v in source.values()) ** 0.5)
+        assert info["drift"]["encoder"] == pytest.approx(drift(final, source) / norm, rel=1e-9)
+        figures[name] = info["drift"]["encoder"]
+        log = next(out[name].glob("training_log_*.txt")).read_text().strip().splitlines()
+        assert any("moved from the start" in line and f"encoder {info['drift']['encoder']:.4g}" in line
+                   for line in log[-3:])
+    assert figures["l2sp_small"] < figures["l2sp_0"]
 
 
 def test_random_decoder_init_starts_from_scratch(runs):
