@@ -144,9 +144,9 @@ def child_analyze(patches: int, device: str, out: str) -> dict:
         finally:
             stream["seconds"] += time.perf_counter() - t
 
-    import nnunet_transfer.analysis.studies as studies
+    import nnunet_transfer.analysis.session as session  # where the studies call it
 
-    studies.accumulate_pairs = timed
+    session.accumulate_pairs = timed
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
