@@ -197,6 +197,9 @@ def run_info(fold: Path, *, tolerance: float | None = None) -> dict:
                 raise DataError(f"checkpoint {ckpt} has no training log ('logging'); is it an nnU-Net checkpoint?")
             info["checkpoint"] = name
             info["trainer"] = info["trainer"] or content.get("trainer_name")
+            # nnU-Net logs numpy scalars (np.float32), which first_within does not count as numbers
+            logging = {k: [v.item() if isinstance(v, np.generic) else v for v in vals]
+                       if isinstance(vals, (list, tuple)) else vals for k, vals in logging.items()}
             conv = log_convergence(logging, tolerance=CONVERGENCE_TOLERANCE if tolerance is None else tolerance)
             conv["epochs"] = len(conv["curve"])
             info["convergence"] = conv

@@ -197,6 +197,7 @@ def test_identical_strategies(tmp_path):
 def fake_run(folder: Path, *, trainable: int, total: int, ema: list[float], epoch_s: float) -> Path:
     folder.mkdir(parents=True)
     starts = [100.0 + i * epoch_s for i in range(len(ema))]
+    ema = [np.float32(v) for v in ema]  # as nnU-Net logs them
     logging = {"ema_fg_dice": ema, "mean_fg_dice": ema, "epoch_start_timestamps": starts,
                "epoch_end_timestamps": [s + epoch_s * 0.9 for s in starts]}
     torch.save({"logging": logging, "trainer_name": "T"}, folder / "checkpoint_final.pth")
@@ -217,7 +218,8 @@ def test_runs_give_trainable_share_and_time_to_convergence(tmp_path):
     doc = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     infos = {s["name"]: s["run_info"] for s in doc["strategies"]}
     for name, fold in (("scratch", slow), ("finetune", fast)):
-        want = log_convergence(torch.load(fold / "checkpoint_final.pth", weights_only=False)["logging"])
+        log = torch.load(fold / "checkpoint_final.pth", weights_only=False)["logging"]
+        want = log_convergence({k: [float(v) for v in vals] for k, vals in log.items()})
         got = infos[name]["convergence"]
         assert (got["epoch"], got["seconds"], got["seconds_per_epoch"]) == \
             (want["epoch"], want["seconds"], want["seconds_per_epoch"])

@@ -174,6 +174,7 @@ def test_shape_mismatch(folders):
     root, _, _ = folders
     write_pred(np.zeros((12, 20, 17), np.uint8), SPACING, root / "pred" / "case_b.nii.gz")
     _fails(root, r"case case_b: prediction .* has shape \(12, 20, 17\) but the reference .* has \(12, 20, 18\)")
+    _fails(root, r"case case_b: prediction .* has shape", num_processes=2)  # raised in a worker, same error
 
 
 def test_spacing_mismatch(folders):
