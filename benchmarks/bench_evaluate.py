@@ -6,8 +6,8 @@ the prediction is a perturbed copy — the organ boundary moved by a smooth rand
 one lesion shifted, one missed, one false-positive lesion near the organ. Files are written as
 ``.nii.gz`` with SimpleITK, as ``nnUNetv2_predict`` writes them.
 
-Each variant runs in its own Python process, which reports wall seconds and its peak RSS
-(``ru_maxrss``):
+The cases are generated in one process, and each variant runs in its own Python process, which reports
+wall seconds and its peak RSS (the kernel's ``VmHWM``, reset when the process starts):
 
 - ``evaluate``: :func:`evaluate_folders` end to end (read, every metric of ``per_case.csv`` for both labels,
   write), ``-np 1``; then, for the split of the time, each case read again (timed) and
@@ -102,7 +102,21 @@ def write_cases(folder: Path, n: int, shape, seed: int, organ: float) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # workers (each in its own process)
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM): a child starts with its parent's, which held the data."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -194,10 +208,15 @@ def main() -> None:
                          "third of the field across; 0.45 nearly fills it: the bounding box then saves little)")
     ap.add_argument("--quick", action="store_true", help="2 cases of 64 x 128 x 128 (smoke run)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--worker", choices=["evaluate", "medpy"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["generate", "evaluate", "medpy"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    _reset_peak()
+    if args.worker == "generate":
+        write_cases(Path(args.data), args.cases, tuple(args.shape), args.seed, args.organ)
+        print(json.dumps({}))
+        return
     if args.worker == "evaluate":
         print(json.dumps(worker_evaluate(Path(args.data), args.first, args.num_processes)))
         return
@@ -210,7 +229,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_evaluate_") as tmp:
         data = Path(tmp)
         t = time.perf_counter()
-        write_cases(data, args.cases, shape, args.seed, args.organ)
+        # in a process of its own, so that the workers do not start with the generator's memory
+        run_worker(["--worker", "generate", "--data", str(data), "--cases", str(args.cases), "--shape",
+                    *map(str, shape), "--seed", str(args.seed), "--organ", str(args.organ)])
         print(f"generated {args.cases} cases of {shape[2]} x {shape[1]} x {shape[0]} voxels (x, y, z), spacing "
               f"{SPACING[::-1]} mm, in {time.perf_counter() - t:.1f} s", flush=True)
         common = ["--data", str(data), "-np", str(args.num_processes)]
