@@ -1,0 +1,53 @@
+"""Studies: a whole transfer experiment — strategies × training-set sizes × repeats × folds — from one TOML
+file, trained here or as SLURM jobs, resumable, ending in ``evaluate`` + ``compare`` and a report.
+
+* :func:`load_study` reads and checks the file (:mod:`.spec`);
+* :func:`prepare` expands it into its runs and writes the configurations, splits and test folders
+  (``study plan``, :mod:`.plan`);
+* :func:`run_study` trains, predicts and evaluates every run that is not done (``study run``, :mod:`.runner`);
+* :func:`study_status` reads every run's state from its files (``study status``);
+* :func:`report_study` pools, compares and plots (``study report``, :mod:`.report`);
+* :func:`init_study` writes a paper's protocol as a study file (``study init``, :mod:`.templates`).
+
+Heavy imports (torch, nnU-Net, submitit) happen inside the functions.
+"""
+from __future__ import annotations
+
+
+def load_study(path, **kw):
+    from nnunet_transfer.study.spec import load_study as f
+
+    return f(path, **kw)
+
+
+def prepare(study, **kw):
+    from nnunet_transfer.study.plan import prepare as f
+
+    return f(study, **kw)
+
+
+def run_study(study, **kw):
+    from nnunet_transfer.study.runner import run_study as f
+
+    return f(study, **kw)
+
+
+def study_status(study, **kw):
+    from nnunet_transfer.study.status import study_status as f
+
+    return f(study, **kw)
+
+
+def report_study(study, out, **kw):
+    from nnunet_transfer.study.report import report_study as f
+
+    return f(study, out, **kw)
+
+
+def init_study(template, dataset, pretrained, out, **kw):
+    from nnunet_transfer.study.templates import init_study as f
+
+    return f(template, dataset, pretrained, out, **kw)
+
+
+__all__ = ["load_study", "prepare", "run_study", "study_status", "report_study", "init_study"]

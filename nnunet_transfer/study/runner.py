@@ -1,0 +1,351 @@
+"""``study run``: train, predict and score every run, resumably, here or as SLURM jobs (submitit).
+
+One run is :func:`execute_run`: ``nnUNetv2_train`` (fresh with ``-pretrained_weights``, or ``--c`` from the
+checkpoint an interrupted attempt left), ``nnUNetv2_predict`` on the fold's test cases, ``evaluate``. Each
+program is a subprocess with its own log, so the study process itself never holds a network, a dataset
+or more than one case of evaluation in memory. A run whose files say it is done is skipped; one whose
+lock another process holds is left alone; a failing program marks the run failed with its log, and the
+others go on. Locks and states live in files (:mod:`~nnunet_transfer.study.state`), which is what makes a
+second ``study run`` — on this machine or in a SLURM job — never train anything twice.
+
+``--executor slurm`` submits the runs that are not done as one job array through submitit (resources
+from the file's ``[slurm]``); each job runs :class:`RunJob`, i.e. :func:`execute_run` on the node. Jobs
+are :class:`submitit.helpers.Checkpointable`: at a time limit or a preemption submitit requeues them,
+and the requeued job continues the run with ``--c``. ``cluster="local"`` is submitit's LocalExecutor —
+the same code path, with the jobs as local processes (the tests use it).
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import submitit
+
+from nnunet_transfer.errors import ConfigError, DataError, TransferError
+from nnunet_transfer.study.spec import Study, load_study
+from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, definition, evaluation_current,
+                                         evaluation_key, file_stamp, host_pid, progress, read_json, read_state,
+                                         results_folder, run_dir, update_state, write_json)
+from nnunet_transfer.study.table import Run, test_folder
+
+EXECUTORS = ("local", "slurm")
+ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                       "REQUEUE_HOLD", "REQUEUE_FED")
+DEFAULT_TIMEOUT_MIN = 1440  # sbatch's own default in submitit is 5 minutes
+
+
+@dataclass
+class Outcome:
+    run: str
+    result: str  # done | skipped | failed | busy | submitted | queued
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class RunSummary:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, result: str) -> int:
+        return sum(o.result == result for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.result == "failed"]
+
+    def text(self) -> str:
+        parts = [f"{self.count(k)} {k}" for k in ("done", "skipped", "submitted", "queued", "busy", "failed")
+                 if self.count(k)]
+        lines = [f"{len(self.outcomes)} runs: " + ", ".join(parts)]
+        lines += [f"  failed: {o.run}: {o.message.splitlines()[0] if o.message else ''}" for o in self.failed]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- environment
+def nnunet_env(study: Study, base: dict | None = None) -> dict[str, str]:
+    """The environment of nnU-Net's programs: this one, our trainers on nnUNet_extTrainer, the file's extras."""
+    from nnunet_transfer.cli.trainer_path import ext_trainer_folder
+    from nnunet_transfer.nnunet_io import ENV_VARS, env_folder
+
+    env = dict(os.environ if base is None else base)
+    for var in ENV_VARS:
+        env[var] = str(env_folder(var).resolve()) if base is None else env[var]
+    ours = str(ext_trainer_folder())
+    current = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if ours not in current:
+        env["nnUNet_extTrainer"] = os.pathsep.join([ours, *current])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(study.environment)
+    return env
+
+
+# --------------------------------------------------------------------------- one run
+def _predict_args(study: Study, run: Run, out: Path) -> list:
+    args = ["nnUNetv2_predict", "-i", test_folder(study, run.fold) / "imagesTs", "-o", out, "-d", study.dataset,
+            "-c", run.configuration, "-f", run.nnunet_fold, "-tr", run.trainer, "-p", study.plans,
+            "-device", study.device, "-npp", study.predict_processes, "-nps", study.predict_processes,
+            "--disable_progress_bar"]
+    return args + (["--disable_tta"] if study.disable_tta else [])
+
+
+def evaluate_run(study: Study, run: Run) -> Path:
+    """``evaluate`` of the run's predictions against its test labels, into ``runs/<id>/eval``."""
+    from nnunet_transfer.experiments.evaluate import evaluate_folders
+
+    folder = run_dir(study, run)
+    out = folder / "eval"
+    sc = study.scoring
+    # one case in memory at a time (num_processes=1): a study's memory is one run's worth
+    evaluate_folders(folder / "pred", test_folder(study, run.fold) / "labelsTs", out, labels=sc.labels,
+                     nsd_tolerance=sc.nsd_tolerance, connectivity=sc.lesion_connectivity, num_processes=1,
+                     run=results_folder(study, run), progress=False)
+    write_json(out / EVAL_MARKER, evaluation_key(study, run))
+    return out
+
+
+def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_id: str | None = None,
+                env: dict | None = None, say: Callable[[str], None] = print) -> Outcome:
+    """Train (or continue), predict and evaluate one run, unless it is done or another process holds it."""
+    from nnunet_transfer.pipeline import run_step, train_args
+
+    folder = run_dir(study, run)
+    lock = RunLock(folder)
+    if not lock.acquire():
+        return Outcome(run.id, "busy", message="another process is executing it")
+    try:
+        p = progress(study, run, locked=False)  # the lock is ours
+        if p.done:
+            if not evaluation_current(study, run):
+                evaluate_run(study, run)
+            return Outcome(run.id, "skipped", message="done")
+        d = definition_
+        saved = read_json(folder / RUN_FILE)
+        if saved is None:
+            if d is None:
+                raise TransferError(f"run {run.id} has no definition to start with (internal: plan first)")
+            write_json(folder / RUN_FILE, d)
+        elif d is not None and saved != d:
+            raise ConfigError(f"run {run.id} was started with another definition than study file {study.path} "
+                              f"gives now; restore the file (see {folder / RUN_FILE})")
+        env = env if env is not None else nnunet_env(study)
+        state = read_state(study, run)
+        attempt = int(state.get("attempt", 0)) + 1
+        now = time.time()
+        update_state(study, run, state="running", attempt=attempt, attempt_started=now,
+                     started=state.get("started", now), job_id=job_id or state.get("job_id"), error=None,
+                     **host_pid())
+        fold = results_folder(study, run)
+        t0 = time.perf_counter()
+        log = None
+        try:
+            if not p.trained:
+                cont = p.resume
+                pretrained = None
+                if not cont and run.strategy.pretrained is not None:
+                    pretrained = study.pretrained[run.strategy.pretrained]
+                log = folder / f"train_{attempt}.log"
+                what = f"{'continuing' if cont else 'training'} {run.id}"
+                say(f"{what} ({run.trainer}, {run.configuration}, fold {run.nnunet_fold}){' with --c' if cont else ''}")
+                run_step(train_args(study.dataset, run.configuration, run.nnunet_fold, run.trainer,
+                                    pretrained=pretrained, cont=cont, device=study.device, plans=study.plans),
+                         env=env, log=log, what=f"nnUNetv2_train of {run.id}")
+                if not (fold / "checkpoint_final.pth").is_file():
+                    raise TransferError(f"nnUNetv2_train of {run.id} ended without {fold}/checkpoint_final.pth; "
+                                        f"see {log}")
+            log = folder / "predict.log"
+            pred, partial = folder / "pred", folder / "pred.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            say(f"predicting {run.id} on {len(run.test)} test cases")
+            run_step(_predict_args(study, run, partial), env=env, log=log, what=f"nnUNetv2_predict of {run.id}")
+            ending = _file_ending(study, run)
+            missing = [c for c in run.test if not (partial / f"{c}{ending}").is_file()]
+            if missing:
+                raise TransferError(f"nnUNetv2_predict of {run.id} wrote no prediction for {', '.join(missing[:5])}; "
+                                    f"see {log}")
+            write_json(partial / PRED_MARKER, {"checkpoint": file_stamp(fold / "checkpoint_final.pth"),
+                                              "cases": len(run.test)})
+            shutil.rmtree(pred, ignore_errors=True)
+            partial.replace(pred)  # the predictions appear complete or not at all
+            log = None
+            evaluate_run(study, run)
+        except TransferError as e:
+            seconds = time.perf_counter() - t0
+            update_state(study, run, state="failed", error=str(e), log=None if log is None else str(log),
+                         seconds=(state.get("seconds") or 0.0) + seconds, attempt_started=None)
+            say(f"FAILED {run.id}: {str(e).splitlines()[0]}")
+            return Outcome(run.id, "failed", seconds, str(e))
+        except BaseException:
+            # killed or interrupted: the lock goes with the process; the state says where it stopped
+            update_state(study, run, state="interrupted", attempt_started=None,
+                         seconds=(state.get("seconds") or 0.0) + time.perf_counter() - t0)
+            raise
+        seconds = time.perf_counter() - t0
+        update_state(study, run, state="done", epochs_trained=run.num_epochs, finished=time.time(),
+                     seconds=(state.get("seconds") or 0.0) + seconds, attempt_started=None, log=None)
+        return Outcome(run.id, "done", seconds)
+    finally:
+        lock.release()
+
+
+def _file_ending(study: Study, run: Run) -> str:
+    from nnunet_transfer.nnunet_io import load_dataset_json
+
+    return load_dataset_json(study.dataset)["file_ending"]
+
+
+# --------------------------------------------------------------------------- selecting
+def select(runs: Sequence[Run], only: str | None) -> list[Run]:
+    """``--only``: a strategy name, or a shell pattern over run ids (``finetune__n6__*``)."""
+    if not only:
+        return list(runs)
+    chosen = [r for r in runs if r.strategy.name == only or fnmatch.fnmatchcase(r.id, only)]
+    if not chosen:
+        examples = ", ".join(r.id for r in runs[:3])
+        raise ConfigError(f"--only {only!r} matches none of the {len(runs)} runs (a strategy name or a pattern over "
+                          f"run ids, e.g. {examples})")
+    return chosen
+
+
+def job_alive(state: dict) -> bool | None:
+    """Whether the job recorded in a run's state still exists (None: cannot tell)."""
+    cluster, job = state.get("cluster"), state.get("job_id")
+    if not job:
+        return None
+    if cluster == "local":
+        try:
+            os.kill(int(str(job).split("_")[0]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError):
+            return None
+        return True
+    try:
+        st = submitit.SlurmJob(folder=state.get("submit_folder") or ".", job_id=str(job)).state
+    except Exception:  # no sacct here, or SLURM unreachable
+        return None
+    if st in ("UNKNOWN", None):
+        return None
+    return st.split(" ")[0] in ACTIVE_SLURM_STATES
+
+
+# --------------------------------------------------------------------------- the command
+def run_study(study: Study | str | Path, *, executor: str = "local", only: str | None = None,
+              cluster: str = "slurm", wait: bool = False, say: Callable[[str], None] = print) -> RunSummary:
+    """Plan (idempotent), then execute every run that is not done: here, one after the other, or as jobs."""
+    from nnunet_transfer.study.plan import prepare
+
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
+    plan = prepare(study)
+    study = plan.study
+    runs = select(plan.runs, only)
+    summary = RunSummary()
+    todo = []
+    for run in runs:
+        p = progress(study, run, job_alive=job_alive)
+        if p.done:
+            if not evaluation_current(study, run):
+                with RunLock(run_dir(study, run)) as lock:
+                    if lock.acquire():
+                        evaluate_run(study, run)
+            summary.outcomes.append(Outcome(run.id, "skipped", message="done"))
+        elif p.state == "running":
+            summary.outcomes.append(Outcome(run.id, "busy", message="another process is executing it"))
+        elif p.state == "queued":
+            summary.outcomes.append(Outcome(run.id, "queued", message=f"job {p.job_id} is queued or running"))
+        else:
+            todo.append(run)
+    if not todo:
+        say("nothing to run: every selected run is done, running or queued")
+        return summary
+    if executor == "local":
+        env = nnunet_env(study)
+        for i, run in enumerate(todo, 1):
+            say(f"[{i}/{len(todo)}] {run.id}")
+            summary.outcomes.append(execute_run(study, run, definition_=plan.definitions[run.id], env=env, say=say))
+    else:
+        summary.outcomes += submit(study, todo, plan.definitions, cluster=cluster, wait=wait, say=say)
+    return summary
+
+
+# --------------------------------------------------------------------------- SLURM (submitit)
+class RunJob(submitit.helpers.Checkpointable):
+    """What a SLURM job runs: one run of a study. Requeued (Checkpointable) at a time limit or preemption;
+    the requeued job continues the run with ``--c``."""
+
+    def __call__(self, study_file: str, run_id: str, env: dict) -> dict:
+        os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
+        study = load_study(study_file)
+        from nnunet_transfer.study.state import base_configuration_hash
+        from nnunet_transfer.study.table import build_table, plan_study_splits
+
+        runs = {r.id: r for r in build_table(study, plan_study_splits(study))}
+        if run_id not in runs:
+            raise ConfigError(f"run {run_id} is no longer in study file {study_file}; it was edited after submission")
+        run = runs[run_id]
+        try:
+            job = submitit.JobEnvironment().job_id
+        except RuntimeError:
+            job = None
+        outcome = execute_run(study, run, definition_=definition(study, run, base_configuration_hash(study)),
+                              job_id=job, env=nnunet_env(study, {**os.environ, **env}))
+        return outcome.__dict__
+
+
+def executor_parameters(study: Study, cluster: str) -> dict:
+    """The ``[slurm]`` table as submitit parameters (generic ones reach every submitit cluster)."""
+    from nnunet_transfer.study.spec import SLURM_KEYS
+
+    params = {"name": f"nnunet_transfer-{study.name}"}
+    for key, value in study.slurm.items():
+        if key != "max_requeue":
+            params[SLURM_KEYS[key]] = value
+    params.setdefault("timeout_min", DEFAULT_TIMEOUT_MIN)
+    return params
+
+
+def submit(study: Study, runs: Sequence[Run], definitions: dict, *, cluster: str = "slurm", wait: bool = False,
+           say: Callable[[str], None] = print) -> list[Outcome]:
+    """One job array of the runs (``executor.map_array``); job ids go into each run's state."""
+    folder = study.output / "slurm"
+    ctor = {}
+    if "max_requeue" in study.slurm:
+        ctor["slurm_max_num_timeout"] = study.slurm["max_requeue"]
+    try:
+        executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster, **ctor)
+        executor.update_parameters(**executor_parameters(study, cluster))
+    except (ValueError, NameError, RuntimeError) as e:
+        raise ConfigError(f"study file {study.path} [slurm]: submitit refuses the resources: {e}") from None
+    env = {k: v for k, v in nnunet_env(study).items() if k.startswith("nnUNet")}
+    for run in runs:  # the definition is fixed at submission: a later edit of the file cannot change it
+        saved = read_json(run_dir(study, run) / RUN_FILE)
+        if saved is None:
+            write_json(run_dir(study, run) / RUN_FILE, definitions[run.id])
+    jobs = executor.map_array(RunJob(), [str(study.path)] * len(runs), [r.id for r in runs], [env] * len(runs))
+    outcomes = []
+    for run, job in zip(runs, jobs):
+        update_state(study, run, state="submitted", job_id=str(job.job_id), cluster=cluster,
+                     submit_folder=str(folder / "%j"), submitted=time.time())
+        say(f"submitted {run.id} as job {job.job_id}")
+        outcomes.append(Outcome(run.id, "submitted", message=f"job {job.job_id}"))
+    if wait:
+        outcomes = []
+        for run, job in zip(runs, jobs):
+            try:
+                result = job.result()
+                outcomes.append(Outcome(run.id, result["result"], result.get("seconds", 0.0), result.get("message", "")))
+            except Exception as e:  # the job died outside execute_run (import error, node failure, cancelled)
+                message = f"job {job.job_id} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                if read_state(study, run).get("state") != "done":
+                    update_state(study, run, state="failed", error=message, log=str(job.paths.stderr))
+                outcomes.append(Outcome(run.id, "failed", message=message))
+    return outcomes
+
+
+__all__ = ["run_study", "execute_run", "evaluate_run", "submit", "RunJob", "RunSummary", "Outcome", "select",
+           "nnunet_env", "job_alive", "EXECUTORS"]
