@@ -27,6 +27,7 @@ SUBCOMMANDS = [
     "splits",
     "evaluate",
     "compare",
+    "study",
 ]
 
 
