@@ -8,6 +8,7 @@ sets the maximum; by default the curve is nnU-Net's own exponential moving avera
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -20,7 +21,7 @@ def first_within(values: Sequence[float | None], *, tolerance: float = CONVERGEN
     if not 0 <= tolerance < 1:
         raise ValueError(f"`tolerance` must be a fraction in [0, 1), got {tolerance!r}")
     finite = [(i, float(v)) for i, v in enumerate(values)
-              if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
+              if _finite(v)]
     if not finite:
         return None
     best = max(v for _, v in finite)
@@ -82,7 +83,8 @@ def check_source(source: str) -> str:
 
 
 def _finite(v: Any) -> bool:
-    return v is not None and not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    # numbers.Real covers numpy scalars: nnU-Net logs np.float32
+    return v is not None and not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(float(v))
 
 
 def index_curve(index: Sequence[Mapping], *, source: str = DEFAULT_SOURCE) -> list[tuple[int, float]]:

@@ -348,3 +348,16 @@ def test_start_file_is_the_one_the_trainers_write():
     from nnunet_transfer.trainers.base import START_FILE as TRAINERS_START_FILE
 
     assert START_FILE == TRAINERS_START_FILE
+
+
+def test_numpy_scalars_count_as_values():
+    # nnU-Net's logger holds np.float32; they must not be skipped as "not a number"
+    import numpy as np
+
+    from nnunet_transfer.analysis.convergence import first_within, log_convergence
+
+    values = [np.float32(0.1), np.float32(0.5), np.float64(0.9), np.float32(0.899)]
+    assert first_within(values) == 2
+    log = log_convergence({"ema_fg_dice": values, "epoch_start_timestamps": [0, 1, 2, 3],
+                           "epoch_end_timestamps": [1, 2, 3, 4]})
+    assert (log["epoch"], log["seconds"]) == (2, 3.0)
