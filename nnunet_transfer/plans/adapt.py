@@ -363,8 +363,24 @@ class AdaptReport:
         return "\n".join(out)
 
 
-def _is_conv_weight(name: str, t: torch.Tensor) -> bool:
-    return name.endswith(".weight") and t.ndim >= 3
+def _tensor_rule(name: str, s: torch.Tensor, t: torch.Tensor) -> tuple[str, str, torch.Tensor | None]:
+    """``(action, reason, value)`` for a target tensor ``t`` with a source counterpart ``s`` (value None: the
+    fresh initialisation)."""
+    if s.shape == t.shape:
+        return "copied", "", s.detach().clone().to(t.dtype)
+    if not (name.endswith(".weight") and t.ndim >= 3 and s.ndim == t.ndim):
+        return "not_transferable", f"width {list(s.shape)} vs {list(t.shape)}", None
+    transposed = name.startswith("decoder.transpconvs.")
+    out_dim, in_dim = (1, 0) if transposed else (0, 1)  # ConvTranspose weights are (in, out, *k)
+    if s.shape[out_dim] != t.shape[out_dim]:
+        return "not_transferable", f"output width {s.shape[out_dim]} vs {t.shape[out_dim]}", None
+    if s.shape[in_dim] != t.shape[in_dim]:
+        return "reinit", f"input width {s.shape[in_dim]} vs {t.shape[in_dim]}", None
+    try:
+        mapped = map_kernel(s, kernel=t.shape[2:], transposed=transposed)
+    except KernelRuleError as e:
+        return "not_transferable", str(e), None
+    return "mapped", describe_kernel_change(s.shape[2:], t.shape[2:], transposed=transposed), mapped.to(t.dtype)
 
 
 def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_channels: int | None = None,
@@ -432,37 +448,14 @@ def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_ch
             act.reason = ("extra stage" if (stage and int(stage.group(1)) >= n_s) or
                           (_DECODER.match(name) and s_name is None) else "not in the checkpoint")
             values[name] = fresh
-        elif s.shape == t.shape and not (name == first_t and channels):
-            act.action = "copied"
-            values[name] = s.detach().clone().to(t.dtype)
-        elif _is_conv_weight(name, t) and s.ndim == t.ndim:
-            transposed = name.startswith("decoder.transpconvs.")
-            out_dim, in_dim = (1, 0) if transposed else (0, 1)
-            w = s
-            if name == first_t and channels:
-                w = adapt_first_conv(s, in_channels=k_tgt, method=method)
-            if w.shape[out_dim] != t.shape[out_dim]:
-                act.action, act.reason = "not_transferable", (f"output width {w.shape[out_dim]} vs "
-                                                              f"{t.shape[out_dim]}")
-                values[name] = fresh
-            elif w.shape[in_dim] != t.shape[in_dim]:
-                act.action, act.reason = "reinit", f"input width {w.shape[in_dim]} vs {t.shape[in_dim]}"
-                values[name] = fresh
-            else:
-                try:
-                    mapped = map_kernel(w, kernel=t.shape[2:], transposed=transposed)
-                except KernelRuleError as e:
-                    act.action, act.reason = "not_transferable", str(e)
-                    values[name] = fresh
-                else:
-                    act.action = "channels" if name == first_t and channels else "mapped"
-                    rule = describe_kernel_change(w.shape[2:], t.shape[2:], transposed=transposed)
-                    act.reason = (f"channels {c_src}->{k_tgt} by {method!r}" + (f"; {rule}" if rule else "")
-                                  if act.action == "channels" else rule)
-                    values[name] = mapped.to(t.dtype)
         else:
-            act.action, act.reason = "not_transferable", f"width {list(s.shape)} vs {list(t.shape)}"
-            values[name] = fresh
+            if name == first_t and channels:
+                s = adapt_first_conv(s, in_channels=k_tgt, method=method)
+            act.action, act.reason, value = _tensor_rule(name, s, t)
+            if act.action in ("copied", "mapped") and name == first_t and channels:
+                act.action = "channels"
+                act.reason = f"channels {c_src}->{k_tgt} by {method!r}" + (f"; {act.reason}" if act.reason else "")
+            values[name] = fresh if value is None else value
         actions[name] = act
 
     # a re-initialised / untransferable convolution keeps its fresh bias too: one module, one origin

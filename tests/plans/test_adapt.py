@@ -319,6 +319,13 @@ def test_input_channels_in_the_same_call():
     torch.testing.assert_close(state[first], expected, rtol=0, atol=0)
     assert {t.name: t.action for t in report.tensors}[first] == "channels"
     assert report.channels == [1, 2] and report.method == "mean"
+    # the same kernel: channels only, and every other tensor copied
+    state, report = adapt_state(src, network(plans_with(**SOURCE), seed=0, channels=2), in_channels=2)
+    torch.testing.assert_close(state[first], adapt_first_conv(src[first], in_channels=2, method="repeat"),
+                               rtol=0, atol=0)
+    acts = {t.name: t for t in report.tensors}
+    assert acts[first].action == "channels" and acts[first].reason == "channels 1->2 by 'repeat'"
+    assert {t.action for n, t in acts.items() if n != first} == {"copied", "head"} and report.share == 1.0
 
 
 def test_heads_are_carried_only_when_their_input_width_fits():
