@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import submitit
 
-from nnunet_transfer.errors import ConfigError, DataError, TransferError
+from nnunet_transfer.errors import ConfigError, TransferError
 from nnunet_transfer.study.spec import Study, load_study
 from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, definition, evaluation_current,
                                          evaluation_key, file_stamp, host_pid, progress, read_json, read_state,
@@ -121,7 +121,10 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
         p = progress(study, run, locked=False)  # the lock is ours
         if p.done:
             if not evaluation_current(study, run):
-                evaluate_run(study, run)
+                try:
+                    evaluate_run(study, run)
+                except Exception as e:  # a scoring problem: the run stays done, the report says it again
+                    return Outcome(run.id, "failed", message=f"evaluate: {e}")
             return Outcome(run.id, "skipped", message="done")
         d = definition_
         saved = read_json(folder / RUN_FILE)
@@ -173,12 +176,14 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
             partial.replace(pred)  # the predictions appear complete or not at all
             log = None
             evaluate_run(study, run)
-        except TransferError as e:
+        except Exception as e:  # a program failed (TransferError with its log's tail), or anything else: the
+            # run is recorded as failed and the study goes on with the next one
             seconds = time.perf_counter() - t0
-            update_state(study, run, state="failed", error=str(e), log=None if log is None else str(log),
+            text = str(e) if isinstance(e, TransferError) else f"{type(e).__name__}: {e}"
+            update_state(study, run, state="failed", error=text, log=None if log is None else str(log),
                          seconds=(state.get("seconds") or 0.0) + seconds, attempt_started=None)
-            say(f"FAILED {run.id}: {str(e).splitlines()[0]}")
-            return Outcome(run.id, "failed", seconds, str(e))
+            say(f"FAILED {run.id}: {text.splitlines()[0] if text else ''}")
+            return Outcome(run.id, "failed", seconds, text)
         except BaseException:
             # killed or interrupted: the lock goes with the process; the state says where it stopped
             update_state(study, run, state="interrupted", attempt_started=None,

@@ -240,11 +240,11 @@ def _name(w: _Where, table: str, key: str, v: Any) -> str:
     return v
 
 
-def expand_path(text: str, base: Path, *, what: str, w: _Where, table: str) -> Path:
-    """``$VAR``/``~`` expanded; relative to the study file's folder."""
+def expand_path(text: str, base: Path, *, what: str, w: _Where, table: str, strict: bool = True) -> Path:
+    """``$VAR``/``~`` expanded; relative to the study file's folder; ``strict``: an unset variable is an error."""
     expanded = os.path.expanduser(os.path.expandvars(text))
     left = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded)
-    if left:
+    if left and strict:
         raise w.err(table, f"{what} {text!r} uses ${left[0]}, which is not set in the environment; "
                            f"fix: export {left[0]}=... or write the path out", DataError)
     p = Path(expanded)
@@ -370,7 +370,8 @@ def _read_pretrained(w: _Where, content: Any, base: Path, check: bool) -> dict[s
     out = {}
     for key, value in content.items():
         _name(w, "pretrained", "name", key)
-        p = expand_path(_str(w, "pretrained", key, value), base, what=f"{key} =", w=w, table="pretrained")
+        p = expand_path(_str(w, "pretrained", key, value), base, what=f"{key} =", w=w, table="pretrained",
+                        strict=check)
         if check:
             if p.is_dir():
                 if not (p / "checkpoint_final.pth").is_file():
@@ -478,6 +479,9 @@ def _read_strategies(w: _Where, entries: Any, pretrained: Mapping[str, Path], co
                 raise w.err(label, f"{key} is missing (every strategy has a name and a trainer)")
         name = _name(w, label, "name", entry["name"])
         trainer = _str(w, label, "trainer", entry["trainer"])
+        if trainer not in classes and (trainer == "nnUNetTrainer" or trainer.startswith("nnUNetTrainer_")):
+            raise w.err(label, f"{trainer} is one of nnU-Net's own trainers, which ignore the study's settings "
+                               f"(schedule, seed); for stock nnU-Net training use nnUNetTrainerTransferBase")
         if trainer not in classes:
             raise w.err(label, f"unknown trainer {trainer!r}{_suggest(trainer, list(classes))}; a study trains this "
                                f"package's trainers (they read the study's settings; for nnU-Net's own baseline use "
@@ -522,7 +526,9 @@ def _read_strategies(w: _Where, entries: Any, pretrained: Mapping[str, Path], co
                 cfg = TransferConfig.from_mapping(merged, defaults=cls.transfer_defaults,
                                                   allowed=set(cls.transfer_keys), owner=trainer)
             except ConfigError as e:
-                raise w.err(label, f"{e} (settings of {vname!r}: the base configuration's, [settings] and its own)") from None
+                text = str(e).replace(" (use another configuration for other trainers)", "")
+                raise w.err(label, f"{text} (settings of {vname!r}: the base configuration's, [settings] and its "
+                                   f"own)") from None
             if ref is None:
                 why = cls.needs_pretrained(cfg)
                 if why:

@@ -113,8 +113,9 @@ def karimi(dataset: str, n: int, **kw) -> list[str]:
                    "pretrained decoder frozen; encoder and the last layer trained (Sec. 3.8)", pretrained=True),
         *_strategy("frozen_decoder_heads", "nnUNetTrainerFrozenDecoderAndHeads",
                    "pretrained decoder and output layer frozen; encoder trained (Sec. 3.8)", pretrained=True,
-                   comment="the frozen output layer is copied from the source by label name: every target label needs "
-                           "one in the source (else give a mapping: settings = { heads = \"tumour:lesion\" })"),
+                   comment="the frozen output layer is copied from the source by label name, so every target label\n"
+                           "# needs one in the source; else map them, background included: settings = { heads =\n"
+                           "# \"background:background,pancreas:liver,cancer:cancer\" }"),
     ]
 
 

@@ -1,0 +1,58 @@
+"""The shipped study files: each paper's protocol as its file declares it, and the smoke variants' shape."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from nnunet_transfer.study.spec import load_study
+from nnunet_transfer.study.templates import AMIRI
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def load(path: Path):
+    return load_study(path, check_data=False)  # the public datasets are not here: the grammar and the trainers
+
+
+def test_every_example_has_its_files():
+    for paper in ("karimi", "amiri", "sagie"):
+        assert {p.name for p in (EXAMPLES / paper).iterdir()} >= {"README.md", f"{paper}.toml", "smoke.toml"}
+
+
+def test_karimi_protocol():
+    s = load(EXAMPLES / "karimi" / "karimi.toml")
+    assert [(x.name, x.trainer, x.pretrained) for x in s.strategies] == [
+        ("scratch", "nnUNetTrainerTransferBase", None), ("finetune", "nnUNetTrainerFinetune", "source"),
+        ("frozen_random_encoder", "nnUNetTrainerFrozenEncoder", None),
+        ("frozen_decoder", "nnUNetTrainerFrozenDecoder", "source"),
+        ("frozen_decoder_heads", "nnUNetTrainerFrozenDecoderAndHeads", "source")]
+    assert s.splits.n_train == (15, 150) and s.splits.test == 56 and not s.splits.cross_validation  # Table 5
+    assert s.baseline == "scratch" and s.scoring.test == "ttest"
+
+
+def test_amiri_protocol():
+    s = load(EXAMPLES / "amiri" / "amiri.toml")
+    assert [x.name for x in s.strategies] == ["scratch", *(p for p, _ in AMIRI)]  # Table II's order
+    assert all(x.trainer == f"nnUNetTrainerPartialFT_{x.name}" for x in s.strategies[1:])
+    assert s.splits.folds == 5 and s.splits.n_train == ("all", "62.5%", "6.25%") and s.splits.folds_to_run is None
+    assert len(s.strategies) * 3 * 5 == 195  # the issue's count of Amiri's runs
+    # 80/50/5 % of the data: after a 20 % test fold and 20 % of the rest for validation, 64 % remain
+    assert [0.64 * f for f in (1.0, 0.625, 0.0625)] == pytest.approx([0.64, 0.40, 0.04])
+
+
+def test_sagie_protocol():
+    s = load(EXAMPLES / "sagie" / "sagie.toml")
+    swept = s.sweeps["l2sp"]
+    assert [x.sweep_value for x in swept][:-1] == [0, 1, 2, 4, 8, 16, 50] and math.isinf(swept[-1].sweep_value)
+    assert all(x.trainer == "nnUNetTrainerL2SP_Sagie" for x in swept) and s.baseline == "l2sp-0"
+    assert s.splits.n_train == ("all",) and (s.splits.test, s.splits.val) == (11, 7)  # 5/29 and 3/29 of 63
+
+
+@pytest.mark.parametrize("paper,n_strategies", [("karimi", 2), ("amiri", 2), ("sagie", 2)])
+def test_smoke_variants(paper, n_strategies):
+    s = load(EXAMPLES / paper / "smoke.toml")
+    assert s.configuration == "tiny" and s.device == "cpu" and len(s.splits.n_train) == 2
+    assert len(s.strategies) == n_strategies and s.splits.repeats == 1
+    assert (s.splits.folds_to_run == (0,)) if s.splits.cross_validation else s.splits.test is not None

@@ -1,0 +1,202 @@
+"""`study run` orchestration (nnU-Net's programs replaced by fakes: failures, skips, retries) and `study report` on
+finished runs: tables equal evaluate's numbers, pooling over repeats, each case evaluated once."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nnunet_transfer.pipeline as pipeline
+from nnunet_transfer.errors import TransferError
+from nnunet_transfer.study.plan import prepare
+from nnunet_transfer.study.report import report_study
+from nnunet_transfer.study.runner import run_study
+from nnunet_transfer.study.state import read_state, results_folder, run_dir
+from nnunet_transfer.study.status import study_status
+
+from study.fake_tree import DEFAULT_STUDY, fake_log, finish_run, make_tree, set_env
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    set_env(monkeypatch, tmp_path)
+    return tmp_path
+
+
+class FakePrograms:
+    """nnUNetv2_train / nnUNetv2_predict as the study calls them; trainers in ``fail`` exit non-zero."""
+
+    def __init__(self, root: Path, fail=()):
+        self.root, self.fail, self.calls = root, set(fail), []
+
+    def __call__(self, args, *, env, log, what, extra_env=None, tail=25):
+        args = [str(a) for a in args]
+        self.calls.append(args)
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text("$ " + " ".join(args) + "\n")
+        if args[0] == "nnUNetv2_train":
+            dataset, conf, fold, trainer = args[1], args[2], args[3], args[args.index("-tr") + 1]
+            if trainer in self.fail:
+                raise TransferError(f"{what} failed (exit 1); see {log}. Last lines:\n    boom")
+            folder = self.root / "results" / dataset / f"{trainer}__nnUNetPlans__{conf}" / f"fold_{fold}"
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"logging": fake_log(4), "trainer_name": trainer}, folder / "checkpoint_final.pth")
+            (folder / "training_log_1.txt").write_text("".join(f"t: Epoch {e}\nt: Epoch time: 1 s\n" for e in range(4)))
+        else:
+            images, out = Path(args[args.index("-i") + 1]), Path(args[args.index("-o") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            for label in (images.parent / "labelsTs").iterdir():
+                shutil.copy(label, out / label.name)
+        return 0.0
+
+
+def test_a_failed_run_is_recorded_and_the_others_go_on(tree, monkeypatch):
+    path = make_tree(tree)
+    fake = FakePrograms(tree, fail={"nnUNetTrainerFrozenEncoder"})
+    monkeypatch.setattr(pipeline, "run_step", fake)
+    summary = run_study(path, say=lambda s: None)
+    assert [(o.run, o.result) for o in summary.outcomes] == [
+        ("scratch__n2__r0__f0", "done"), ("scratch__nall__r0__f0", "done"),
+        ("frozen__n2__r0__f0", "failed"), ("frozen__nall__r0__f0", "failed")]
+    plan = prepare(path, write=False, check_weights=False)
+    failed = next(r for r in plan.runs if r.id == "frozen__n2__r0__f0")
+    state = read_state(plan.study, failed)
+    assert state["state"] == "failed" and "boom" in state["error"]
+    assert state["log"] == str(run_dir(plan.study, failed) / "train_1.log") and Path(state["log"]).is_file()
+    status = {p.run.id: p for p in study_status(path).progress}
+    assert status["frozen__n2__r0__f0"].state == "failed" and "failed (exit 1)" in status["frozen__n2__r0__f0"].detail
+    assert status["scratch__n2__r0__f0"].state == "done" and status["scratch__n2__r0__f0"].epochs == 4
+    # fresh training from the start: no --c, no weights
+    train = [c for c in fake.calls if c[0] == "nnUNetv2_train"]
+    assert all("--c" not in c and "-pretrained_weights" not in c for c in train)
+    # a second run trains only the failed runs again (attempt 2), never the done ones
+    fake.calls.clear()
+    fake.fail.clear()
+    summary = run_study(path, say=lambda s: None)
+    assert [(o.run, o.result) for o in summary.outcomes] == [
+        ("scratch__n2__r0__f0", "skipped"), ("scratch__nall__r0__f0", "skipped"),
+        ("frozen__n2__r0__f0", "done"), ("frozen__nall__r0__f0", "done")]
+    assert sorted(c[2] for c in fake.calls if c[0] == "nnUNetv2_train") == ["fake_frozen", "fake_frozen"]
+    assert read_state(plan.study, failed)["attempt"] == 2 and (run_dir(plan.study, failed) / "train_2.log").is_file()
+    # and a third does nothing at all
+    fake.calls.clear()
+    assert all(o.result == "skipped" for o in run_study(path, say=lambda s: None).outcomes) and fake.calls == []
+
+
+def test_interrupted_run_continues_with_c_and_trained_run_is_only_predicted(tree, monkeypatch):
+    path = make_tree(tree)
+    plan = prepare(path)
+    interrupted, trained = plan.runs[0], plan.runs[1]
+    fold = results_folder(plan.study, interrupted)
+    fold.mkdir(parents=True)
+    torch.save({"logging": fake_log(2)}, fold / "checkpoint_latest.pth")
+    from nnunet_transfer.study.state import RUN_FILE, update_state, write_json
+
+    for r in (interrupted, trained):
+        write_json(run_dir(plan.study, r) / RUN_FILE, plan.definitions[r.id])
+    update_state(plan.study, interrupted, state="running", attempt=1)  # the process died: the lock is free
+    fold2 = results_folder(plan.study, trained)
+    fold2.mkdir(parents=True)
+    torch.save({"logging": fake_log(4)}, fold2 / "checkpoint_final.pth")
+    status = {p.run.id: p.state for p in study_status(path).progress}
+    assert status[interrupted.id] == "interrupted" and status[trained.id] == "trained"
+    fake = FakePrograms(tree)
+    monkeypatch.setattr(pipeline, "run_step", fake)
+    run_study(path, only="scratch", say=lambda s: None)
+    train = [c for c in fake.calls if c[0] == "nnUNetv2_train"]
+    assert len(train) == 1 and train[0][2:4] == ["fake_scratch", str(interrupted.nnunet_fold)] and "--c" in train[0]
+    assert "-pretrained_weights" not in train[0]
+    assert sum(c[0] == "nnUNetv2_predict" for c in fake.calls) == 2  # the trained run: predicted, not trained
+
+
+def finished_study(tree, text=DEFAULT_STUDY, n_cases=8):
+    path = make_tree(tree, n_cases=n_cases, study_text=text)
+    plan = prepare(path)
+    for i, r in enumerate(plan.runs):
+        finish_run(plan.study, r, plan.definitions[r.id], quality=0.95 if r.strategy.name == "scratch" else 0.6, seed=i)
+    return path, plan
+
+
+def per_case(folder: Path) -> list[dict]:
+    with open(folder / "per_case.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_numbers_equal_evaluate_and_each_case_is_evaluated_once(tree, monkeypatch):
+    import nnunet_transfer.experiments.evaluate as ev
+
+    path, plan = finished_study(tree)
+    calls = []
+    real = ev._evaluate_case
+    monkeypatch.setattr(ev, "_evaluate_case", lambda task: calls.append(task.case) or real(task))
+    res = report_study(path, tree / "rep", say=lambda s: None)
+    assert len(calls) == len(plan.runs) * 3 and len(res.evaluated) == len(plan.runs)  # runs x test cases, once
+    assert res.compared == {"2": ["scratch", "frozen"], "all": ["scratch", "frozen"]} and res.missing == {"2": [], "all": []}
+    rows = {(r["strategy"], r["metric"], r["label"]): r for r in csv.DictReader(open(tree / "rep/compare/n2/comparison.csv"))}
+    runs_csv = {r["run"]: r for r in csv.DictReader(open(tree / "rep/runs.csv"))}
+    md = (tree / "rep/report.md").read_text()
+    for r in plan.runs:
+        summary = json.loads((run_dir(plan.study, r) / "eval/summary.json").read_text())
+        for lab in (1, 2):
+            mean = summary["per_label"][str(lab)]["dice"]["mean"]
+            assert float(runs_csv[r.id][f"dice_{lab}"]) == mean
+            if r.size == 2:  # one repeat: the pooled table is the run's own
+                row = rows[(r.strategy.name, "dice", str(lab))]
+                assert float(row["mean"]) == pytest.approx(mean, abs=1e-12)
+                assert f"{mean:.3f} ± {float(row['sd']):.3f}" in md
+    for name in ("report.md", "dice_vs_ntrain.png", "runs.csv", "compare/n2/comparison.md", "compare/nall/tukey.csv",
+                 "compare/n2/learning_curves.png", "compare/nall/boxplot_label1.png"):
+        assert (tree / "rep" / name).is_file(), name
+    assert "## n_train 2" in md and "## Dice across training-set sizes — label 1 (organ)" in md
+    # cached: a second report evaluates nothing; another NSD tolerance re-evaluates every run (no retraining)
+    calls.clear()
+    assert report_study(path, tree / "rep", say=lambda s: None).evaluated == [] and calls == []
+    path.write_text(DEFAULT_STUDY.replace("resamples = 200", "resamples = 200\nnsd_tolerance = 2.0"))
+    assert len(report_study(path, tree / "rep", say=lambda s: None).evaluated) == len(plan.runs)
+
+
+def test_repeats_are_pooled_as_the_mean_per_case(tree):
+    path, plan = finished_study(tree, DEFAULT_STUDY.replace("val = 1", "val = 1\nrepeats = 2"), n_cases=9)
+    report_study(path, tree / "rep", plots=False, say=lambda s: None)
+    runs = [r for r in plan.runs if r.strategy.name == "frozen" and r.size == "all"]
+    assert len(runs) == 2
+    own = [{(x["case"], x["label"]): float(x["dice"]) for x in per_case(run_dir(plan.study, r) / "eval")} for r in runs]
+    pooled = {(x["case"], x["label"]): (float(x["dice"]), int(x["n_runs"])) for x in per_case(tree / "rep/evaluations/nall/frozen")}
+    assert pooled.keys() == own[0].keys()
+    for k, (v, n) in pooled.items():
+        assert n == 2 and v == pytest.approx(np.mean([own[0][k], own[1][k]]), abs=1e-12)
+
+
+def test_report_leaves_out_unfinished_strategies_and_says_so(tree):
+    path = make_tree(tree)
+    plan = prepare(path)
+    for i, r in enumerate(plan.runs):
+        if r.id != "frozen__nall__r0__f0":
+            finish_run(plan.study, r, plan.definitions[r.id], seed=i)
+    res = report_study(path, tree / "rep", plots=False, say=lambda s: None)
+    assert res.compared == {"2": ["scratch", "frozen"], "all": []} and res.missing == {"2": [], "all": ["frozen"]}
+    md = (tree / "rep/report.md").read_text()
+    assert "Not compared: fewer than two strategies are done. Not done: frozen." in md
+    assert "Not done: frozen__nall__r0__f0 (pending)." in md
+
+
+def test_sweep_plot(tree):
+    ckpt = tree / "source.pth"
+    torch.save({"network_weights": {}}, ckpt)
+    text = DEFAULT_STUDY.replace("[splits]", f'[pretrained]\nsource = "{ckpt}"\n\n[splits]').replace(
+        'baseline = "scratch"', 'baseline = "l2sp-0"') + (
+        '\n[[strategy]]\nname = "l2sp"\ntrainer = "nnUNetTrainerL2SP_Sagie"\npretrained = true\n'
+        'sweep = { l2sp_alpha = [0, 8, inf] }\n')
+    path = make_tree(tree, study_text=text)
+    plan = prepare(path, check_weights=False)  # the fake checkpoint is no network
+    for i, r in enumerate(plan.runs):
+        finish_run(plan.study, r, plan.definitions[r.id], seed=i)
+    res = report_study(path, tree / "rep", say=lambda s: None)
+    assert (tree / "rep/dice_vs_l2sp_alpha.png").is_file()
+    assert res.compared["2"] == ["scratch", "frozen", "l2sp-0", "l2sp-8", "l2sp-inf"]
+    assert "## The l2sp_alpha sweep (l2sp)" in (tree / "rep/report.md").read_text()

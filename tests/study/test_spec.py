@@ -1,0 +1,135 @@
+"""The study file: every bad input is one clear error at load, naming the value, what is valid and the fix."""
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+
+from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.study.spec import load_study, sweep_label
+
+from study.fake_tree import DEFAULT_STUDY, make_tree, set_env
+
+
+@pytest.fixture
+def tree(tmp_path, monkeypatch):
+    set_env(monkeypatch, tmp_path)
+    make_tree(tmp_path, n_cases=8)
+    return tmp_path
+
+
+def write(tree, text: str):
+    path = tree / "s.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def edit(old: str, new: str) -> str:
+    assert old in DEFAULT_STUDY, old
+    return DEFAULT_STUDY.replace(old, new, 1)
+
+
+def test_the_default_file_loads(tree):
+    s = load_study(write(tree, DEFAULT_STUDY))
+    assert s.dataset == "Dataset950_Fake" and s.name == "fake" and s.baseline == "scratch"
+    assert [x.name for x in s.strategies] == ["scratch", "frozen"]
+    assert s.output == (tree / "fake").resolve()
+    assert s.configuration_of(s.strategies[1]) == "fake_frozen"
+    assert s.effective_settings(s.strategies[0]) == {"num_epochs": 4, "seed": 0}
+
+
+BAD = [
+    # (replace, with, error type, words the one-line message must hold)
+    ("[scoring]", "[scorin]", ConfigError, ["[scorin]", "unknown table", "did you mean 'scoring'"]),
+    ('baseline = "scratch"', 'baseline = "scratch"\nbasline = 1', ConfigError, ["basline", "did you mean 'baseline'"]),
+    ('trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainerFrozenEncodr"', ConfigError,
+     ["strategy 'frozen'", "unknown trainer 'nnUNetTrainerFrozenEncodr'", "did you mean 'nnUNetTrainerFrozenEncoder'"]),
+    ('trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainer"', ConfigError,
+     ["nnUNetTrainer is one of nnU-Net's own trainers", "use nnUNetTrainerTransferBase"]),
+    ("num_epochs = 4", "num_epoch = 4", ConfigError, ["[settings]", "unknown setting 'num_epoch'", "num_epochs"]),
+    ("num_epochs = 4", "num_epochs = 0", ConfigError, ["num_epochs", "integer >= 1, got 0"]),
+    ("num_epochs = 4", 'trainable = "encoder"', ConfigError, ["'trainable' is not used by nnUNetTrainerTransferBase"]),
+    ('baseline = "scratch"', 'baseline = "scratc"', ConfigError, ["baseline = 'scratc'", "did you mean 'scratch'"]),
+    ("test = 3", "test = 3\nfolds = 5", ConfigError, ["exactly one way", "test, folds"]),
+    ('n_train = [2, "all"]', 'n_train = [2, "lots"]', ConfigError, ["n_train 'lots' is not a size"]),
+    ('n_train = [2, "all"]', "n_train = [2, 2]", ConfigError, ["lists a size twice"]),
+    ('target = 950', 'target = 951', DataError, ["target = 951", "no dataset with id 951"]),
+    ('configuration = "3d_fullres"', 'configuration = "3d_lowres"', DataError,
+     ["configuration = '3d_lowres'", "available: ['2d', '3d_fullres']", "plans transfer"]),
+    ('device = "cpu"', 'device = "gpu"', ConfigError, ["device = 'gpu'", "cuda, cpu, mps"]),
+    ("resamples = 200", "resamples = 200\nmetrics = [\"dice\", \"hd96\"]", ConfigError,
+     ["unknown metric 'hd96'", "did you mean 'hd95'"]),
+]
+
+
+@pytest.mark.parametrize("old,new,cls,words", BAD, ids=[b[1].split("\n")[-1][:30] for b in BAD])
+def test_bad_input_is_one_clear_error(tree, old, new, cls, words):
+    path = write(tree, edit(old, new))
+    with pytest.raises(cls) as e:
+        load_study(path)
+    msg = str(e.value)
+    assert msg.startswith(f"study file {path.resolve()}") and "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_missing_checkpoint_and_unset_variable(tree, monkeypatch):
+    text = edit("[splits]", '[pretrained]\nsource = "$nnUNet_results/nope/fold_0"\n\n[splits]')
+    text = text.replace('trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainerFinetune"\npretrained = "source"')
+    with pytest.raises(DataError, match=r"\[pretrained\]: source = .*checkpoint .*nope/fold_0 not found"):
+        load_study(write(tree, text))
+    monkeypatch.delenv("nnUNet_results")
+    with pytest.raises(DataError, match=r"uses \$nnUNet_results, which is not set"):
+        load_study(write(tree, text))
+
+
+def test_strategy_that_needs_pretrained_weights_names_the_fix(tree):
+    text = edit('trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainerFrozenDecoder"')
+    with pytest.raises(ConfigError, match=r"nnUNetTrainerFrozenDecoder needs pretrained weights .*add pretrained = "
+                                          r"\"NAME\""):
+        load_study(write(tree, text))
+
+
+def test_unknown_pretrained_reference(tree):
+    text = edit('trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainerFinetune"\npretrained = "src"')
+    with pytest.raises(ConfigError, match=r"pretrained = 'src' is not a checkpoint of \[pretrained\] \(none declared\)"):
+        load_study(write(tree, text))
+
+
+def test_sweep_expands_into_named_strategies_with_inf_as_the_plans_hold_it(tree):
+    ckpt = tree / "source.pth"
+    ckpt.write_bytes(b"x")
+    text = edit("[splits]", f'[pretrained]\nsource = "{ckpt}"\n\n[splits]') + textwrap.dedent("""
+        [[strategy]]
+        name = "l2sp"
+        trainer = "nnUNetTrainerL2SP_Sagie"
+        pretrained = true
+        sweep = { l2sp_alpha = [0, 0.5, 8, inf] }
+        """)
+    s = load_study(write(tree, text))
+    swept = s.sweeps["l2sp"]
+    assert [x.name for x in swept] == ["l2sp-0", "l2sp-0.5", "l2sp-8", "l2sp-inf"]
+    assert [x.settings["l2sp_alpha"] for x in swept] == [0, 0.5, 8, "inf"]  # JSON has no infinity
+    assert math.isinf(swept[-1].sweep_value) and sweep_label(swept[-1].sweep_value) == "inf"
+    assert all(x.pretrained == "source" and x.family == "l2sp" for x in swept)
+
+
+def test_sweep_errors(tree):
+    base = edit("[splits]", '[pretrained]\nsource = "s.pth"\n\n[splits]')
+    (tree / "s.pth").write_bytes(b"x")
+    for sweep, words in (("{ l2sp_alpa = [0, 1] }", "sweep setting 'l2sp_alpa' is not a setting (did you mean 'l2sp_alpha'?)"),
+                         ("{ l2sp_alpha = [1] }", "needs a list of at least two values"),
+                         ("{ l2sp_alpha = [1, 1.0] }", "lists a value twice"),
+                         ("{ l2sp_alpha = [0, -1] }", "must be a number >= 0")):
+        text = base + f'\n[[strategy]]\nname = "l2sp"\ntrainer = "nnUNetTrainerL2SP_Sagie"\npretrained = true\nsweep = {sweep}\n'
+        with pytest.raises(ConfigError) as e:
+            load_study(write(tree, text))
+        assert words in str(e.value)
+
+
+def test_not_toml_and_no_file(tree):
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_study(write(tree, "[study\nname="))
+    with pytest.raises(DataError, match="not found; write one with `nnunet_transfer study init"):
+        load_study(tree / "none.toml")
