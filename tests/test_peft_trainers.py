@@ -247,3 +247,14 @@ def test_settings_groups():
     assert set(TransferConfig.keys("stages")) == {"stages", "stage_warmup_epochs"}
     assert set(TransferConfig.keys("lora")) == {"lora_rank", "lora_alpha", "lora_targets"}
     assert "lora_targets" in TransferConfig.spec_keys()
+
+
+def test_l2sp_scope_and_trainable_take_kinds(build):
+    tr = build(T.nnUNetTrainerL2SP, {"l2sp_scope": "encoder:kernel", "allow_random_anchor": True})
+    net = unwrap(tr.network)
+    kernels = {n for n, p in net.named_parameters() if n.startswith("encoder.") and n.endswith("conv.weight")}
+    assert set(tr.l2sp.anchored_names) == kernels
+    tr = build(T.nnUNetTrainerPartialFT, {"trainable": "decoder+encoder:norm"})
+    trainable = {n for n, p in unwrap(tr.network).named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(unwrap(tr.network).named_parameters())
+                         if n.startswith("decoder.") or (n.startswith("encoder.") and ".norm." in n)}
