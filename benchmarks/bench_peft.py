@@ -22,7 +22,7 @@ Why LoRA's step is not cheaper here: the update is applied in weight space (W₀
 conv is exactly a conv with the merged kernel), so backward still computes each conv's kernel gradient —
 LoRA saves the optimizer state and the gradients of the frozen kernels, not backward compute.
 
-    python benchmarks/bench_peft.py                          # ~10-15 min on 2 busy CPU cores
+    python benchmarks/bench_peft.py                          # ~8-12 min on 2 CPU cores (quick: ~4 min)
     python benchmarks/bench_peft.py --quick                  # smoke run: one repeat, one timed round
     python benchmarks/bench_peft.py --workdir /tmp/bf --json peft.json   # reuse bench_freezing's setup
 """
