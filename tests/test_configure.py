@@ -116,3 +116,19 @@ def test_cli_error_is_one_line_and_leaves_plans_untouched(preprocessed, capsys):
 def test_cli_unknown_dataset(preprocessed, capsys):
     assert main(["configure", "-d", "977", "-c", "3d_fullres", "-n", "x"]) == 2
     assert "no dataset with id 977 (Dataset977_*)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("trainable=blocks:1,12", r"setting 'trainable' of configuration 'bad' \(N=\d+ stages\): block 12 in spec"),
+    ("l2sp_scope=encodr", r"setting 'l2sp_scope' of configuration 'bad' .*unknown term 'encodr'"),
+    ("lora_targets=blocks:0", r"setting 'lora_targets' of configuration 'bad' .*block 0"),
+    ("stages=decoder+seg:5,middle", r"setting 'stages\[1\]' of configuration 'bad' .*unknown term 'middle'"),
+])
+def test_block_specs_are_parsed_against_the_stage_count_when_written(preprocessed, capsys, setting, message):
+    import re
+
+    before = (preprocessed / "nnUNetPlans.json").read_bytes()
+    assert main(["configure", "-d", NAME, "-c", "3d_fullres", "-n", "bad", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert (preprocessed / "nnUNetPlans.json").read_bytes() == before

@@ -135,8 +135,11 @@ def check_specs(settings: Mapping[str, Any], n_stages: Any, *, where: str) -> No
 
     if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 2:
         return  # an architecture this package does not describe; the trainer reports it
-    for key in TransferConfig.spec_keys():
-        spec = settings.get(key)
+    specs = [(key, settings.get(key)) for key in TransferConfig.spec_keys()]
+    stages = settings.get("stages")
+    if isinstance(stages, list):  # [[spec, end epoch], ..., [spec, null]]
+        specs += [(f"stages[{i}]", st[0]) for i, st in enumerate(stages) if isinstance(st, (list, tuple)) and st]
+    for key, spec in specs:
         if isinstance(spec, str):
             try:
                 parse_spec(spec, n_stages)
