@@ -425,8 +425,9 @@ def machine(threads: int) -> dict:
 
 
 # ====================================================================== parent
-def run_one(spec: dict, env: dict, log: Path) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+def run_one(spec: dict, env: dict, log: Path, *, script: str = __file__) -> dict:
+    """Run ``script --child SPEC`` in a fresh process and return the result line it prints."""
+    cmd = [sys.executable, os.path.abspath(script), "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     for line in proc.stdout.splitlines():

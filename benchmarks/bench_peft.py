@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -126,15 +125,7 @@ def child(spec: dict) -> dict:
 
 
 def run_one(spec: dict, env: dict, log: Path) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
-    raise SystemExit(f"{spec['kind']} measurement {spec['arch']} failed (exit {proc.returncode}); log {log}; "
-                     f"last lines:\n{tail}")
+    return bf.run_one(spec, env, log, script=__file__)
 
 
 # ====================================================================== parent

@@ -286,6 +286,13 @@ def _coerce_special(key: str, v: Any) -> Any:
 _BLOCK_ITEM = re.compile(r"\s*\d+\s*(?:[abAB]|-\s*\d+)?\s*(?::\s*\d+\s*)?")
 
 
+def _json_value(key: str, text: str, kind: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"setting {key!r}: {text!r} is not a valid JSON {kind} ({e})") from None
+
+
 def parse_stages_text(text: str) -> list:
     """``"decoder+seg:50,all"`` -> ``[["decoder+seg", 50], ["all", None]]`` (a JSON list is read as JSON).
 
@@ -293,10 +300,7 @@ def parse_stages_text(text: str) -> list:
     starts, the last one ``SPEC``. Commas inside a ``blocks:`` list stay in it (``blocks:1,2:20,all``)."""
     t = text.strip()
     if t.startswith("["):
-        try:
-            return json.loads(t)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"setting 'stages': {t!r} is not a valid JSON list ({e})") from None
+        return _json_value("stages", t, "list")
     pieces: list[str] = []
     for raw in t.split(";") if ";" in t else t.split(","):
         prev = pieces[-1] if pieces else ""
@@ -325,10 +329,7 @@ def parse_heads_text(text: str) -> Any:
     """``"organ:liver,lesion:tumour"`` or a JSON object -> ``{"organ": "liver", …}``; other text unchanged."""
     t = text.strip()
     if t.startswith("{"):
-        try:
-            return json.loads(t)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"setting 'heads': {t!r} is not a valid JSON object ({e})") from None
+        return _json_value("heads", t, "object")
     if ":" not in t:
         return t  # not a mapping: the validator names the valid choices
     out: dict[str, str] = {}

@@ -33,7 +33,7 @@ from nnunet_transfer.analysis.convergence import (
     curve_convergence,
     index_curve,
 )
-from nnunet_transfer.checkpoints import SEG_KEY, compare, is_seg_key, load_state
+from nnunet_transfer.checkpoints import compare, is_seg_key, load_state
 from nnunet_transfer.checkpoints import load_into as load_into_network
 from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError
 from nnunet_transfer.policies.snapshots import SNAPSHOT_DIR, read_index, snapshot_name

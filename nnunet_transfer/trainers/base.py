@@ -46,7 +46,7 @@ from nnunet_transfer.policies.drift import group_drift
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.policies.l2sp import penalised_step
 from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
-from nnunet_transfer.policies.snapshots import save_snapshot, save_weights, snapshot_name, SNAPSHOT_DIR
+from nnunet_transfer.policies.snapshots import save_snapshot, save_weights
 from nnunet_transfer.trainers.pretrained import (PretrainedFile, check_pretrained, copy_head_rows,
                                                  nnunet_train_args, redirect_nnunet_loader, target_network)
 

@@ -57,7 +57,7 @@ def unknown_trainer_message(name: str, *, ours: list[str] | None = None, nnunet:
 
     shim = str(ext_trainer_folder())
     hint = "" if shim in ext.split(os.pathsep) else (
-        f" (it does not contain this package's trainers: export nnUNet_extTrainer=$(nnunet_transfer trainer-path))")
+        " (it does not contain this package's trainers: export nnUNet_extTrainer=$(nnunet_transfer trainer-path))")
     return (f"no trainer {name!r}; closest of nnunet_transfer: {close(list(ours))}; of nnU-Net: {close(nnunet)}; "
             f"nnUNet_extTrainer={ext or '<unset>'}{hint}")
 

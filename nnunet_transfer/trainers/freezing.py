@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from nnunet_transfer.blocks import PRESETS, BlockModel
 from nnunet_transfer.errors import ConfigError, TransferError
-from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.policies.freezing import reinit_zeroed_residual_norms
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase

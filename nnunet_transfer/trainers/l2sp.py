@@ -19,7 +19,6 @@ import json
 import math
 import os
 
-import torch
 from torch import nn
 
 from nnunet_transfer.blocks import BlockModel
