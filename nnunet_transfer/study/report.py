@@ -41,6 +41,7 @@ from nnunet_transfer.study.state import (Progress, RunLock, evaluation_current, 
 from nnunet_transfer.study.table import Run, size_slug, test_folder
 
 REPORT = "report.md"
+TITLES = {"dice": "Dice", "precision": "precision"}
 
 
 @dataclass
@@ -143,12 +144,16 @@ def plot_vs_ntrain(path: Path, points: dict, strategies: Sequence[str], labels: 
                 continue
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=[0 if v is None else v for v in e], marker="o", capsize=3, label=s)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training cases (n_train)")
-        ax.set_ylabel(f"test {metric}")
+        ax.set_ylabel(f"test {TITLES.get(metric, metric)}")
         ax.set_title(_label_title(lab, names), fontsize=10)
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=7)
-    fig.suptitle(f"test {metric} against the training-set size (mean ± sd over the test cases)", fontsize=10)
+    fig.suptitle(f"test {TITLES.get(metric, metric)} against the training-set size (mean ± sd over the test cases)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -168,7 +173,7 @@ def plot_sweep(path: Path, key: str, values: Sequence, series: dict, labels: Seq
                             label=f"n_train {size}")
             ax.set_xticks(range(len(values)), ticks)
             ax.set_xlabel(key)
-            ax.set_ylabel(f"test {m}")
+            ax.set_ylabel(f"test {TITLES.get(m, m)}")
             ax.set_title(_label_title(lab, names), fontsize=10)
             ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=7)
@@ -236,9 +241,10 @@ def report_study(study: Study | str | Path, out: str | Path, *, plots: bool = Tr
                                                      names))
         compared[key] = []
         if study.baseline in ready and len(ready) >= 2:
-            res = compare_evaluations([(n, pooled[(key, n)][0]) for n in ready], out / "compare" / f"n{size_slug(size)}",
-                                      baseline=study.baseline, metrics=metrics, test=study.scoring.test,
-                                      alpha=study.scoring.alpha, n_resamples=study.scoring.resamples, plots=plots)
+            res = compare_evaluations([(n, pooled[(key, n)][0]) for n in ready],
+                                      out / "compare" / f"n{size_slug(size)}", baseline=study.baseline,
+                                      metrics=metrics, test=study.scoring.test, alpha=study.scoring.alpha,
+                                      n_resamples=study.scoring.resamples, plots=plots)
             comparisons[key] = res
             compared[key] = ready
             files += res.files
@@ -318,8 +324,8 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
              f"{sp.repeats} repeat(s) with seed {sp.seed}. {len(done)} of {len(prog)} runs are done. "
              f"Per strategy and size the test cases' values are pooled over the runs (held-out set: the mean over "
              f"the repeats; cross-validation: each case from its own fold) and compared with the baseline "
-             f"**{study.baseline}** by a {'paired t-test' if study.scoring.test == 'ttest' else 'Wilcoxon signed-rank test'}"
-             f" (Holm-corrected, p < {study.scoring.alpha}) and Tukey's HSD across all strategies.", "",
+             f"**{study.baseline}** by a {_test_name(study)} (Holm-corrected, p < {study.scoring.alpha}) and Tukey's "
+             f"HSD across all strategies.", "",
              "| strategy | trainer | pretrained | settings |", "|---|---|---|---|"]
     for s in study.strategies:
         settings = ", ".join(f"{k}={sweep_label(v) if not isinstance(v, str) else v}" for k, v in s.settings.items())
@@ -338,7 +344,8 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
             res = comparisons.get(k)
             for n in strategies:
                 if res is not None and any(r["strategy"] == n for r in res.rows):
-                    row = next(r for r in res.rows if r["strategy"] == n and r["metric"] == "dice" and r["label"] == lab)
+                    row = next(r for r in res.rows
+                               if r["strategy"] == n and r["metric"] == "dice" and r["label"] == lab)
                     cells[(n, k)] = (row["mean"], row["sd"], bool(row["significant"]))
                 elif (k, n) in pooled:
                     mean, sd = _mean_sd(pooled[(k, n)][1], "dice", lab)
@@ -381,7 +388,8 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
                    else "fewer than two strategies are done")
             lines += [f"Not compared: {why}." + (f" Not done: {', '.join(missing[k])}." if missing.get(k) else ""), ""]
             continue
-        lines += _findings(study, res, labels, names) + [""]
+        for sentence in _findings(study, res, labels, names):
+            lines += [sentence, ""]
         lines += _convergence(study, res) + [""]
         cmp_md = (res.out / "comparison.md").read_text()
         body = cmp_md.split("\n", 1)[1] if cmp_md.startswith("# ") else cmp_md
@@ -405,6 +413,10 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
     return "\n".join(lines)
 
 
+def _test_name(study: Study) -> str:
+    return "paired t-test" if study.scoring.test == "ttest" else "Wilcoxon signed-rank test"
+
+
 def _mean_n(n_train: dict, strategies: Sequence[str], i: int) -> str:
     vals = [v for s in strategies for v in n_train.get((s, i), [])]
     return "–" if not vals else f"{np.mean(vals):g}"
@@ -412,7 +424,7 @@ def _mean_n(n_train: dict, strategies: Sequence[str], i: int) -> str:
 
 def _findings(study: Study, res, labels: Sequence[int], names: dict) -> list[str]:
     """One sentence per label: the best strategy, and every difference from the baseline that is significant."""
-    test = "paired t-test" if study.scoring.test == "ttest" else "Wilcoxon signed-rank test"
+    test = _test_name(study)
     out = []
     for lab in labels:
         rows = [r for r in res.rows if r["metric"] == "dice" and r["label"] == lab and r["mean"] is not None]

@@ -343,9 +343,11 @@ def submit(study: Study, runs: Sequence[Run], definitions: dict, *, cluster: str
         for run, job in zip(runs, jobs):
             try:
                 result = job.result()
-                outcomes.append(Outcome(run.id, result["result"], result.get("seconds", 0.0), result.get("message", "")))
+                outcomes.append(Outcome(run.id, result["result"], result.get("seconds", 0.0),
+                                        result.get("message", "")))
             except Exception as e:  # the job died outside execute_run (import error, node failure, cancelled)
-                message = f"job {job.job_id} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+                message = f"job {job.job_id} failed: {type(e).__name__}: {last}"
                 if read_state(study, run).get("state") != "done":
                     update_state(study, run, state="failed", error=message, log=str(job.paths.stderr))
                 outcomes.append(Outcome(run.id, "failed", message=message))

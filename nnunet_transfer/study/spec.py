@@ -42,7 +42,7 @@ Layout (every table but ``[study]``, ``[splits]`` and ``[[strategy]]`` is option
 
     [predict]
     disable_tta = false
-    processes = 3                # nnUNetv2_predict -npp and -nps
+    processes = 3                # nnUNetv2_predict -npp and -nps; 0: no worker processes (sequential)
 
     [environment]                # extra environment variables of nnU-Net's programs
     nnUNet_n_proc_DA = "12"
@@ -329,7 +329,7 @@ def load_study(path: str | Path, *, check_data: bool = True) -> Study:
     disable_tta = pr.get("disable_tta", False)
     if not isinstance(disable_tta, bool):
         raise w.err("predict", f"disable_tta = {disable_tta!r} must be true or false")
-    processes = _int(w, "predict", "processes", pr.get("processes", 3), 1)
+    processes = _int(w, "predict", "processes", pr.get("processes", 3), 0)
     environment = _read_environment(w, doc.get("environment", {}))
     slurm = _read_slurm(w, doc.get("slurm", {}))
 

@@ -332,7 +332,8 @@ def progress(study: Study, run: Run, *, job_alive=None, locked: bool | None = No
         if alive is False:
             p.detail = f"job {job} ended without running it; `study run` submits it again"
     elif final and not enough:
-        p.state, p.detail = "extend", f"trained {state.get('epochs_trained')} epochs, the file now asks {run.num_epochs}"
+        p.state = "extend"
+        p.detail = f"trained {state.get('epochs_trained')} epochs, the file now asks {run.num_epochs}"
     elif final:
         p.state = "trained"
         p.detail = "predictions missing or older than checkpoint_final"

@@ -165,9 +165,9 @@ def sagie(dataset: str, n: int, **kw) -> list[str]:
         raise DataError(f"{dataset} has {n} training cases: too few for a train / validation / test split")
     return [
         "# Sagie, Greenspan & Goldberger 2021, \"Transfer learning via parameter regularization for medical image",
-        "# segmentation\". L2-SP on the encoder, λ‖θ_enc − θ̄_enc‖², with the decoder trained from scratch; λ swept",
-        "# over 0 (plain transfer by initialisation) ... 50 and ∞ (the encoder frozen), Fig. 1: Dice and precision",
-        "# of the lesion class against λ, p-values against λ = 0.", "",
+        "# segmentation\". L2-SP on the encoder, λ‖θ_enc − θ̄_enc‖², with the decoder trained from scratch;",
+        "# λ swept over 0 (plain transfer by initialisation) ... 50 and ∞ (the encoder frozen), Fig. 1: Dice and",
+        "# precision of the lesion class against λ, p-values against λ = 0.", "",
         *_header("sagie", dataset, kw["configuration"], kw["name"], kw["pretrained"], "l2sp-0", kw["device"]),
         "[splits]",
         f"# the paper: 29 scans, 21 train / 3 validation / 5 test, one random split. Scaled to {dataset}'s {n}",

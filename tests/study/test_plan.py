@@ -159,3 +159,17 @@ def test_output_that_is_not_a_study_folder(tree):
     (tree / "fake" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match="exists and is not a study folder"):
         prepare(path)
+
+
+def test_case_listing_is_nnunets(tree):
+    """The study lists the raw cases with nnU-Net's own rules (not its 12-process pool: see dataset_cases)."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    from nnunet_transfer.study.table import dataset_cases
+
+    study_file(tree)
+    raw = tree / "raw" / DATASET
+    (raw / "imagesTr" / "case_000_0001.nii.gz").write_bytes(b"")  # a second channel for one case
+    files, ending = dataset_cases(DATASET)
+    assert ending == ".nii.gz" and files == get_filenames_of_train_images_and_targets(str(raw))
+    assert len(files["case_000"]["images"]) == 2

@@ -1,0 +1,290 @@
+"""Studies end to end with the real nnU-Net programs: the three examples' smoke studies (examples/*/smoke.toml)
+on generated data, `study run` killed in the middle of a run and resumed (locally, then the rest as SLURM
+jobs through submitit's LocalExecutor — the same code path as on a cluster), and every template's file
+through `study plan`.
+
+Datasets of their own (912: held-out test set, shared by the Karimi and Sagie smoke studies, whose splits
+are identical; 913: the same images under another id for Amiri's cross-validation): a study writes its
+dataset's splits_final.json, which would change every other test's folds on the shared target 902.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nnunet_transfer.cli.main import main
+from nnunet_transfer.data.synthetic import TARGET, make_dataset
+from nnunet_transfer.pipeline import executable
+from nnunet_transfer.study.plan import prepare
+from nnunet_transfer.study.state import file_stamp, read_state, results_folder, run_dir, sha256
+from nnunet_transfer.study.status import study_status
+
+from conftest import SOURCE_ID, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+FIXED, CV = 912, 913
+
+
+@pytest.fixture(scope="module")
+def smoke_data(workspace):
+    ws = workspace
+    folder = make_dataset(ws.root / "raw", FIXED, "StudySmoke", TARGET, n_train=10, n_test=0, seed=12,
+                          physical_size=32.0)
+    ws.run(["nnunet_transfer", "plans", "transfer", "-s", SOURCE_ID, "-t", FIXED, "-np", 1], "plans transfer 912")
+    ws.run(["nnUNetv2_preprocess", "-d", FIXED, "-plans_name", "nnUNetPlans", "-c", "3d_fullres", "-np", 1],
+           "preprocess 912")
+    # 913: the same cases and preprocessed data under another id (its own splits file); no second preprocessing
+    cv = f"Dataset{CV}_StudySmokeCV"
+    raw = ws.root / "raw" / cv
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+        for f in (folder / sub).iterdir():
+            (raw / sub / f.name).symlink_to(f)
+    shutil.copy(folder / "dataset.json", raw / "dataset.json")
+    pre = ws.root / "preprocessed"
+    shutil.copytree(pre / folder.name, pre / cv, ignore=shutil.ignore_patterns("splits_*"))
+    plans = json.loads((pre / cv / "nnUNetPlans.json").read_text())
+    plans["dataset_name"] = cv
+    (pre / cv / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
+    ws.extra_datasets.update({FIXED: folder.name, CV: cv})
+    return ws
+
+
+def copy_example(name: str, dest: Path) -> Path:
+    """The shipped smoke file, unchanged, in a folder of the test's (its output is relative to it)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(EXAMPLES / name / "smoke.toml", dest / "smoke.toml"))
+
+
+def trained_logs(fold: Path) -> list[str]:
+    return sorted(p.name for p in fold.glob("training_log_*.txt"))
+
+
+def final_facts(study, runs) -> dict:
+    out = {}
+    for r in runs:
+        fold = results_folder(study, r)
+        if (fold / "checkpoint_final.pth").is_file():
+            out[r.id] = (file_stamp(fold / "checkpoint_final.pth"), sha256(fold / "checkpoint_final.pth"),
+                         trained_logs(fold))
+    return out
+
+
+# --------------------------------------------------------------------------- Karimi: kill, resume, SLURM path
+@pytest.fixture(scope="module")
+def karimi(smoke_data, tmp_path_factory):
+    ws = smoke_data
+    path = copy_example("karimi", tmp_path_factory.mktemp("karimi"))
+    plan = prepare(path)
+    study, runs = plan.study, plan.runs
+    assert len(runs) == 4  # 2 strategies x 2 sizes
+    log = open(path.parent / "study_run.log", "w")
+    proc = subprocess.Popen([executable("nnunet_transfer"), "study", "run", str(path)], env=ws.env, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    killed = None
+    deadline = time.monotonic() + 1800  # a guard against a hang, not a measurement
+    try:
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            done = [r for r in runs if (run_dir(study, r) / "pred").is_dir()]
+            for r in runs:
+                fold = results_folder(study, r)
+                logs = list(fold.glob("training_log_*.txt")) if done else []
+                # "Epoch 1" is printed after epoch 0's checkpoint_latest was written in full
+                if logs and not (fold / "checkpoint_final.pth").exists() and "Epoch 1" in logs[0].read_text():
+                    os.killpg(proc.pid, signal.SIGSTOP)  # freeze, look again, then kill: never mid-final
+                    if not (fold / "checkpoint_final.pth").exists():
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        killed = r
+                        break
+                    os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and killed is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert killed is not None, f"study run ended before a run could be killed mid-run: {path.parent / 'study_run.log'}"
+    fold = results_folder(study, killed)
+    latest = load_checkpoint(fold / "checkpoint_latest.pth")
+    facts = {"path": path, "study": study, "runs": runs, "killed": killed,
+             "latest_epoch": latest["current_epoch"], "latest_log": latest["logging"],
+             "before": final_facts(study, runs), "status_after_kill": {p.run.id: p for p in study_status(path).progress}}
+    # 1. rerun the killed run here (--executor local, the default)
+    assert main(["study", "run", str(path), "--only", killed.id]) == 0
+    facts["after_local"] = final_facts(study, runs)
+    # 2. the rest as SLURM jobs: submitit's LocalExecutor runs RunJob in local processes
+    pending = [r for r in runs if r.id not in facts["after_local"]]
+    facts["pending"] = pending
+    assert main(["study", "run", str(path), "--executor", "slurm", "--cluster", "local", "--wait"]) == 0
+    facts["after_slurm"] = final_facts(study, runs)
+    # 3. a third run has nothing left to do
+    assert main(["study", "run", str(path)]) == 0
+    facts["after_all"] = final_facts(study, runs)
+    assert main(["study", "report", str(path), "-o", str(path.parent / "report")]) == 0
+    facts["report"] = path.parent / "report"
+    return facts
+
+
+def test_finished_runs_were_never_retrained(karimi):
+    before = karimi["before"]
+    assert before and karimi["killed"].id not in before  # at least one run finished before the kill
+    for stage in ("after_local", "after_slurm", "after_all"):
+        for rid, fact in before.items():
+            assert karimi[stage][rid] == fact, (stage, rid)  # same bytes, same mtime, no new training log
+    assert karimi["after_all"] == karimi["after_slurm"]
+    for r in karimi["runs"]:
+        assert len(trained_logs(results_folder(karimi["study"], r))) == (2 if r.id == karimi["killed"].id else 1)
+
+
+def test_the_killed_run_continued_from_its_checkpoint(karimi):
+    study, killed = karimi["study"], karimi["killed"]
+    status = karimi["status_after_kill"][killed.id]
+    assert status.state == "interrupted" and status.epochs == 1 and status.resume
+    assert karimi["latest_epoch"] == 1
+    folder = run_dir(study, killed)
+    second = (folder / "train_2.log").read_text().splitlines()[0]
+    assert "--c" in second and "-pretrained_weights" not in second
+    fold = results_folder(study, killed)
+    logs = sorted(fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
+    epochs = [ln.split(": Epoch ")[1].strip() for ln in logs[-1].read_text().splitlines()
+              if ": Epoch " in ln and "time" not in ln]
+    assert epochs == ["1"]  # the continued attempt trained epoch 1 only
+    final = load_checkpoint(fold / "checkpoint_final.pth")["logging"]
+    assert len(final["epoch_end_timestamps"]) == 2
+    assert final["epoch_start_timestamps"][0] == karimi["latest_log"]["epoch_start_timestamps"][0]  # epoch 0 kept
+    state = read_state(study, killed)
+    assert state["state"] == "done" and state["attempt"] == 2
+
+
+def test_the_rest_ran_as_submitit_jobs(karimi):
+    study = karimi["study"]
+    assert karimi["pending"], "the kill left no run for the SLURM path"
+    for r in karimi["pending"]:
+        state = read_state(study, r)
+        assert state["state"] == "done" and state["cluster"] == "local" and state["job_id"]
+        job = state["job_id"]
+        assert (study.output / "slurm" / job / f"{job}_0_result.pkl").is_file()
+    status = {p.run.id: p for p in study_status(karimi["path"]).progress}
+    assert all(p.state == "done" for p in status.values())
+    assert {status[r.id].job_id for r in karimi["pending"]} == {read_state(study, r)["job_id"] for r in karimi["pending"]}
+
+
+def test_report_tables_and_plots(karimi):
+    import csv
+
+    from matplotlib.image import imread
+
+    study, rep = karimi["study"], karimi["report"]
+    runs_csv = {r["run"]: r for r in csv.DictReader(open(rep / "runs.csv"))}
+    for r in karimi["runs"]:
+        summary = json.loads((run_dir(study, r) / "eval" / "summary.json").read_text())
+        assert summary["run"] == str(results_folder(study, r).resolve())
+        assert sorted(summary["cases"]) == sorted(r.test)
+        for lab in (1, 2):
+            mean = summary["per_label"][str(lab)]["dice"]["mean"]
+            assert float(runs_csv[r.id][f"dice_{lab}"]) == mean
+            rows = list(csv.DictReader(open(rep / "compare" / f"n{r.size}" / "comparison.csv")))
+            row = next(x for x in rows if x["strategy"] == r.strategy.name and x["metric"] == "dice"
+                       and x["label"] == str(lab))
+            assert float(row["mean"]) == pytest.approx(mean, abs=1e-12)
+    md = (rep / "report.md").read_text()
+    assert "## n_train 2" in md and "## n_train all" in md and "| scratch (baseline) |" in md
+    for png in ("dice_vs_ntrain.png", "compare/n2/learning_curves.png", "compare/nall/boxplot_label1.png"):
+        assert imread(rep / png).shape[0] > 200, png
+
+
+# --------------------------------------------------------------------------- Amiri: cross-validation
+@pytest.fixture(scope="module")
+def amiri(smoke_data, tmp_path_factory):
+    path = copy_example("amiri", tmp_path_factory.mktemp("amiri"))
+    assert main(["study", "run", str(path)]) == 0
+    assert main(["study", "report", str(path), "-o", str(path.parent / "report")]) == 0
+    return path
+
+
+def test_amiri_smoke_cross_validation_fold(amiri):
+    plan = prepare(amiri, write=False)
+    runs = plan.runs
+    assert len(runs) == 4 and {r.fold for r in runs} == {0} and sorted({r.n_train for r in runs}) == [1, 6]
+    splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / f"Dataset{CV}_StudySmokeCV" /
+                         "splits_final.json").read_text())
+    assert len(splits) == 5 * 2  # every fold is in the splits file; only fold 0 was run
+    for r in runs:
+        assert not set(r.test) & (set(r.train) | set(r.val))
+        log = "\n".join(p.read_text() for p in results_folder(plan.study, r).glob("training_log_*.txt"))
+        assert f"This split has {r.n_train} training and {r.n_val} validation cases." in log
+    frozen = json.loads((results_folder(plan.study, runs[-1]) / "transfer_config.json").read_text())
+    assert frozen["trainer"] == "nnUNetTrainerPartialFT_exceptBottleneck" and frozen["drift"]["encoder"] > 0
+    md = (amiri.parent / "report" / "report.md").read_text()
+    assert "5-fold cross-validation" in md and "## n_train 6.25%" in md
+
+
+# --------------------------------------------------------------------------- Sagie: the lambda sweep
+@pytest.fixture(scope="module")
+def sagie(karimi, tmp_path_factory):
+    # after Karimi's study: both use dataset 912 with the same splits
+    path = copy_example("sagie", tmp_path_factory.mktemp("sagie"))
+    assert main(["study", "run", str(path)]) == 0
+    assert main(["study", "report", str(path), "-o", str(path.parent / "report")]) == 0
+    return path
+
+
+def test_sagie_smoke_sweep(sagie):
+    plan = prepare(sagie, write=False)
+    names = sorted({r.strategy.name for r in plan.runs})
+    assert names == ["l2sp-0", "l2sp-inf"] and len(plan.runs) == 4
+    for r in plan.runs:
+        cfg = json.loads((results_folder(plan.study, r) / "transfer_config.json").read_text())
+        assert cfg["settings"]["l2sp_alpha"] == (0.0 if r.strategy.name == "l2sp-0" else "inf")
+        assert cfg["settings"]["decoder_init"] == "random"
+        if r.strategy.name == "l2sp-inf":
+            assert cfg["drift"]["encoder"] == 0.0  # lambda = inf: the encoder does not move
+        else:
+            assert cfg["drift"]["encoder"] > 0.0
+    rep = sagie.parent / "report"
+    assert (rep / "dice_vs_l2sp_alpha.png").is_file() and "## The l2sp_alpha sweep (l2sp)" in (rep / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- the templates
+@pytest.mark.parametrize("template,runs", [("karimi", 5 * 3), ("amiri", (1 + 8) * 3 * 5), ("sagie", 8)])
+def test_template_passes_study_plan(smoke_data, tmp_path, template, runs):
+    """`study init` on a 30-case dataset (the tiny configuration: 3 stages, so Amiri's 4 presets that need 4 are
+    written commented out), then `study plan`."""
+    ws = smoke_data
+    did, name = 914, "Dataset914_StudyTemplates"
+    raw, pre = ws.root / "raw" / name, ws.root / "preprocessed" / name
+    if not raw.exists():  # plan reads only the case list and links the test files: empty files will do
+        for sub in ("imagesTr", "labelsTr"):
+            (raw / sub).mkdir(parents=True)
+        for i in range(30):
+            (raw / "imagesTr" / f"tpl_{i:03d}_0000.nii.gz").touch()
+            (raw / "labelsTr" / f"tpl_{i:03d}.nii.gz").touch()
+        src = ws.root / "preprocessed" / ws.extra_datasets[FIXED]
+        pre.mkdir(parents=True)
+        shutil.copy(src / "dataset.json", raw / "dataset.json")
+        shutil.copy(src / "dataset.json", pre / "dataset.json")
+        plans = json.loads((src / "nnUNetPlans.json").read_text())
+        plans["dataset_name"] = name
+        (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
+    (pre / "splits_final.json").unlink(missing_ok=True)  # each template its own splits
+    out = tmp_path / f"{template}.toml"
+    assert main(["study", "init", "--template", template, "-d", str(did), "--pretrained",
+                 str(ws.source_checkpoint.parent), "-o", str(out), "-c", "tiny", "--device", "cpu"]) == 0
+    plan = prepare(out)
+    assert len(plan.runs) == runs
+    text = out.read_text()
+    if template == "amiri":
+        assert text.count("\n# [[strategy]]") == 4 and "not for this network (3 stages)" in text
+    if template == "sagie":
+        assert [s.name for s in plan.study.strategies][-1] == "l2sp-inf" and plan.study.baseline == "l2sp-0"
+    assert main(["study", "init", "--template", template, "-d", str(did), "--pretrained",
+                 str(ws.source_checkpoint.parent), "-o", str(out), "-c", "tiny"]) == 2  # exists: --force
