@@ -200,3 +200,21 @@ def test_sweep_plot(tree):
     assert (tree / "rep/dice_vs_l2sp_alpha.png").is_file()
     assert res.compared["2"] == ["scratch", "frozen", "l2sp-0", "l2sp-8", "l2sp-inf"]
     assert "## The l2sp_alpha sweep (l2sp)" in (tree / "rep/report.md").read_text()
+
+
+def test_cli_status_and_run_exit_codes(tree, monkeypatch, capsys):
+    from nnunet_transfer.cli.main import main
+
+    path = make_tree(tree)
+    monkeypatch.setattr(pipeline, "run_step", FakePrograms(tree, fail={"nnUNetTrainerFrozenEncoder"}))
+    assert main(["study", "run", str(path)]) == 1  # a failed run: exit 1 after the others ran
+    out = capsys.readouterr().out
+    assert "4 runs: 2 done, 2 failed" in out and "failed: frozen__n2__r0__f0: nnUNetv2_train of frozen__n2__r0__f0" in out
+    assert main(["study", "status", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "state", "epoch", "elapsed", "job", "detail"]
+    row = next(ln for ln in lines if ln.startswith("scratch__n2__r0__f0"))
+    assert row.split()[1:3] == ["done", "4/4"]
+    assert lines[-1] == "4 runs: 2 done, 2 failed"
+    assert main(["study", "run", str(path), "--only", "nope"]) == 2
+    assert "--only 'nope' matches none of the 4 runs" in capsys.readouterr().err
