@@ -106,3 +106,34 @@ def build_network(plans: dict, configuration: str, dataset_json: dict, *,
                                   determine_num_input_channels(pm, cm, dataset_json),
                                   lm.num_segmentation_heads, allow_init=True,
                                   deep_supervision=deep_supervision)
+
+
+def raw_training_cases(dataset: str) -> tuple[dict, str]:
+    """nnU-Net's training cases of the raw dataset (``{case: {"images", "label"}}``) and the file ending."""
+    from batchgenerators.utilities.file_and_folder_operations import subfiles
+    from nnunetv2.utilities.utils import (create_paths_fn, get_filenames_of_train_images_and_targets,
+                                          get_identifiers_from_splitted_dataset_folder)
+
+    raw = env_folder("nnUNet_raw") / dataset
+    if not (raw / "dataset.json").is_file():
+        raise DataError(f"{raw}/dataset.json not found (nnUNet_raw/{dataset})")
+    dataset_json = load_json(raw / "dataset.json")
+    ending = dataset_json.get("file_ending")
+    if not ending:
+        raise DataError(f"{raw}/dataset.json has no file_ending")
+    if "dataset" in dataset_json:  # files listed in dataset.json: nnU-Net's own reading
+        files = get_filenames_of_train_images_and_targets(str(raw), dataset_json)
+    else:
+        # nnU-Net's rules for imagesTr/labelsTr, without the Pool(12) nnU-Net lists them with: it forks this
+        # (torch-laden) process twelve times and ends the pool with SIGTERM, which the workers of a submitit
+        # job ignore (submitit handles SIGTERM), so the job would wait for them forever
+        images = raw / "imagesTr"
+        if not images.is_dir():
+            raise DataError(f"{images} not found: the raw dataset's training images")
+        identifiers = get_identifiers_from_splitted_dataset_folder(str(images), ending)
+        names = subfiles(str(images), suffix=ending, join=False, sort=True)
+        files = {str(i): {"images": create_paths_fn(str(images), names, ending, i),
+                          "label": str(raw / "labelsTr" / f"{i}{ending}")} for i in identifiers}
+    if not files:
+        raise DataError(f"{dataset} has no training cases in {raw}")
+    return files, ending

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_transfer.errors import DataError
-from nnunet_transfer.nnunet_io import dataset_name, env_folder, load_json
+from nnunet_transfer.nnunet_io import dataset_name, env_folder, load_json, raw_training_cases
 
 SPLITS_FILE = "splits_final.json"
 MAPPING_FILE = "splits_mapping.json"
@@ -210,18 +210,10 @@ def make_splits(dataset: str | int, *, n_train: Sequence[str | int], repeats: in
     from nnunet_transfer.experiments.evaluate import _write_atomic
 
     name = dataset_name(dataset)
-    raw = env_folder("nnUNet_raw") / name
-    if not (raw / "dataset.json").is_file():
-        raise DataError(f"{raw}/dataset.json not found: splits are drawn from the raw dataset's training cases")
-    dataset_json = load_json(raw / "dataset.json")
-    ending = dataset_json.get("file_ending")
-    if not ending:
-        raise DataError(f"{raw}/dataset.json has no file_ending")
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    files = get_filenames_of_train_images_and_targets(str(raw), dataset_json)
-    if not files:
-        raise DataError(f"{name} has no training cases in {raw}")
+    try:
+        files, ending = raw_training_cases(name)
+    except DataError as e:
+        raise DataError(f"{e}: splits are drawn from the raw dataset's training cases") from None
     if isinstance(test_cases, (str, Path)):
         test_cases = read_case_list(test_cases)
     if test_cases is not None:
