@@ -425,14 +425,14 @@ def machine(threads: int) -> dict:
 
 
 # ====================================================================== parent
-def run_one(spec: dict, env: dict, log: Path, *, script: str = __file__) -> dict:
-    """Run ``script --child SPEC`` in a fresh process and return the result line it prints."""
+def run_one(spec: dict, env: dict, log: Path, *, script: str = __file__, tag: str = RESULT_TAG) -> dict:
+    """Run ``script --child SPEC`` in a fresh process and return the result it prints after ``tag``."""
     cmd = [sys.executable, os.path.abspath(script), "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     log.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+        if line.startswith(tag):
+            return json.loads(line[len(tag):])
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-20:])
     raise SystemExit(f"{spec['kind']} measurement {spec['arch']} / {spec.get('trainer', 'all')} failed "
                      f"(exit {proc.returncode}); log {log}; last lines:\n{tail}")

@@ -125,7 +125,7 @@ def child(spec: dict) -> dict:
 
 
 def run_one(spec: dict, env: dict, log: Path) -> dict:
-    return bf.run_one(spec, env, log, script=__file__)
+    return bf.run_one(spec, env, log, script=__file__, tag=RESULT_TAG)
 
 
 # ====================================================================== parent
