@@ -6,6 +6,7 @@ source's plans. Everything runs through nnU-Net's own command-line programs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -48,6 +49,27 @@ class Workspace:
         return subprocess.run([executable(args[0]), *map(str, args[1:])], env=env, capture_output=True,
                               text=True, stdin=subprocess.DEVNULL)
 
+    def refusals(self, commands: list[list]) -> list[str]:
+        """What ``nnUNetv2_train`` prints for each of these refused command lines, all built in one process
+        by nnU-Net's own ``get_trainer_from_args`` (tests/refuse_many.py says how, and why). A command line
+        that was not refused while the trainer was built fails the test here."""
+        import subprocess
+        import sys
+        import tempfile
+
+        argvs = [["nnUNetv2_train", *map(str, c[1:])] for c in commands]
+        assert all(str(c[0]) == "nnUNetv2_train" for c in commands), commands
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "refusals.json"
+            proc = subprocess.run([sys.executable, str(Path(__file__).with_name("refuse_many.py")), str(out)],
+                                  input=json.dumps(argvs), env={**self.env, **TRAIN_ENV}, capture_output=True,
+                                  text=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            results = json.loads(out.read_text())
+        for r in results:
+            assert r["refused"], f"not refused while nnU-Net built the trainer: {' '.join(r['argv'])}"
+        return [r["stderr"] for r in results]
+
     def configure(self, dataset, base: str, new: str, settings: dict, force: bool = True, **kw) -> None:
         from nnunet_transfer.plans.configure import configure
 
@@ -60,6 +82,19 @@ class Workspace:
         plans["configurations"][new] = {"inherits_from": base, "nnunet_transfer": settings}
         path.write_text(json.dumps(plans, indent=2))
 
+    @contextlib.contextmanager
+    def unchecked_configurations(self, dataset, base: str, configurations: dict[str, dict]):
+        """These configurations in the plans, unvalidated, for the duration of the block; the plans file is
+        restored byte for byte afterwards."""
+        path = self.root / "preprocessed" / self.dataset_name(dataset) / "nnUNetPlans.json"
+        before = path.read_bytes()
+        try:
+            for name, settings in configurations.items():
+                self.write_configuration(dataset, base, name, settings)
+            yield
+        finally:
+            path.write_bytes(before)
+
     def train(self, dataset, configuration: str, trainer: str, *, pretrained=None, cont=False,
               fold=0) -> Path:
         self.run(train_args(dataset, configuration, fold, trainer, pretrained=pretrained, cont=cont),
@@ -70,11 +105,14 @@ class Workspace:
         name = self.dataset_name(dataset)
         return self.root / "results" / name / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
 
-    def predict(self, dataset, configuration: str, trainer: str, out: Path) -> Path:
+    def predict(self, dataset, configuration: str, trainer: str, out: Path, processes: int = 0) -> Path:
+        """``nnUNetv2_predict`` on the dataset's imagesTs. ``processes=0`` is nnU-Net's sequential mode
+        (``-npp 0 -nps 0``: no worker processes, each of which would import torch again); 1 takes its
+        default path with preprocessing and export workers."""
         name = self.dataset_name(dataset)
         self.run(["nnUNetv2_predict", "-i", self.root / "raw" / name / "imagesTs", "-o", out, "-d", dataset,
-                  "-c", configuration, "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1,
-                  "--disable_tta", "--disable_progress_bar"], f"predict {trainer}")
+                  "-c", configuration, "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", processes,
+                  "-nps", processes, "--disable_tta", "--disable_progress_bar"], f"predict {trainer}")
         return out
 
     def dataset_name(self, dataset) -> str:
@@ -113,6 +151,12 @@ def workspace(tmp_path_factory) -> Workspace:
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
         os.environ[var] = ws.env[var]
     return ws.build()
+
+
+def assert_one_line_error(printed: str, message: str) -> None:
+    """PRINTED is one ``nnunet_transfer: error:`` line that contains MESSAGE."""
+    assert printed.startswith("nnunet_transfer: error: ") and printed.count("\n") == 1, printed[-3000:]
+    assert message in printed, printed
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -16,7 +16,7 @@ from nnunet_transfer.cli.main import main
 from nnunet_transfer.nnunet_io import build_network
 from nnunet_transfer.plans.configure import add_configuration
 
-from conftest import QUICK_SETTINGS, SOURCE_ID, TARGET_ID, TINY, load_checkpoint
+from conftest import QUICK_SETTINGS, SOURCE_ID, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,20 @@ def _train(ws, trainer: str, *extra):
                                  train=True)
 
 
+@pytest.fixture(scope="module")
+def train_with(bad_files):
+    """``nnUNetv2_train ... -pretrained_weights <the bad file of KIND>``, run once per kind in this module."""
+    ws, files, _ = bad_files
+    done = {}
+
+    def run(kind: str):
+        if kind not in done:
+            done[kind] = _train(ws, "nnUNetTrainerFinetune", "-pretrained_weights", files[kind])
+        return done[kind]
+
+    return run
+
+
 def _clean_failure(ws, proc, trainer: str) -> str:
     assert proc.returncode != 0
     err = proc.stderr
@@ -74,20 +88,19 @@ def _clean_failure(ws, proc, trainer: str) -> str:
                       r"network \(16, 8, 3, 3, 3\) — the network needs it",
                       r"missing +decoder\.stages\.0\.convs\.1\.norm\.bias.*network \(16,\)"]),
 ])
-def test_incompatible_pretrained_weights_are_one_message_before_any_folder(bad_files, kind, expected):
+def test_incompatible_pretrained_weights_are_one_message_before_any_folder(bad_files, train_with, kind, expected):
     import re
 
     ws, files, _ = bad_files
-    err = _clean_failure(ws, _train(ws, "nnUNetTrainerFinetune", "-pretrained_weights", files[kind]),
-                         "nnUNetTrainerFinetune")
+    err = _clean_failure(ws, train_with(kind), "nnUNetTrainerFinetune")
     assert err.count("nnunet_transfer: error:") == 1, err
     for pattern in expected:
         assert re.search(pattern, err), (pattern, err)
 
 
-def test_wrong_shape_lists_every_mismatch(bad_files):
+def test_wrong_shape_lists_every_mismatch(bad_files, train_with):
     ws, files, _ = bad_files
-    err = _train(ws, "nnUNetTrainerFinetune", "-pretrained_weights", files["wrong_shape"]).stderr
+    err = train_with("wrong_shape").stderr
     wide, tiny = torch.load(files["wrong_shape"], weights_only=False)["network_weights"], \
         load_checkpoint(ws.source_checkpoint)["network_weights"]
     differing = {k for k in tiny if ".seg_layers." not in k and wide[k].shape != tiny[k].shape}
@@ -97,17 +110,35 @@ def test_wrong_shape_lists_every_mismatch(bad_files):
     assert listed == canonical
 
 
-@pytest.mark.parametrize("trainer, message", [
+NEEDS_WEIGHTS = [  # trainer, the message without -pretrained_weights
     ("nnUNetTrainerFrozenDecoder", "nnUNetTrainerFrozenDecoder keeps the PRETRAINED decoder frozen, but no "
                                    "pretrained weights were loaded; add -pretrained_weights SOURCE_CHECKPOINT"),
     ("nnUNetTrainerL2SP", "L2-SP with l2sp_alpha=0.01 pulls the scope toward the PRETRAINED weights, but no "
                           "pretrained weights were loaded"),
     ("nnUNetTrainerFrozenDecoderAndHeads", "nnUNetTrainerFrozenDecoderAndHeads keeps the PRETRAINED decoder frozen"),
-])
-def test_refusals_without_pretrained_weights_come_before_the_fold_folder(bad_files, trainer, message):
+]
+
+
+def test_refusal_without_pretrained_weights_comes_before_the_fold_folder(bad_files):
     ws, _, _ = bad_files
+    trainer, message = NEEDS_WEIGHTS[0]
     err = _clean_failure(ws, _train(ws, trainer), trainer)
     assert f"nnunet_transfer: error: {message}" in err
+
+
+@pytest.fixture(scope="module")
+def refused_without_weights(bad_files):
+    """All of NEEDS_WEIGHTS built by nnU-Net's get_trainer_from_args in one process (Workspace.refusals)."""
+    ws, _, _ = bad_files
+    return ws.refusals([["nnUNetv2_train", TARGET_ID, CFG, 0, "-tr", t, "-device", "cpu"] for t, _ in NEEDS_WEIGHTS])
+
+
+@pytest.mark.parametrize("i", range(len(NEEDS_WEIGHTS)), ids=[t for t, _ in NEEDS_WEIGHTS])
+def test_every_refusal_without_pretrained_weights_is_one_line(bad_files, refused_without_weights, i):
+    ws, _, _ = bad_files
+    trainer, message = NEEDS_WEIGHTS[i]
+    assert_one_line_error(refused_without_weights[i], message)
+    assert not ws.fold_folder(TARGET_ID, CFG, trainer).parent.exists()
 
 
 def test_misspelt_trainer_names_the_closest(bad_files):

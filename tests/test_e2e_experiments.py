@@ -52,7 +52,7 @@ def study(workspace, tmp_path_factory):
         fold = ws.root / "results" / folder.name / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
         pred = out / f"pred_{name}"
         ws.run(["nnUNetv2_predict", "-i", base / "heldout_test" / "imagesTs", "-o", pred, "-d", EVAL_ID, "-c", CONFIG,
-                "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_tta",
+                "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta",
                 "--disable_progress_bar"], f"predict {trainer} on the held-out cases")
         assert main(["evaluate", str(pred), str(base / "heldout_test" / "labelsTs"), "-o", str(out / f"eval_{name}"),
                      "--run", str(fold), "--nsd-tolerance", "1.5", "--no-progress"]) == 0

@@ -13,7 +13,7 @@ from nnunet_transfer.data import LABELS
 from nnunet_transfer.experiments.metrics import dice
 from nnunet_transfer.policies.snapshots import read_index
 
-from conftest import QUICK_SETTINGS, TARGET_ID, TINY, load_checkpoint
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,8 @@ def test_resume_refuses_changed_strategy_settings(finetuned):
 
 def test_predict_with_finetune_trainer(finetuned, tmp_path):
     ws, fold, _ = finetuned
-    out = ws.predict(TARGET_ID, FT, "nnUNetTrainerFinetune", tmp_path / "pred")
+    # nnU-Net's default path, with preprocessing and export worker processes (the other tests: sequential)
+    out = ws.predict(TARGET_ID, FT, "nnUNetTrainerFinetune", tmp_path / "pred", processes=1)
     images = sorted((ws.root / "raw" / ws.target / "imagesTs").glob("*.nii.gz"))
     assert images
     scores, chance = [], []
@@ -125,25 +126,39 @@ def test_finetune_without_pretrained_weights_warns(workspace):
     assert json.loads((fold / "transfer_config.json").read_text())["pretrained_loaded"] is False
 
 
-@pytest.mark.parametrize("settings, message", [
+BAD_SETTINGS = [
     ({"num_epochs": -1}, "setting 'num_epochs' must be an integer >= 1, got -1"),
     ({"lr_scale": "fast"}, "setting 'lr_scale' must be a finite number > 0, got 'fast'"),
     ({"learning_rate": 0.1}, "unknown setting 'learning_rate'; valid settings for nnUNetTrainerFinetune"),
     ({"trainable": "encoder"}, "setting 'trainable' is not used by nnUNetTrainerFinetune"),
-])
-def test_bad_settings_stop_nnunet_train_with_one_line(workspace, settings, message):
-    plans_path = workspace.root / "preprocessed" / workspace.target / "nnUNetPlans.json"
-    plans = json.loads(plans_path.read_text())
-    plans["configurations"]["bad"] = {"inherits_from": TINY, "nnunet_transfer": settings}
-    plans_path.write_text(json.dumps(plans, indent=2))
-    try:
-        proc = workspace.run_expect_failure(["nnUNetv2_train", TARGET_ID, "bad", 0, "-tr",
-                                             "nnUNetTrainerFinetune", "-device", "cpu"], train=True)
-    finally:
-        del plans["configurations"]["bad"]
-        plans_path.write_text(json.dumps(plans, indent=2))
+]
+
+
+def _bad_train(i: int) -> list:
+    return ["nnUNetv2_train", TARGET_ID, f"bad{i}", 0, "-tr", "nnUNetTrainerFinetune", "-device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def bad_settings(workspace):
+    """Each bad configuration through the real ``nnUNetv2_train`` (the first) and built by nnU-Net in one
+    process (all of them; ``Workspace.refusals``)."""
+    ws = workspace
+    with ws.unchecked_configurations(TARGET_ID, TINY, {f"bad{i}": s for i, (s, _) in enumerate(BAD_SETTINGS)}):
+        program = ws.run_expect_failure(_bad_train(0), train=True)
+        printed = ws.refusals([_bad_train(i) for i in range(len(BAD_SETTINGS))])
+    return program, printed
+
+
+def test_a_bad_setting_stops_nnunet_train_with_one_line(workspace, bad_settings):
+    proc, _ = bad_settings
     assert proc.returncode != 0
-    assert f"nnunet_transfer: error: {message}" in proc.stderr
+    assert f"nnunet_transfer: error: {BAD_SETTINGS[0][1]}" in proc.stderr
     assert "Traceback" not in proc.stderr
     # nothing half-written: the run's results folder was never created
-    assert not workspace.fold_folder(TARGET_ID, "bad", "nnUNetTrainerFinetune").parent.exists()
+    assert not workspace.fold_folder(TARGET_ID, "bad0", "nnUNetTrainerFinetune").parent.exists()
+
+
+@pytest.mark.parametrize("i", range(len(BAD_SETTINGS)), ids=[m.split(" must")[0] for _, m in BAD_SETTINGS])
+def test_bad_settings_stop_before_any_folder_with_one_line(workspace, bad_settings, i):
+    assert_one_line_error(bad_settings[1][i], BAD_SETTINGS[i][1])
+    assert not workspace.fold_folder(TARGET_ID, f"bad{i}", "nnUNetTrainerFinetune").parent.exists()

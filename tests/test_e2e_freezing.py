@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import QUICK_SETTINGS, TARGET_ID, TINY, load_checkpoint
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -110,31 +110,32 @@ def test_predict_with_frozen_encoder_trainer(workspace, tmp_path):
                                                          "imagesTs").glob("*.nii.gz")))
 
 
-def test_frozen_decoder_refuses_without_pretrained_weights(workspace):
-    ws = workspace
-    ws.configure(TARGET_ID, TINY, "fd_nopre", SETTINGS)
-    proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, "fd_nopre", 0, "-tr",
-                                  "nnUNetTrainerFrozenDecoder", "-device", "cpu"], train=True)
-    assert proc.returncode != 0
-    assert ("nnunet_transfer: error: nnUNetTrainerFrozenDecoder keeps the PRETRAINED decoder frozen, but no "
-            "pretrained weights were loaded; add -pretrained_weights SOURCE_CHECKPOINT") in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("settings, trainer, message", [
-    ({}, "nnUNetTrainerPartialFT", "nnUNetTrainerPartialFT needs the setting 'trainable'"),
-    ({"trainable": "blocks:1,7"}, "nnUNetTrainerPartialFT",
+# the refusals below are built by nnU-Net's own get_trainer_from_args, all in one process
+# (Workspace.refusals); tests/test_e2e_errors.py and test_e2e_finetune.py run such refusals through the
+# real nnUNetv2_train as well (one line on stderr, non-zero exit, no folder)
+BAD = [  # configuration, its settings, trainer, the message
+    ("fd_nopre", {}, "nnUNetTrainerFrozenDecoder",
+     "nnUNetTrainerFrozenDecoder keeps the PRETRAINED decoder frozen, but no pretrained weights were loaded; add "
+     "-pretrained_weights SOURCE_CHECKPOINT"),
+    ("badspec0", {}, "nnUNetTrainerPartialFT", "nnUNetTrainerPartialFT needs the setting 'trainable'"),
+    ("badspec1", {"trainable": "blocks:1,7"}, "nnUNetTrainerPartialFT",
      "setting 'trainable': block 7 in spec 'blocks:1,7' is out of range: valid range 1..5"),
-    ({"trainable": "middle"}, "nnUNetTrainerPartialFT", "setting 'trainable': unknown term 'middle'"),
-    ({}, "nnUNetTrainerPartialFT_outer", "setting 'trainable': preset 'outer' ({1,2,2N-2,2N-1}) needs a network with at "
-     "least 4 stages"),
-])
-def test_bad_trainable_specs_fail_before_training(workspace, settings, trainer, message):
+    ("badspec2", {"trainable": "middle"}, "nnUNetTrainerPartialFT", "setting 'trainable': unknown term 'middle'"),
+    ("badspec3", {}, "nnUNetTrainerPartialFT_outer",
+     "setting 'trainable': preset 'outer' ({1,2,2N-2,2N-1}) needs a network with at least 4 stages"),
+]
+
+
+@pytest.fixture(scope="module")
+def refused(workspace):
     ws = workspace
-    ws.write_configuration(TARGET_ID, TINY, "badspec", {**SETTINGS, **settings})  # configure would refuse it
-    proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, "badspec", 0, "-tr", trainer, "-device",
-                                  "cpu"], train=True)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert not ws.fold_folder(TARGET_ID, "badspec", trainer).parent.exists()
+    # configure would refuse some of them: written unchecked, to test the trainers' own checks
+    with ws.unchecked_configurations(TARGET_ID, TINY, {c: {**SETTINGS, **s} for c, s, _, _ in BAD}):
+        return ws.refusals([["nnUNetv2_train", TARGET_ID, c, 0, "-tr", t, "-device", "cpu"] for c, _, t, _ in BAD])
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[b[0] for b in BAD])
+def test_bad_trainable_specs_and_missing_weights_fail_before_training(workspace, refused, i):
+    configuration, _, trainer, message = BAD[i]
+    assert_one_line_error(refused[i], message)
+    assert not workspace.fold_folder(TARGET_ID, configuration, trainer).parent.exists()

@@ -7,6 +7,7 @@ new label nnU-Net's fresh initialisation.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from nnunet_transfer.data import TARGET, make_dataset
 from nnunet_transfer.trainers import nnUNetTrainerFinetune
 from nnunet_transfer.trainers.pretrained import target_network
 
-from conftest import QUICK_SETTINGS, SOURCE_ID, TARGET_ID, TINY, load_checkpoint
+from conftest import QUICK_SETTINGS, SOURCE_ID, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -102,32 +103,39 @@ def test_drift_figures_equal_an_independent_computation(workspace):
     assert "moved from the start, ||theta - theta_0|| / ||theta_0||: encoder " in log
 
 
-@pytest.mark.parametrize("dataset, trainer, settings, message", [
-    (TARGET_ID, "nnUNetTrainerFinetune", {"heads": {"organ": "liver"}},
+# refused while nnU-Net builds the trainer (get_trainer_from_args), all in one process (Workspace.refusals);
+# tests/test_e2e_errors.py runs such refusals through the real nnUNetv2_train as well
+BAD = [  # dataset, configuration, trainer, settings, -pretrained_weights ("bare": no init_args), message
+    (TARGET_ID, "badheads0", "nnUNetTrainerFinetune", {"heads": {"organ": "liver"}}, "source",
      "setting 'heads': source label 'liver' does not exist in the checkpoint's dataset.json"),
-    (TARGET_ID, "nnUNetTrainerFinetune", {"heads": {"spleen": "organ"}},
+    (TARGET_ID, "badheads1", "nnUNetTrainerFinetune", {"heads": {"spleen": "organ"}}, "source",
      "setting 'heads': target label 'spleen' does not exist in the target's dataset.json"),
-    (PLUS_ID, "nnUNetTrainerFrozenDecoderAndHeads", {},
+    (PLUS_ID, "badheads2", "nnUNetTrainerFrozenDecoderAndHeads", {}, "source",
      "nnUNetTrainerFrozenDecoderAndHeads freezes the segmentation heads, but target label(s) cyst have no row"),
-])
-def test_bad_head_settings_stop_before_any_folder(plus, dataset, trainer, settings, message):
-    ws = plus
-    ws.write_configuration(dataset, TINY, "badheads", {**SETTINGS, **settings})
-    proc = ws.run_expect_failure(["nnUNetv2_train", dataset, "badheads", 0, "-tr", trainer, "-device", "cpu",
-                                  "-pretrained_weights", ws.source_checkpoint], train=True)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert f"nnunet_transfer: error: {message}" in proc.stderr, proc.stderr[-2000:]
-    assert not ws.fold_folder(dataset, "badheads", trainer).parent.exists()
+    (TARGET_ID, "badheads3", "nnUNetTrainerFinetune", {"heads": "by-name"}, "bare",
+     "heads=by-name needs the source's label names, but {bare} holds no dataset.json (nnU-Net stores it in the "
+     "checkpoint's init_args['dataset_json'])"),
+]
 
 
-def test_checkpoint_without_dataset_json_cannot_map_by_name(plus, tmp_path):
+@pytest.fixture(scope="module")
+def refused(plus, tmp_path_factory):
     ws = plus
-    bare = tmp_path / "bare.pth"
+    bare = tmp_path_factory.mktemp("bare") / "bare.pth"
     torch.save({"network_weights": load_checkpoint(ws.source_checkpoint)["network_weights"]}, bare)
-    ws.write_configuration(TARGET_ID, TINY, "badheads2", {**SETTINGS, "heads": "by-name"})
-    proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, "badheads2", 0, "-tr", "nnUNetTrainerFinetune",
-                                  "-device", "cpu", "-pretrained_weights", bare], train=True)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert (f"heads=by-name needs the source's label names, but {bare} holds no dataset.json (nnU-Net stores "
-            f"it in the checkpoint's init_args['dataset_json'])") in proc.stderr
-    assert not ws.fold_folder(TARGET_ID, "badheads2", "nnUNetTrainerFinetune").parent.exists()
+    weights = {"source": ws.source_checkpoint, "bare": bare}
+    commands = [["nnUNetv2_train", d, c, 0, "-tr", t, "-device", "cpu", "-pretrained_weights", weights[w]]
+                for d, c, t, _, w, _ in BAD]
+    with contextlib.ExitStack() as stack:
+        for dataset in {d for d, *_ in BAD}:
+            stack.enter_context(ws.unchecked_configurations(
+                dataset, TINY, {c: {**SETTINGS, **s} for d, c, _, s, _, _ in BAD if d == dataset}))
+        return ws.refusals(commands), bare
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[b[1] for b in BAD])
+def test_bad_head_settings_stop_before_any_folder(plus, refused, i):
+    dataset, configuration, trainer, _, _, message = BAD[i]
+    printed, bare = refused
+    assert_one_line_error(printed[i], message.format(bare=bare))
+    assert not plus.fold_folder(dataset, configuration, trainer).parent.exists()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import QUICK_SETTINGS, TARGET_ID, TINY, load_checkpoint
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -132,28 +132,29 @@ def test_random_decoder_init_starts_from_scratch(runs):
     assert info["settings"]["l2sp_alpha"] == 8.0 and info["settings"]["decoder_init"] == "random"
 
 
-@pytest.mark.parametrize("settings, pretrained, message", [
+BAD = [  # settings, with -pretrained_weights, the message
     ({"l2sp_alpha": -1.0}, True, "setting 'l2sp_alpha' must be a number >= 0 (or inf), got -1.0"),
     ({"l2sp_alpha": float("nan")}, True, "setting 'l2sp_alpha' must be a number >= 0 (or inf), got nan"),
     ({"l2sp_scope": "encoderr"}, True, "setting 'l2sp_scope': unknown term 'encoderr'"),
     ({"l2sp_alpha": 1.0}, False, "L2-SP with l2sp_alpha=1.0 pulls the scope toward the PRETRAINED weights, "
                                  "but no pretrained weights were loaded"),
-])
-def test_bad_l2sp_settings_end_in_one_message(workspace, settings, pretrained, message):
+]
+
+
+@pytest.fixture(scope="module")
+def refused(workspace):
+    """Refused while nnU-Net builds the trainer (get_trainer_from_args), all in one process
+    (Workspace.refusals); tests/test_e2e_errors.py runs such refusals through the real nnUNetv2_train too."""
     ws = workspace
-    path = ws.root / "preprocessed" / ws.target / "nnUNetPlans.json"
-    plans = json.loads(path.read_text())
-    plans["configurations"]["bad_l2sp"] = {"inherits_from": TINY,
-                                           "nnunet_transfer": {**QUICK_SETTINGS, **settings}}
-    path.write_text(json.dumps(plans))
-    try:
-        args = ["nnUNetv2_train", TARGET_ID, "bad_l2sp", 0, "-tr", L2SP, "-device", "cpu"]
-        if pretrained:
-            args += ["-pretrained_weights", ws.source_checkpoint]
-        proc = ws.run_expect_failure(args, train=True)
-    finally:
-        del plans["configurations"]["bad_l2sp"]
-        path.write_text(json.dumps(plans))
-    assert proc.returncode != 0
-    assert f"nnunet_transfer: error: {message}" in proc.stderr, proc.stderr[-1500:]
-    assert "Traceback" not in proc.stderr
+    commands = [["nnUNetv2_train", TARGET_ID, f"bad_l2sp{i}", 0, "-tr", L2SP, "-device", "cpu"]
+                + (["-pretrained_weights", ws.source_checkpoint] if pretrained else [])
+                for i, (_, pretrained, _) in enumerate(BAD)]
+    with ws.unchecked_configurations(TARGET_ID, TINY, {f"bad_l2sp{i}": {**QUICK_SETTINGS, **s}
+                                                       for i, (s, _, _) in enumerate(BAD)}):
+        return ws.refusals(commands)
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[m.split(",")[0] for _, _, m in BAD])
+def test_bad_l2sp_settings_end_in_one_message(workspace, refused, i):
+    assert_one_line_error(refused[i], BAD[i][2])
+    assert not workspace.fold_folder(TARGET_ID, f"bad_l2sp{i}", L2SP).parent.exists()

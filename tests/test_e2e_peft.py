@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK_SETTINGS, TARGET_ID, TINY, load_checkpoint
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 from test_e2e_freezing import parameters
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def poly(epoch: int, num_epochs: int, lr: float = 0.01 * 0.5) -> float:
 
 def predict(ws, configuration: str, trainer: str, out: Path, *extra) -> Path:
     ws.run(["nnUNetv2_predict", "-i", ws.root / "raw" / ws.target / "imagesTs", "-o", out, "-d", TARGET_ID, "-c",
-            configuration, "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", 1, "-nps", 1, "--disable_tta",
+            configuration, "-f", 0, "-tr", trainer, "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta",
             "--disable_progress_bar", *extra], f"predict {trainer}")
     return out
 
@@ -181,18 +181,28 @@ def test_lora_resume_keeps_the_base_and_continues_the_adapters(workspace, lora_r
 
 # the other refusals (empty / open-ended lists, kinds, targets without convs, ...) go through the same
 # __init__ path and are unit-tested in tests/test_peft_trainers.py
-@pytest.mark.parametrize("trainer, settings, message", [
+BAD = [  # trainer, settings, the message
     ("nnUNetTrainerStaged", {"stages": "seg:norm:1,all"},
      "setting 'stages': stage 1 ('seg:norm', epochs 0 until epoch 1): spec 'seg:norm': norm of seg matches no "
      "parameter of this PlainConvUNet"),
     (LORA, {"lora_rank": 9}, "setting 'lora_rank'=9 is larger than the smallest dimension of"),
-])
-def test_bad_settings_are_one_line_before_any_folder(workspace, trainer, settings, message):
+]
+
+
+@pytest.fixture(scope="module")
+def refused(workspace):
+    """Built by nnU-Net's get_trainer_from_args in one process (Workspace.refusals); tests/test_e2e_errors.py
+    runs such refusals through the real nnUNetv2_train as well."""
     ws = workspace
-    ws.write_configuration(TARGET_ID, TINY, "badpeft", {**SETTINGS, **settings})  # configure would refuse some
-    proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, "badpeft", 0, "-tr", trainer, "-device", "cpu"],
-                                 train=True)
-    assert proc.returncode != 0
-    assert f"nnunet_transfer: error: {message}" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert not ws.fold_folder(TARGET_ID, "badpeft", trainer).parent.exists()
+    # configure would refuse some: written unchecked, to test the trainers' own checks
+    with ws.unchecked_configurations(TARGET_ID, TINY, {f"badpeft{i}": {**SETTINGS, **s}
+                                                       for i, (_, s, _) in enumerate(BAD)}):
+        return ws.refusals([["nnUNetv2_train", TARGET_ID, f"badpeft{i}", 0, "-tr", t, "-device", "cpu"]
+                            for i, (t, _, _) in enumerate(BAD)])
+
+
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[t for t, _, _ in BAD])
+def test_bad_settings_are_one_line_before_any_folder(workspace, refused, i):
+    trainer, _, message = BAD[i]
+    assert_one_line_error(refused[i], message)
+    assert not workspace.fold_folder(TARGET_ID, f"badpeft{i}", trainer).parent.exists()
