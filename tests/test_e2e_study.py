@@ -243,7 +243,7 @@ def sagie(karimi, tmp_path_factory):
 def test_sagie_smoke_sweep(sagie):
     plan = prepare(sagie, write=False)
     names = sorted({r.strategy.name for r in plan.runs})
-    assert names == ["l2sp-0", "l2sp-inf"] and len(plan.runs) == 2
+    assert names == ["l2sp-0", "l2sp-inf"] and len(plan.runs) == 4
     for r in plan.runs:
         cfg = json.loads((results_folder(plan.study, r) / "transfer_config.json").read_text())
         assert cfg["settings"]["l2sp_alpha"] == (0.0 if r.strategy.name == "l2sp-0" else "inf")
