@@ -18,11 +18,10 @@ from scipy import stats
 
 from nnunet_transfer.analysis.convergence import log_convergence
 from nnunet_transfer.cli.main import main
-from nnunet_transfer.data.synthetic import TARGET, make_dataset
 from nnunet_transfer.experiments.metrics import label_metrics
 from nnunet_transfer.pipeline import train_args
 
-from conftest import QUICK_SETTINGS, SOURCE_ID, TINY, load_checkpoint
+from conftest import QUICK_SETTINGS, TINY, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +34,7 @@ STRATEGIES = {"scratch": ("nnUNetTrainerTransferBase", False), "tl_frozen": ("nn
 @pytest.fixture(scope="module")
 def study(workspace, tmp_path_factory):
     ws = workspace
-    folder = make_dataset(ws.root / "raw", EVAL_ID, "EvalSplits", TARGET, n_train=8, n_test=0, seed=11,
-                          physical_size=32.0)
-    ws.run(["nnunet_transfer", "plans", "transfer", "-s", SOURCE_ID, "-t", EVAL_ID, "-np", 1], "plans transfer 911")
-    ws.run(["nnUNetv2_preprocess", "-d", EVAL_ID, "-plans_name", "nnUNetPlans", "-c", "3d_fullres", "-np", 1],
-           "preprocess 911")
+    folder = ws.add_target(EVAL_ID, "EvalSplits", n_train=8, seed=11)
     # 8 cases: 3 held out, 1 validation, training subsets of 2 and all (4) -> folds 0 and 1
     assert main(["splits", "-d", str(EVAL_ID), "--n-train", "2", "all", "--test", "3", "--val", "1"]) == 0
     ws.configure(EVAL_ID, TINY, CONFIG, {**QUICK_SETTINGS, "num_epochs": EPOCHS})

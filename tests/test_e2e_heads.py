@@ -13,11 +13,10 @@ import json
 import pytest
 import torch
 
-from nnunet_transfer.data import TARGET, make_dataset
 from nnunet_transfer.trainers import nnUNetTrainerFinetune
 from nnunet_transfer.trainers.pretrained import target_network
 
-from conftest import QUICK_SETTINGS, SOURCE_ID, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +33,7 @@ def plus(workspace):
     """Dataset 903 (4 labels; 5 cases, the fewest nnU-Net's default 5-fold split takes) preprocessed with the
     source's plans."""
     ws = workspace
-    folder = make_dataset(ws.root / "raw", PLUS_ID, "TargetPlus", TARGET, n_train=5, n_test=0, seed=5,
-                          physical_size=32.0, label_distractors=True)
-    ws.extra_datasets[PLUS_ID] = folder.name
-    ws.run(["nnunet_transfer", "plans", "transfer", "-s", SOURCE_ID, "-t", PLUS_ID, "-np", 1], "plans transfer 903")
-    ws.run(["nnUNetv2_preprocess", "-d", PLUS_ID, "-plans_name", "nnUNetPlans", "-c", "3d_fullres", "-np", 1],
-           "preprocess 903")
+    ws.add_target(PLUS_ID, "TargetPlus", n_train=5, seed=5, label_distractors=True)
     return ws
 
 

@@ -20,13 +20,12 @@ from pathlib import Path
 import pytest
 
 from nnunet_transfer.cli.main import main
-from nnunet_transfer.data.synthetic import TARGET, make_dataset
 from nnunet_transfer.pipeline import executable
 from nnunet_transfer.study.plan import prepare
 from nnunet_transfer.study.state import file_stamp, read_state, results_folder, run_dir, sha256
 from nnunet_transfer.study.status import study_status
 
-from conftest import SOURCE_ID, load_checkpoint
+from conftest import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +36,7 @@ FIXED, CV = 912, 913
 @pytest.fixture(scope="module")
 def smoke_data(workspace):
     ws = workspace
-    folder = make_dataset(ws.root / "raw", FIXED, "StudySmoke", TARGET, n_train=10, n_test=0, seed=12,
-                          physical_size=32.0)
-    ws.run(["nnunet_transfer", "plans", "transfer", "-s", SOURCE_ID, "-t", FIXED, "-np", 1], "plans transfer 912")
-    ws.run(["nnUNetv2_preprocess", "-d", FIXED, "-plans_name", "nnUNetPlans", "-c", "3d_fullres", "-np", 1],
-           "preprocess 912")
+    folder = ws.add_target(FIXED, "StudySmoke", n_train=10, seed=12)
     # 913: the same cases and preprocessed data under another id (its own splits file); no second preprocessing
     cv = f"Dataset{CV}_StudySmokeCV"
     raw = ws.root / "raw" / cv
@@ -55,7 +50,7 @@ def smoke_data(workspace):
     plans = json.loads((pre / cv / "nnUNetPlans.json").read_text())
     plans["dataset_name"] = cv
     (pre / cv / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
-    ws.extra_datasets.update({FIXED: folder.name, CV: cv})
+    ws.extra_datasets[CV] = cv
     return ws
 
 

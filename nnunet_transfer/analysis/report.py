@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from nnunet_transfer.fileio import plain, write_atomic
+
 if TYPE_CHECKING:
     from nnunet_transfer.analysis.activations import Layer
     from nnunet_transfer.analysis.similarity import SimilarityResult
@@ -23,35 +25,9 @@ if TYPE_CHECKING:
 MEASURES = ("pwcca", "mean_cca", "svcca", "linear_cka")
 
 
-def plain(obj: Any) -> Any:
-    """JSON-ready copy: numpy scalars/arrays -> Python, NaN/inf -> None, Path -> str, tuples -> lists."""
-    if isinstance(obj, Mapping):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return plain(obj.tolist())
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
-    _atomic_write(path, json.dumps(plain(data), indent=2) + "\n")
+    write_atomic(path, json.dumps(plain(data), indent=2) + "\n")
     return path
 
 
@@ -153,7 +129,7 @@ def write_outputs(out: str | Path, study: str, *, meta: Mapping[str, Any], table
     for name, rows in tables.items():
         files[f"csv_{name}"] = write_csv(out / f"{study}_{name}.csv", rows)
     summary_path = out / "summary.md"
-    _atomic_write(summary_path, summary.rstrip() + "\n")
+    write_atomic(summary_path, summary.rstrip() + "\n")
     files["summary"] = summary_path
     for name, p in (plots or {}).items():
         files[name] = Path(p)

@@ -39,9 +39,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from nnunet_transfer.errors import DataError
-from nnunet_transfer.experiments.evaluate import (PER_CASE, SUMMARY, _json_safe, _short, _write_atomic, describe,
+from nnunet_transfer.experiments.evaluate import (PER_CASE, SUMMARY, _short, describe,
                                                   find_run, read_per_case)
 from nnunet_transfer.experiments.metrics import DIRECTION, METRIC_COLUMNS
+from nnunet_transfer.fileio import plain, write_atomic
 
 DEFAULT_METRICS = ("dice", "hd95", "assd", "nsd", "precision", "recall", "lesion_f1")
 TESTS = ("ttest", "wilcoxon")
@@ -384,15 +385,15 @@ def compare_evaluations(evals: Sequence[str | Path | tuple[str, str | Path]], ou
     out.mkdir(parents=True, exist_ok=True)
     files = []
     try:
-        files.append(_write(out / "comparison.csv", _csv(rows, CSV_COLUMNS)))
-        files.append(_write(out / "tukey.csv", _csv(tukey_rows, TUKEY_COLUMNS)))
-        files.append(_write(out / "comparison.md", markdown_report(rows, strategies, order, settings, cases,
+        files.append(write_atomic(out / "comparison.csv", _csv(rows, CSV_COLUMNS)))
+        files.append(write_atomic(out / "tukey.csv", _csv(tukey_rows, TUKEY_COLUMNS)))
+        files.append(write_atomic(out / "comparison.md", markdown_report(rows, strategies, order, settings, cases,
                                                                   excluded)))
         doc = {"tool": "nnunet_transfer compare", **settings, "strategies": [
             {"name": s.name, "folder": str(s.folder.resolve()), "run": None if s.run is None else str(s.run),
              "ref": s.summary.get("ref"), "run_info": s.run_info} for s in strategies],
             "cases": cases, "excluded_cases": excluded, "rows": rows, "tukey": tukey_rows}
-        files.append(_write(out / "comparison.json", json.dumps(_json_safe(doc), indent=2)))
+        files.append(write_atomic(out / "comparison.json", json.dumps(plain(doc), indent=2)))
         if plots:
             for lab in labels:
                 files.append(plot_boxes(out / f"boxplot_label{lab}.png", values, order, metrics, lab,
@@ -409,11 +410,6 @@ def compare_evaluations(evals: Sequence[str | Path | tuple[str, str | Path]], ou
         raise
     return ComparisonResult(out=out, rows=rows, tukey=tukey_rows, strategies=strategies, baseline=baseline,
                             cases=cases, excluded=excluded, files=files)
-
-
-def _write(path: Path, text: str) -> Path:
-    _write_atomic(path, text)
-    return path
 
 
 def _csv(rows: Sequence[Mapping], columns: Sequence[str]) -> str:

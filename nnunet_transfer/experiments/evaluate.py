@@ -20,7 +20,6 @@ import io
 import json
 import math
 import numbers
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.experiments.metrics import (COUNT_COLUMNS, METRIC_COLUMNS, case_metrics, check_connectivity,
                                                  empty_label_metrics)
+from nnunet_transfer.fileio import plain, write_atomic
 
 PER_CASE = "per_case.csv"
 SUMMARY = "summary.json"
@@ -197,22 +197,6 @@ def summarize(rows: Sequence[Mapping], labels: Sequence[int]) -> dict:
     return {"per_label": per_label, "lesions_pooled": pooled, "mean_over_labels": mean}
 
 
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def label_names(*folders: Path) -> dict[int, str]:
     """``{value: name}`` from the first dataset.json found in the folders or their parents (best effort)."""
     for folder in folders:
@@ -371,8 +355,8 @@ def evaluate_folders(pred: str | Path, ref: str | Path, out: str | Path, *, labe
                         "reference) = 1; hd95 and assd as MedPy >= 0.5 (pooled over both directions)"),
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / PER_CASE, rows_to_csv(rows))
-    _write_atomic(out / SUMMARY, json.dumps(_json_safe(summary), indent=2))
+    write_atomic(out / PER_CASE, rows_to_csv(rows))
+    write_atomic(out / SUMMARY, json.dumps(plain(summary), indent=2))
     return EvaluationResult(out=out, rows=rows, summary=summary, labels=final)
 
 

@@ -207,7 +207,7 @@ def make_splits(dataset: str | int, *, n_train: Sequence[str | int], repeats: in
     ``test_cases``: identifiers, or a file of them; ``test_folder``: where the test cases are linked
     (default ``nnUNet_preprocessed/<Dataset>/heldout_test``); ``copy``: copy instead of linking.
     """
-    from nnunet_transfer.experiments.evaluate import _write_atomic
+    from nnunet_transfer.fileio import write_atomic
 
     name = dataset_name(dataset)
     try:
@@ -268,7 +268,7 @@ def make_splits(dataset: str | int, *, n_train: Sequence[str | int], repeats: in
                 shutil.copy2(p, bak)
                 backups.append(bak)
         for p, content in ((splits_file, splits), (mapping_file, mapping)):
-            _write_atomic(p, json.dumps(content, indent=2))
+            write_atomic(p, json.dumps(content, indent=2))
             written.append(p)
         if tmp_folder is not None:
             if tfolder.exists():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.fileio import write_atomic
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 # arch_kwargs entries that hold one value per encoder stage / per decoder stage
@@ -161,9 +161,7 @@ def write_plans(path: str | Path, plans: dict) -> Path | None:
     if path.exists():
         backup = path.with_name(path.name + ".bak")
         shutil.copy2(path, backup)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plans, indent=4, sort_keys=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(plans, indent=4, sort_keys=False))
     return backup
 
 

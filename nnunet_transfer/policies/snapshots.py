@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nnunet_transfer.checkpoints import clean_state_dict, load_state
+from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.netutil import unwrap
 
 SNAPSHOT_DIR = "snapshots"
@@ -32,9 +33,7 @@ def snapshot_name(epoch: int) -> str:
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def read_index(fold_folder: str | Path) -> list[dict]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_transfer.errors import DataError, TransferError
+from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.study.spec import Study, load_study, sweep_label
 from nnunet_transfer.study.state import check_definitions, checkpoint_file, write_json
 from nnunet_transfer.study.table import (Run, StudySplits, build_table, format_table, plan_study_splits,
@@ -180,9 +181,7 @@ def write_splits(study: Study, splits: StudySplits) -> list[str]:
 
 def _write_plain_json(path: Path, content) -> None:
     # nnU-Net's own json reader: plain file, written atomically
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(content, indent=2))
 
 
 def _test_folder_ok(folder: Path, cases: list[str], ending: str) -> bool:

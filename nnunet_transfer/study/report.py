@@ -98,7 +98,8 @@ def _pooled_csv(rows: Sequence[dict]) -> str:
 
 def write_pooled(folder: Path, study: Study, runs: Sequence[Run], label_names: dict) -> list[dict]:
     """An ``evaluate``-shaped folder of the pooled rows of ``runs`` (one strategy, one size)."""
-    from nnunet_transfer.experiments.evaluate import _json_safe, _write_atomic, read_per_case, summarize
+    from nnunet_transfer.experiments.evaluate import read_per_case, summarize
+    from nnunet_transfer.fileio import plain, write_atomic
 
     per_run = [read_per_case(run_dir(study, r) / "eval" / "per_case.csv") for r in runs]
     rows = pool_rows(per_run)
@@ -113,8 +114,8 @@ def write_pooled(folder: Path, study: Study, runs: Sequence[Run], label_names: d
                "n_cases": len({r["case"] for r in rows}), "cases": sorted({r["case"] for r in rows}),
                **summarize(rows, labels)}
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "per_case.csv", _pooled_csv(rows))
-    _write_atomic(folder / "summary.json", json.dumps(_json_safe(summary), indent=2))
+    write_atomic(folder / "per_case.csv", _pooled_csv(rows))
+    write_atomic(folder / "summary.json", json.dumps(plain(summary), indent=2))
     return rows
 
 
@@ -401,7 +402,7 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
         if missing.get(k):
             lines.append(f"Left out at this size (runs not done): {', '.join(missing[k])}.")
         lines.append("")
-    lines += ["## Runs", "", f"Every run's state, epochs, seconds and own test Dice: `runs.csv`."]
+    lines += ["## Runs", "", "Every run's state, epochs, seconds and own test Dice: `runs.csv`."]
     failed = [p for p in prog if p.state == "failed"]
     pending = [p for p in prog if not p.done and p.state != "failed"]
     if failed:

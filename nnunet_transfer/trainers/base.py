@@ -40,6 +40,7 @@ from nnunet_transfer.blocks import BlockModel, parse_spec
 from nnunet_transfer.checkpoints import load_state
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
+from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
 from nnunet_transfer.plans.adapt import record_text
 from nnunet_transfer.policies.drift import group_drift
@@ -339,10 +340,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     def _write_config_file(self) -> None:
         path = os.path.join(self.output_folder, CONFIG_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self._config_file_content(), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self._config_file_content(), indent=2, sort_keys=True))
 
     # ------------------------------------------------------------------ epochs
     def on_epoch_end(self):

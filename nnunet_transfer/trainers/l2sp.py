@@ -24,6 +24,7 @@ from torch import nn
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, TransferError
+from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.netutil import kernel_names, unwrap
 from nnunet_transfer.policies.l2sp import L2SPPenalty, param_groups
 from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase
@@ -151,10 +152,7 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
         entries = [e for e in entries if e["epoch"] < epoch]
         entries.append({"epoch": epoch, "penalty": value, "relative_distance": dist.overall,
                         "relative_distance_per_tensor_mean": dist.per_tensor_mean})
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(entries, f, indent=1)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(entries, indent=1))
 
     # ------------------------------------------------------------------ checkpoint
     def _transfer_checkpoint_state(self) -> dict:

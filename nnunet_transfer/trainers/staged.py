@@ -21,6 +21,7 @@ import torch
 from nnunet_transfer.blocks import BlockModel, parse_spec
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError
+from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.policies.stages import (GROUP_STAGE, Stage, StagedLRScheduler, add_stage_parameters,
                                              rewrap_ddp, schedule, stage_at)
 from nnunet_transfer.trainers.base import CHECKPOINT_KEY, nnUNetTrainerTransferBase
@@ -127,10 +128,7 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
                         "trainable": self.transfer_state["parameters"]["trainable"],
                         "lr": [g["lr"] for g in self.optimizer.param_groups],
                         "group_stage": [g.get(GROUP_STAGE, 0) + 1 for g in self.optimizer.param_groups]})
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(entries, f, indent=1)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(entries, indent=1))
 
     # ------------------------------------------------------------------ checkpoints
     def _transfer_checkpoint_state(self) -> dict:

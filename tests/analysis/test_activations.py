@@ -34,7 +34,6 @@ from nnunet_transfer.analysis.activations import (
 from nnunet_transfer.analysis.runs import compare_state, convergence_epoch, load_into, resolve_network
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.errors import ArchitectureError, DataError, SpecError
-from nnunet_transfer.nnunet_io import build_network
 from nnunet_transfer.plans.configure import add_configuration
 from nnunet_transfer.policies.snapshots import save_snapshot
 

@@ -18,7 +18,7 @@ from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.experiments.compare import compare_evaluations, paired_comparison
 from nnunet_transfer.experiments.evaluate import rows_to_csv
-from nnunet_transfer.experiments.metrics import METRIC_COLUMNS, empty_label_metrics
+from nnunet_transfer.experiments.metrics import empty_label_metrics
 
 CASES = [f"case_{i:02d}" for i in range(12)]
 RESAMPLES = 999

@@ -108,7 +108,7 @@ def test_summary_statistics_over_finite_values(folders):
 def test_parallel_equals_serial_and_labels_can_be_chosen(folders):
     root, _, _ = folders
     serial = evaluate_folders(root / "pred", root / "ref", root / "s", progress=False)
-    parallel = evaluate_folders(root / "pred", root / "ref", root / "p", num_processes=2, progress=False)
+    evaluate_folders(root / "pred", root / "ref", root / "p", num_processes=2, progress=False)
     assert (root / "s" / "per_case.csv").read_text() == (root / "p" / "per_case.csv").read_text()
     assert serial.labels == [1, 2]
     only = evaluate_folders(root / "pred", root / "ref", root / "one", labels=[2], progress=False)

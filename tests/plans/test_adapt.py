@@ -18,7 +18,6 @@ from nnunet_transfer.nnunet_io import build_network
 from nnunet_transfer.plans.adapt import (
     KernelRuleError,
     adapt_state,
-    adapt_to_plans,
     conv_axis_matrix,
     fresh_names,
     map_kernel,

@@ -132,8 +132,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--shape", str(a.shape), "--runs", str(a.runs)],
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"| test cases | runs | case evaluations | report (evaluates) [s] | s per case evaluation | "
-          f"report (cached) [s] | peak RSS [MB] |\n|---|---|---|---|---|---|---|")
+    print("| test cases | runs | case evaluations | report (evaluates) [s] | s per case evaluation | "
+          "report (cached) [s] | peak RSS [MB] |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['test_cases']} | {r['runs']} | {r['case_evaluations']} | {r['first_s']:.1f} | "
               f"{(r['first_s'] - r['cached_s']) / r['case_evaluations']:.4f} | {r['cached_s']:.1f} | "

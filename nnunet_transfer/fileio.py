@@ -1,0 +1,43 @@
+"""Writing result files: whole or not at all, and JSON-ready values.
+
+Every command that writes results (analyze, evaluate, compare, splits, study, the snapshot index) writes
+each file through :func:`write_atomic`, so an interrupted run never leaves a half-written file that a
+later run or nnU-Net would read.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write TEXT to PATH through a temporary file beside it and a rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def plain(obj: Any) -> Any:
+    """JSON-ready copy: numpy scalars/arrays -> Python, NaN/inf -> None, Path -> str, tuples -> lists."""
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return plain(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
