@@ -6,6 +6,8 @@ import copy
 import json
 import os
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,7 @@ def test_replaying_the_stages_rebuilds_the_saved_optimizer():
 # ---- DDP ----------------------------------------------------------------------------------------------
 
 WORLD = 2
+CONTROL_TIMEOUT = 30  # seconds gloo waits for a peer; the control may lose one
 
 
 def _free_port() -> int:
@@ -168,15 +171,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, port: int, out_dir: str, case: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a bounded wait: in the control a rank may stop taking part in collectives (gloo's default is 30 min);
+    # the case under test gets ample time, so that a loaded machine cannot fail it
+    wait = CONTROL_TIMEOUT if case == "no_rewrap" else 10 * CONTROL_TIMEOUT
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=wait))
     try:
-        results = {case: _ddp_case(rank, rewrap) for case, rewrap in (("rewrap", True), ("no_rewrap", False))}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        result = _ddp_case(rank, case == "rewrap")
+        Path(out_dir, f"{case}_rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+
+
+def _spawn_case(case: str, out_dir: Path) -> list[int | None]:
+    """Run CASE on WORLD fresh ranks in their own process group; the ranks' exit codes (None: killed when it
+    hung past the deadline). Each case gets its own processes, so an abort in one cannot take the other down."""
+    ctx = mp.start_processes(_ddp_worker, args=(_free_port(), str(out_dir), case), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + (4 if case == "no_rewrap" else 20) * CONTROL_TIMEOUT
+    for proc in ctx.processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    codes = []
+    for proc in ctx.processes:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            codes.append(None)
+        else:
+            codes.append(proc.exitcode)
+    return codes
 
 
 def _ddp_case(rank: int, rewrap: bool) -> dict:
@@ -230,11 +255,16 @@ def _ddp_case(rank: int, rewrap: bool) -> dict:
 def test_stage_change_under_ddp_rewraps_and_trains_in_step(tmp_path):
     """Two CPU ranks: decoder + heads first, then all. With the re-wrap every rank holds the same weights and
     no "unused parameters" error occurs; without it (the control) the newly trained encoder gets only local
-    gradients and the ranks drift apart (or DDP fails)."""
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    gradients and the ranks drift apart, or DDP fails -- by raising, or by aborting or hanging a rank inside
+    gloo (all three happen, depending on timing). The control runs in processes of its own, after the case
+    under test, so each of its outcomes is observed instead of taking the test down by chance."""
+    assert _spawn_case("rewrap", tmp_path) == [0] * WORLD
     for rank in range(WORLD):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert result["rewrap"] == {"error": None, "wrapped_again": True, "encoder_moved": True,
-                                    "all_equal_across_ranks": True}, (rank, result)
-        control = result["no_rewrap"]
-        assert control["error"] is not None or not control["all_equal_across_ranks"], (rank, control)
+        result = json.loads((tmp_path / f"rewrap_rank{rank}.json").read_text())
+        assert result == {"error": None, "wrapped_again": True, "encoder_moved": True,
+                          "all_equal_across_ranks": True}, (rank, result)
+    codes = _spawn_case("no_rewrap", tmp_path)
+    controls = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("no_rewrap_rank*.json"))]
+    failed = codes != [0] * WORLD  # a rank aborted (SIGABRT), raised outside the case, or hung
+    assert failed or any(c["error"] is not None or not c["all_equal_across_ranks"] for c in controls), \
+        (codes, controls)
