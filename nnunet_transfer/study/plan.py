@@ -27,13 +27,12 @@ from pathlib import Path
 
 from nnunet_transfer.errors import DataError, TransferError
 from nnunet_transfer.fileio import write_atomic
-from nnunet_transfer.study.spec import Study, load_study, sweep_label
+from nnunet_transfer.study.spec import MARKER, Study, load_study, output_problem, sweep_label
 from nnunet_transfer.study.state import check_definitions, checkpoint_file, write_json
 from nnunet_transfer.study.table import (Run, StudySplits, build_table, format_table, plan_study_splits,
                                          test_folder)
 
 OWNED_SPLITS = "splits_final.json"  # the study's copy of the splits it wrote: what makes them its own
-MARKER = ".nnunet_transfer_study"
 
 
 @dataclass
@@ -80,13 +79,10 @@ def prepare(study: Study | str | Path, *, write: bool = True, check_weights: boo
 
 
 def _check_output(study: Study) -> None:
-    out = study.output
-    blocking = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise DataError(f"study file {study.path} [study]: output {out} cannot be a folder: {blocking} is a file")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise DataError(f"study file {study.path} [study]: output {out} exists and is not a study folder (no "
-                        f"{MARKER}); choose an empty or new folder")
+    # load_study checks it with the rest of the file; again here for a Study read without check_data
+    problem = output_problem(study.output)
+    if problem:
+        raise DataError(f"study file {study.path} [study]: {problem}")
 
 
 # --------------------------------------------------------------------------- checks

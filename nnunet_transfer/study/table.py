@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_transfer.errors import DataError
-from nnunet_transfer.study.spec import Strategy, Study
+from nnunet_transfer.study.spec import SplitSpec, Strategy, Study
 
 # issue 11's messages name its command-line flags; a study file names its keys
 _FLAG_WORDS = (("--n-train", "n_train"), ("--test-cases", "test_cases"), ("--test", "test"), ("--val", "val"),
@@ -92,25 +92,32 @@ def dataset_cases(dataset: str) -> tuple[dict, str]:
     return files, ending
 
 
-def _study_error(study: Study, e: DataError) -> DataError:
+def _file_words(e: DataError) -> str:
     text = str(e)
     for flag, key in _FLAG_WORDS:
         text = re.sub(re.escape(flag) + r"(?![\w-])", key, text)
-    return DataError(f"study file {study.path} [splits]: {text}")
+    return text
 
 
 def plan_study_splits(study: Study, files: dict | None = None, file_ending: str | None = None) -> StudySplits:
     """The study's folds and test sets (module docstring); raises with the file's key names."""
-    from nnunet_transfer.experiments.splits import plan_splits
-
     if files is None:
         files, file_ending = dataset_cases(study.dataset)
-    sp = study.splits
+    try:
+        return fold_plan(study.splits, study.dataset, files, file_ending)
+    except DataError as e:
+        raise DataError(f"study file {study.path} [splits]: {e}") from None
+
+
+def fold_plan(sp: SplitSpec, dataset: str, files: dict, file_ending: str) -> StudySplits:
+    """:func:`plan_study_splits` of a ``[splits]`` table alone (``load_study`` checks the sizes with it); a
+    problem is a :class:`DataError` in the file's words, without the file's name."""
+    from nnunet_transfer.experiments.splits import plan_splits
+
     cases = sorted(files)
     if sp.cross_validation:
         if sp.folds > len(cases):
-            raise DataError(f"study file {study.path} [splits]: folds = {sp.folds} needs at least {sp.folds} cases; "
-                            f"{study.dataset} has {len(cases)}")
+            raise DataError(f"folds = {sp.folds} needs at least {sp.folds} cases; {dataset} has {len(cases)}")
         perm = np.random.default_rng(sp.seed).permutation(cases).tolist()
         groups = [sorted(perm[k::sp.folds]) for k in range(sp.folds)]
     else:
@@ -121,14 +128,13 @@ def plan_study_splits(study: Study, files: dict | None = None, file_ending: str 
             if group is None:
                 plan = plan_splits(cases, n_train=list(sp.n_train), repeats=sp.repeats, test=sp.test,
                                    test_cases=list(sp.test_cases) if sp.test_cases is not None else None, val=sp.val,
-                                   seed=sp.seed, dataset=study.dataset)
+                                   seed=sp.seed, dataset=dataset)
             else:
                 plan = plan_splits(cases, n_train=list(sp.n_train), repeats=sp.repeats, test_cases=group, val=sp.val,
-                                   seed=sp.seed, dataset=study.dataset)
+                                   seed=sp.seed, dataset=dataset)
         except DataError as e:
             where = f" (cross-validation fold {outer}: {len(group)} test cases)" if group is not None else ""
-            err = _study_error(study, e)
-            raise DataError(f"{err}{where}") from None
+            raise DataError(f"{_file_words(e)}{where}") from None
         offset = len(folds)
         for f in plan.folds:
             folds.append({**f, "fold": offset + f["fold"], "outer": outer})
@@ -173,5 +179,5 @@ def format_table(runs: list[Run]) -> str:
     return "\n".join([line(head), *map(line, rows)])
 
 
-__all__ = ["Run", "StudySplits", "plan_study_splits", "build_table", "format_table", "test_folder", "size_slug",
+__all__ = ["Run", "StudySplits", "plan_study_splits", "fold_plan", "build_table", "format_table", "test_folder", "size_slug",
            "dataset_cases"]

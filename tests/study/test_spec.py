@@ -44,7 +44,7 @@ BAD = [
     ("[scoring]", "[scorin]", ConfigError, ["[scorin]", "unknown table", "did you mean 'scoring'"]),
     ('baseline = "scratch"', 'baseline = "scratch"\nbasline = 1', ConfigError, ["basline", "did you mean 'baseline'"]),
     ('trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainerFrozenEncodr"', ConfigError,
-     ["strategy 'frozen'", "unknown trainer 'nnUNetTrainerFrozenEncodr'", "did you mean 'nnUNetTrainerFrozenEncoder'"]),
+     ['[[strategy]] #2 "frozen"', "unknown trainer 'nnUNetTrainerFrozenEncodr'", "did you mean 'nnUNetTrainerFrozenEncoder'"]),
     ('trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainer"', ConfigError,
      ["nnUNetTrainer is one of nnU-Net's own trainers", "use nnUNetTrainerTransferBase"]),
     ("num_epochs = 4", "num_epoch = 4", ConfigError, ["[settings]", "unknown setting 'num_epoch'", "num_epochs"]),
