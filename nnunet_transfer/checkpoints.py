@@ -1,9 +1,17 @@
 """The one place that reads checkpoints and compares them with a network.
 
-Every command and trainer of this package reads weights through :func:`load_weights` (an nnU-Net
-checkpoint, a snapshot, a dict holding a state dict, a plain state dict or a pickled module; wrapper
-prefixes ``module.`` / ``_orig_mod.`` stripped, tensors on the CPU) and compares them with a network
-through :func:`compare`, which applies the rules of nnU-Net's ``load_pretrained_weights``:
+Every command and trainer of this package reads a ``.pth`` file through :func:`read_checkpoint`, which
+unpickles nothing but what nnU-Net checkpoints legitimately hold (:func:`checkpoint_globals`): tensors,
+numbers, strings, containers, ``torch.device`` and the numpy scalars nnU-Net logs. A file that asks for
+any other global — a pickle can call any importable function, e.g. ``os.system`` — is refused before
+anything of it runs, in one line naming the global and the opt-in (:data:`TRUST_FLAG` on the commands,
+:data:`TRUST_ENV` for ``nnUNetv2_train`` and studies), which reads the file as nnU-Net does
+(``weights_only=False``).
+
+Weights are read through :func:`load_weights` (an nnU-Net checkpoint, a snapshot, a dict holding a state
+dict or a plain state dict; a pickled module only when trusted; wrapper prefixes ``module.`` /
+``_orig_mod.`` stripped, tensors on the CPU) and compared with a network through :func:`compare`, which
+applies the rules of nnU-Net's ``load_pretrained_weights``:
 
 * every key of the *network's* ``state_dict()`` that does not contain ``.seg_layers.``
   (:data:`SEG_KEY`, nnU-Net's ``skip_strings_in_pretrained``) must exist in the file with an equal
@@ -16,14 +24,20 @@ encoder, ``…all_modules.0`` is ``…conv``); mismatches are grouped by tensor,
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
+import pickle
+import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from nnunet_transfer.errors import DataError
+from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.netutil import strip_prefixes, unwrap
 
 #: nnU-Net's ``skip_strings_in_pretrained``: keys of the segmentation heads, never loaded by it.
@@ -38,7 +52,127 @@ def is_seg_key(key: str) -> bool:
     return SEG_KEY in key
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- reading files safely
+#: the environment variable that opts in to unrestricted loading, for nnUNetv2_train and studies ("1"/"0")
+TRUST_ENV = "nnUNet_transfer_trust_checkpoints"
+#: the same opt-in on the commands that read checkpoints
+TRUST_FLAG = "--trust-checkpoint"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("nnunet_transfer_trust_checkpoints", default=False)
+# torch.serialization.safe_globals adds to and removes from one process-wide set: concurrent loads in
+# threads would remove each other's entries mid-load
+_SAFE_LOAD = threading.Lock()
+#: numpy's scalar dtypes: nnU-Net logs np.float32/np.float64 (losses, Dice, ``_best_ema``)
+_NUMPY_DTYPES = ("BoolDType", "Int8DType", "UInt8DType", "Int16DType", "UInt16DType", "Int32DType", "UInt32DType",
+                 "Int64DType", "UInt64DType", "LongLongDType", "ULongLongDType", "Float16DType", "Float32DType",
+                 "Float64DType", "LongDoubleDType", "Complex64DType", "Complex128DType")
+
+
+class UnsafeCheckpointError(DataError):
+    """A checkpoint asks for a global outside :func:`checkpoint_globals`; nothing of it was run."""
+
+    def __init__(self, path: Path, what: str, wanted: str):
+        self.path, self.wanted = path, wanted
+        super().__init__(f"refused to load {what} {path}: it asks for {wanted}, which nnU-Net checkpoints do not "
+                         f"hold (they hold tensors, numbers, strings, containers and numpy scalars), and unpickling it "
+                         f"could run code; if you trust this file (you or your lab wrote it with a trusted nnU-Net / "
+                         f"nnunet_transfer), pass {TRUST_FLAG} or set {TRUST_ENV}=1")
+
+
+@contextlib.contextmanager
+def trusting_checkpoints(trust: bool = True) -> Iterator[None]:
+    """Within the block, :func:`read_checkpoint` loads unrestricted (``weights_only=False``) if ``trust``."""
+    token = _trusted.set(bool(trust))
+    try:
+        yield
+    finally:
+        _trusted.reset(token)
+
+
+def checkpoints_trusted() -> bool:
+    """Whether the opt-in is on: :func:`trusting_checkpoints` or ``nnUNet_transfer_trust_checkpoints=1``."""
+    if _trusted.get():
+        return True
+    value = os.environ.get(TRUST_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value not in _FALSE:
+        raise ConfigError(f"{TRUST_ENV}={os.environ[TRUST_ENV]!r} must be 1 (load checkpoints unrestricted: only "
+                          f"files you trust) or 0; unset it to load safely")
+    return False
+
+
+def checkpoint_globals() -> list:
+    """What :func:`read_checkpoint` allows beyond torch's own tensors and containers: numpy's ``scalar`` (under
+    its numpy 1 and numpy 2 module names), ``numpy.dtype`` and the numeric dtype classes."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import scalar
+    allowed: list = [np.dtype]
+    if torch.torch_version.TorchVersion(torch.__version__) >= "2.6":
+        # (global, name) pairs (torch >= 2.6): a file written under the other numpy major names the other module
+        allowed += [(scalar, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")]
+    else:
+        allowed.append(scalar)
+    dtypes = getattr(np, "dtypes", None)
+    allowed += [getattr(dtypes, n) for n in _NUMPY_DTYPES if hasattr(dtypes, n)]
+    return allowed
+
+
+#: what torch's weights-only unpickler says when a file asks for something it does not allow
+_REFUSED = (re.compile(r"GLOBAL (\S+) was not an allowed global"),
+            re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+            re.compile(r"but got <class '([^']+)'>"),
+            re.compile(r"unrecognized function (<[^>]+>|\S+)"),
+            re.compile(r"classes allowlisted via `add_safe_globals` but got (<[^>]+>|\S+)"))
+
+
+def _refused_global(message: str) -> str | None:
+    for pattern in _REFUSED:
+        found = pattern.search(message)
+        if found:
+            return found.group(1)
+    return None
+
+
+def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", mmap: bool = False, what: str = "checkpoint",
+                    trust: bool | None = None) -> Any:
+    """``torch.load`` of a checkpoint, snapshot or adapter file that runs none of the file's code.
+
+    Loads with ``weights_only=True`` and :func:`checkpoint_globals` allowed. A file that asks for another
+    global raises :class:`UnsafeCheckpointError` naming it; a file torch cannot read raises
+    :class:`DataError`. ``trust`` (default: :func:`checkpoints_trusted`) loads as nnU-Net does, with
+    ``weights_only=False``: only for files you trust.
+    """
+    path = Path(path)
+    trusted = checkpoints_trusted() if trust is None else trust
+    if not trusted and not hasattr(torch.serialization, "safe_globals"):
+        raise ConfigError(f"reading {path} without running its code needs torch >= 2.5 (this is torch "
+                          f"{torch.__version__}); upgrade torch, or if you trust the file pass {TRUST_FLAG} or set "
+                          f"{TRUST_ENV}=1")
+    try:
+        if trusted:
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        with _SAFE_LOAD, torch.serialization.safe_globals(checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
+        wanted = _refused_global(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if wanted is not None:
+            raise UnsafeCheckpointError(path, what, wanted) from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's weights-only message starts with paragraphs about the default; the cause is after them
+        cause = next((ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file an issue",
+                                                               "Check the documentation"))), lines[0] if lines else "")
+        cause = cause.replace("WeightsUnpickler error: ", "")[:200]
+        raise DataError(f"cannot read {what} {path}: it is not a {what} torch.load can read "
+                        f"({type(e).__name__}: {cause}); is the file complete (not truncated by an interrupted "
+                        f"copy)?") from None
+
+
+# --------------------------------------------------------------------------- reading weights
 @dataclass
 class LoadedWeights:
     """A checkpoint's network weights, prefixes stripped and on the CPU, and how they were stored."""
@@ -64,12 +198,13 @@ class LoadedWeights:
         return dj if isinstance(dj, Mapping) else None
 
 
-def load_weights(path: str | Path) -> LoadedWeights:
-    """Read an nnU-Net checkpoint, a dict holding a state dict, a plain state dict or a pickled module.
+def load_weights(path: str | Path, *, trust: bool | None = None) -> LoadedWeights:
+    """Read an nnU-Net checkpoint, a dict holding a state dict, a plain state dict or (trusted) a pickled module.
 
-    Loads with ``weights_only=False`` as nnU-Net does (its checkpoints hold plans and logs): only load
-    files you trust. Raises :class:`DataError` (one line, never tensor values) for a missing file, a
-    directory, a file ``torch.load`` cannot read (corrupt, truncated) or one that holds no weights.
+    Reads through :func:`read_checkpoint` (nothing of the file runs unless ``trust``). Raises
+    :class:`DataError` (one line, never tensor values) for a missing file, a directory, a file
+    ``torch.load`` cannot read (corrupt, truncated), one that asks for a global a checkpoint does not hold
+    (:class:`UnsafeCheckpointError`) or one that holds no weights.
     """
     path = Path(path)
     if path.is_dir():
@@ -83,13 +218,7 @@ def load_weights(path: str | Path) -> LoadedWeights:
         devices.add(str(location))
         return storage
 
-    try:
-        obj = torch.load(path, map_location=on_cpu, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DataError(f"cannot read checkpoint {path}: it is not a checkpoint torch.load can read "
-                        f"({type(e).__name__}: {first}); is the file complete (not truncated by an interrupted "
-                        f"copy)?") from None
+    obj = read_checkpoint(path, map_location=on_cpu, trust=trust)
     container, meta, init_args, adapted = None, {}, {}, None
     if isinstance(obj, nn.Module):
         container, state = "model", obj.state_dict()
@@ -304,6 +433,8 @@ def comparison_to_dict(c: Comparison) -> dict:
             "loaded_keys": c.loaded_keys}
 
 
-__all__ = ["SEG_KEY", "CONTAINER_KEYS", "ADAPTED_KEY", "LoadedWeights", "load_weights", "load_state", "clean_state_dict",
+__all__ = ["TRUST_ENV", "TRUST_FLAG", "UnsafeCheckpointError", "trusting_checkpoints", "checkpoints_trusted",
+           "checkpoint_globals", "read_checkpoint",
+           "SEG_KEY", "CONTAINER_KEYS", "ADAPTED_KEY", "LoadedWeights", "load_weights", "load_state", "clean_state_dict",
            "canonical_key", "storage_key", "alias_groups", "Mismatch", "Comparison", "compare", "file_problems",
            "load_into", "is_seg_key"]

@@ -10,6 +10,8 @@ import sys
 import warnings
 from contextlib import contextmanager
 
+from nnunet_transfer.cli import add_trust_argument
+
 CONVERGENCE_HELP = ("curve of the convergence epoch (first snapshot epoch within --tolerance of its maximum): "
                     "ema = nnU-Net's moving average of the validation pseudo-Dice (default; one noisy epoch cannot "
                     "set the maximum), raw = its per-epoch pseudo-Dice, validation = a sliding-window validation "
@@ -35,6 +37,7 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, run_flags: bool = 
                        "$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>")
         p.add_argument("-f", dest="fold", default="0", help="fold of the run given by -tr (default 0)")
     p.add_argument("-o", "--out", dest="out", required=True, help="output folder (JSON, CSV, PNG, summary.md)")
+    add_trust_argument(p)
     p.add_argument("--layers", default=None,
                    help="block spec of the layers to hook (encoder, decoder, bottleneck, seg, all, "
                         "blocks:1,2,8-9, presets); default: blocks 1, ceil(N/2), N-1 and their decoder "

@@ -1,6 +1,7 @@
 """``nnunet_transfer compare EVAL… --baseline NAME -o OUT``: paired tests between strategies, as the papers do."""
 from __future__ import annotations
 
+from nnunet_transfer.cli import add_trust_argument
 from nnunet_transfer.experiments.compare import DEFAULT_METRICS
 from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
 
@@ -30,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resamples", type=int, default=9999, help="bootstrap resamples (default 9999)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG figures")
+    add_trust_argument(p)  # the runs' checkpoint_final.pth (training log) for time to convergence
     p.set_defaults(func=run)
 
 

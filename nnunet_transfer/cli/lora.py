@@ -1,6 +1,8 @@
 """``nnunet_transfer lora merge|info``: one base checkpoint, many small per-target adapter files."""
 from __future__ import annotations
 
+from nnunet_transfer.cli import add_trust_argument
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("lora", help="merge a LoRA adapter file into a base checkpoint; show an adapter file",
@@ -20,9 +22,11 @@ def add_parser(sub) -> None:
     m.add_argument("base", metavar="BASE", help="base checkpoint (.pth, or a fold folder holding checkpoint_final.pth)")
     m.add_argument("-o", dest="output", required=True, metavar="OUT", help="output checkpoint")
     m.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_trust_argument(m)
     m.set_defaults(func=run_merge)
     i = ps.add_parser("info", help="rank, alpha, adapted convolutions and sizes of an adapter file")
     i.add_argument("adapters", metavar="ADAPTER", help="lora_adapters.pth")
+    add_trust_argument(i)
     i.set_defaults(func=run_info)
 
 

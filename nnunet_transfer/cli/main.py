@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "trust_checkpoint", False):
+            from nnunet_transfer.checkpoints import trusting_checkpoints  # torch: only when asked for
+
+            with trusting_checkpoints():
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except TransferError as e:
         print(f"nnunet_transfer {args.command}: error: {e}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """``nnunet_transfer weights check|adapt``: will ``-pretrained_weights`` load this file, and make it load."""
 from __future__ import annotations
 
+from nnunet_transfer.cli import add_trust_argument
+
 CHECKPOINT_HELP = ("nnU-Net checkpoint (.pth), a state dict, a fold folder or a one-fold model folder "
                    "(what nnUNetv2_install_pretrained_model_from_zip installs)")
 
@@ -21,6 +23,7 @@ def add_parser(sub) -> None:
     c.add_argument("-c", dest="configuration", required=True, metavar="CONFIG", help="target configuration, e.g. 3d_fullres")
     c.add_argument("-p", dest="plans", default="nnUNetPlans", metavar="PLANS", help="target plans identifier (default nnUNetPlans)")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_trust_argument(c)
     c.set_defaults(func=run_check)
     a = ps.add_parser(
         "adapt", help="write a checkpoint -pretrained_weights accepts: for the target's own plans (-d/-c) "
@@ -59,6 +62,7 @@ def add_parser(sub) -> None:
                         "segmentation heads would come from the source (with -d)")
     a.add_argument("--json", action="store_true", help="print the report as JSON (with -d)")
     a.add_argument("--force", action="store_true", help="replace an existing output file (and its report)")
+    add_trust_argument(a)
     a.set_defaults(func=run_adapt)
 
 

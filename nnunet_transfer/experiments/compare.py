@@ -187,12 +187,9 @@ def run_info(fold: Path, *, tolerance: float | None = None) -> dict:
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
         ckpt = fold / name
         if ckpt.is_file():
-            import torch
+            from nnunet_transfer.checkpoints import read_checkpoint
 
-            try:
-                content = torch.load(ckpt, map_location="cpu", weights_only=False)
-            except Exception as e:  # a truncated file: say which
-                raise DataError(f"cannot read checkpoint {ckpt}: {type(e).__name__}: {e}") from None
+            content = read_checkpoint(ckpt)  # a truncated file or one that would run code: one line naming it
             logging = content.get("logging") if isinstance(content, dict) else None
             if not logging:
                 raise DataError(f"checkpoint {ckpt} has no training log ('logging'); is it an nnU-Net checkpoint?")

@@ -37,7 +37,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
-from nnunet_transfer.checkpoints import load_state
+from nnunet_transfer.checkpoints import load_state, read_checkpoint
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.fileio import write_atomic
@@ -452,8 +452,9 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             # nnU-Net 2.8's load_checkpoint fails when handed a dict (it never binds its local
-            # variable), so it gets the file name again; mmap keeps this first read cheap
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+            # variable), so it gets the file name again; mmap keeps this first read cheap. This read runs
+            # none of the file's code and refuses a file nnU-Net's own (weights_only=False) read would run
+            checkpoint = read_checkpoint(checkpoint, mmap=True)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             raise TransferError(

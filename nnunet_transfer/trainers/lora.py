@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from nnunet_transfer.blocks import BlockModel
-from nnunet_transfer.checkpoints import compare, load_state, load_weights
+from nnunet_transfer.checkpoints import compare, load_state, load_weights, read_checkpoint
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, DataError, TransferError
 from nnunet_transfer.netutil import unwrap
@@ -166,10 +166,7 @@ def read_adapter_file(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise DataError(f"adapter file {path} not found (nnUNetTrainerLoRA writes {ADAPTER_FILE} in the fold folder "
                         f"at the end of training)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure means "not a readable file"
-        raise DataError(f"cannot read adapter file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    payload = read_checkpoint(path, what="adapter file")
     if not isinstance(payload, dict) or payload.get("format") != PAYLOAD_FORMAT:
         raise DataError(f"{path} is not an adapter file of nnunet_transfer (expected format {PAYLOAD_FORMAT!r}); "
                         f"give the {ADAPTER_FILE} of a nnUNetTrainerLoRA fold folder")

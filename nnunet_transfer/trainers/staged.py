@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
 from nnunet_transfer.blocks import BlockModel, parse_spec
+from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError
 from nnunet_transfer.fileio import write_atomic
@@ -139,7 +138,7 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+            checkpoint = read_checkpoint(checkpoint, mmap=True)  # refuses code before nnU-Net unpickles it
         state = checkpoint.get(CHECKPOINT_KEY) or {}
         if "settings" in state:
             self._check_resume_settings(state["settings"])  # same stage list, before replaying it
