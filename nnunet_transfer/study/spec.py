@@ -699,8 +699,7 @@ def _read_strategy(p: Problems, label: str, entry: Any, classes: dict, pretraine
                 users = unused_common.setdefault((k, trainer), [])
                 if vname not in users:
                     users.append(vname)
-        unused_base = [k for k in base_settings if k not in cls.transfer_keys and k not in common and k not in vsettings]
-        for k in unused_base:
+        for k in [k for k in base_settings if k not in cls.transfer_keys and k not in {**common, **vsettings}]:
             p.add("study", f"configuration = {configuration!r}: its setting {k!r} (plans, nnunet_transfer) is not "
                            f"used by {trainer} (strategy {vname!r}); valid settings for {trainer}: "
                            f"{sorted(cls.transfer_keys)}; inherit from a configuration without it")

@@ -179,5 +179,5 @@ def format_table(runs: list[Run]) -> str:
     return "\n".join([line(head), *map(line, rows)])
 
 
-__all__ = ["Run", "StudySplits", "plan_study_splits", "fold_plan", "build_table", "format_table", "test_folder", "size_slug",
-           "dataset_cases"]
+__all__ = ["Run", "StudySplits", "plan_study_splits", "fold_plan", "build_table", "format_table", "test_folder",
+           "size_slug", "dataset_cases"]

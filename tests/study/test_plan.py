@@ -173,3 +173,53 @@ def test_case_listing_is_nnunets(tree):
     files, ending = dataset_cases(DATASET)
     assert ending == ".nii.gz" and files == get_filenames_of_train_images_and_targets(str(raw))
     assert len(files["case_000"]["images"]) == 2
+
+
+FIVE_MISTAKES = (DEFAULT_STUDY
+                 .replace('baseline = "scratch"', 'basline = "scratch"')                      # unknown key
+                 .replace('n_train = [2, "all"]', "n_train = [2, 9]")                         # larger than the data
+                 .replace('trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainerFrozenEncodr"')
+                 + '\n[[strategy]]\nname = "scratch"\ntrainer = "nnUNetTrainerFinetune"\n'    # a name twice
+                 + "settings = { lr_scale = -1 }\n")                                           # a bad value
+FIVE_LINES = [
+    "[study]: unknown key 'basline' (did you mean 'baseline'?); valid keys: name, target,",
+    "[[strategy]] #2 \"frozen\": unknown trainer 'nnUNetTrainerFrozenEncodr' (did you mean "
+    "'nnUNetTrainerFrozenEncoder'?)",
+    "[[strategy]] #3 \"scratch\" settings.lr_scale: must be a finite number > 0, got -1",
+    "[[strategy]]: strategy name 'scratch' appears more than once (#1, #3,",
+    "[splits]: n_train 9 is larger than the 4 cases available for training (8 training cases of Dataset950_Fake "
+    "− 3 test − 1 validation)",
+]
+
+
+def test_a_file_with_five_mistakes_gets_all_five_in_one_run_and_nothing_written(tree, capsys):
+    path = study_file(tree, FIVE_MISTAKES)
+    plans_file = tree / "preprocessed" / DATASET / "nnUNetPlans.json"
+    plans = plans_file.read_text()
+    assert main(["study", "plan", str(path)]) == 2
+    err = capsys.readouterr().err.rstrip("\n").splitlines()
+    assert err[0] == f"nnunet_transfer study: error: study file {path.resolve()} has 5 problems:"
+    assert len(err) == 6 and all(line.startswith("  [") for line in err[1:]), err
+    for expected, line in zip(FIVE_LINES, err[1:]):
+        assert line.startswith("  " + expected), (expected, line)
+    assert not (tree / "fake").exists() and not splits_file(tree).exists()
+    assert plans_file.read_text() == plans
+    # status and run read the file the same way, before anything else
+    for verb in ("status", "run"):
+        assert main(["study", verb, str(path)]) == 2
+        assert capsys.readouterr().err.splitlines()[0].endswith("has 5 problems:")
+    assert not (tree / "fake").exists()
+
+
+def test_five_mistakes_exit_code_of_the_command(tree):
+    import os
+    import subprocess
+    import sys
+
+    path = study_file(tree, FIVE_MISTAKES)
+    proc = subprocess.run([sys.executable, "-m", "nnunet_transfer.cli.main", "study", "plan", str(path)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.rstrip("\n").splitlines()
+    assert lines[0].endswith("has 5 problems:") and len(lines) == 6, proc.stderr
+    assert proc.stdout == "" and not (tree / "fake").exists() and not splits_file(tree).exists()

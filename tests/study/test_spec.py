@@ -1,4 +1,5 @@
-"""The study file: every bad input is one clear error at load, naming the value, what is valid and the fix."""
+"""The study file: every bad input is a clear problem at load, naming the value, what is valid and the fix; a
+file with several problems gets all of them in one error, one line each."""
 from __future__ import annotations
 
 import math
@@ -6,8 +7,9 @@ import textwrap
 
 import pytest
 
+from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, DataError
-from nnunet_transfer.study.spec import load_study, sweep_label
+from nnunet_transfer.study.spec import StudyFileError, load_study, sweep_label
 
 from study.fake_tree import DEFAULT_STUDY, make_tree, set_env
 
@@ -133,3 +135,71 @@ def test_not_toml_and_no_file(tree):
         load_study(write(tree, "[study\nname="))
     with pytest.raises(DataError, match="not found; write one with `nnunet_transfer study init"):
         load_study(tree / "none.toml")
+
+
+def problems_of(path) -> list[str]:
+    with pytest.raises(StudyFileError) as e:
+        load_study(path)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"study file {path.resolve()} has {len(e.value.problems)} problems:"
+    assert lines[1:] == [f"  {p}" for p in e.value.problems]
+    return e.value.problems
+
+
+def test_every_strategys_settings_are_checked_not_only_the_first(tree):
+    text = (edit("num_epochs = 4", "num_epochs = 0")
+            .replace('name = "scratch"\n', 'name = "scratch"\nsettings = { lr_scale = 0, warmup_epochs = -2 }\n')
+            .replace('name = "frozen"\n', 'name = "frozen"\nsettings = { freeze_seg = "yes", lr_scal = 1 }\n'))
+    assert problems_of(write(tree, text)) == [
+        "[settings] num_epochs: must be an integer >= 1, got 0",
+        '[[strategy]] #1 "scratch" settings.lr_scale: must be a finite number > 0, got 0',
+        '[[strategy]] #1 "scratch" settings.warmup_epochs: must be an integer >= 0, got -2',
+        '[[strategy]] #2 "frozen" settings.freeze_seg: must be true or false, got \'yes\'',
+        '[[strategy]] #2 "frozen": unknown setting \'lr_scal\' (did you mean \'lr_scale\'?); settings: '
+        + ", ".join(TransferConfig.keys()),
+    ]
+
+
+def test_missing_tables_are_all_named_and_the_rest_is_still_checked(tree):
+    text = '[study]\ntarget = 950\ndevice = "gpu"\n\n[scoring]\ntest = "t"\n'
+    problems = problems_of(write(tree, text))
+    assert problems[:2] == ["[splits]: missing: a study file needs a [splits] table (see `nnunet_transfer study init`)",
+                            "[strategy]: missing: a study file needs [[strategy]] entries (see `nnunet_transfer study "
+                            "init`)"]
+    assert problems[2].startswith("[study]: device = 'gpu' is not one of cuda, cpu, mps")
+    assert problems[3].startswith("[scoring]: test = 't' is not one of ") and len(problems) == 4
+
+
+def test_a_sweep_generated_name_colliding_with_a_strategy_is_refused(tree):
+    text = DEFAULT_STUDY + textwrap.dedent("""
+        [[strategy]]
+        name = "l2sp"
+        trainer = "nnUNetTrainerL2SP_Sagie"
+        sweep = { l2sp_alpha = [0, 8] }
+        settings = { allow_random_anchor = true }
+
+        [[strategy]]
+        name = "l2sp-8"
+        trainer = "nnUNetTrainerL2SP_Sagie"
+        settings = { allow_random_anchor = true }
+        """)
+    with pytest.raises(ConfigError) as e:
+        load_study(write(tree, text))
+    assert str(e.value) == (f"study file {(tree / 's.toml').resolve()} [[strategy]]: strategy name 'l2sp-8' appears "
+                            f"more than once (#3, #4, counting the names a sweep generates); names must be unique "
+                            f"(they name the configurations and the results folders)")
+
+
+def test_a_bad_sweep_value_and_a_missing_checkpoint_are_listed_together(tree):
+    text = edit("[splits]", '[pretrained]\nsource = "nope.pth"\n\n[splits]') + textwrap.dedent("""
+        [[strategy]]
+        name = "l2sp"
+        trainer = "nnUNetTrainerL2SP_Sagie"
+        pretrained = "source"
+        sweep = { l2sp_alpha = [0, -1, inf] }
+        """)
+    problems = problems_of(write(tree, text))
+    assert len(problems) == 2
+    assert problems[0].startswith("[pretrained]: source = 'nope.pth': checkpoint ") and "not found" in problems[0]
+    assert problems[1] == ('[[strategy]] #3 "l2sp" sweep.l2sp_alpha: value -1: must be a number >= 0 (or inf), '
+                           'got -1')
