@@ -1,10 +1,10 @@
 """``study plan``: expand the file into its runs, check everything, then write what the runs need.
 
-Checked first, nothing written until all of it passes: the file (:func:`~nnunet_transfer.study.spec.
-load_study`), the sizes against the dataset (:func:`~nnunet_transfer.study.table.plan_study_splits`), that
-no started run's definition changed, and every pretrained checkpoint against the network the target's
-plans build, with each strategy's heads setting (the check ``nnUNetv2_train`` makes at start, made once
-here so that a wrong file fails before hundreds of jobs are queued).
+Checked first, nothing written until all of it passes: the file whole, with the sizes against the dataset
+and the output folder (:func:`~nnunet_transfer.study.spec.load_study`: every problem of the file at once),
+then that no started run's definition changed, and every pretrained checkpoint against the network the
+target's plans build, with each strategy's heads setting (the check ``nnUNetv2_train`` makes at start, made
+once here so that a wrong file fails before hundreds of jobs are queued).
 
 Written (each file atomically; an existing file is only replaced when its content changes):
 

@@ -1,12 +1,19 @@
 """The study file: one TOML file that declares a whole transfer experiment.
 
-Everything is read and checked here, before anything is written or trained: unknown tables and keys
-(with the closest valid name), wrong types, unknown trainers, settings a trainer does not use, strategies
-that need pretrained weights but name none, missing checkpoints, a baseline that is not a strategy.
-Sizes are checked against the dataset when the runs are expanded (:mod:`nnunet_transfer.study.table`).
-Every problem is one :class:`~nnunet_transfer.errors.ConfigError` (the file's content) or
-:class:`~nnunet_transfer.errors.DataError` (a file or dataset it names) whose message starts with the
-file and the table, names the value, what is valid and the fix.
+Everything is read and checked here, whole, before anything is written or trained: unknown tables and
+keys (with the closest valid name), missing tables, wrong types, unknown trainers, every strategy's
+settings and sweep values, settings a trainer does not use, strategies that need pretrained weights but
+name none, duplicate strategy names (also those a sweep generates), missing checkpoints, a baseline that
+is not a strategy, an output folder that cannot be the study's, and the sizes, test and validation counts
+against the dataset's cases (:func:`nnunet_transfer.study.table.fold_plan`). Each problem names the table
+and key ('[[strategy]] #3 "l2sp" settings.l2sp_alpha'), the value, what is valid and the fix.
+
+The readers collect the problems (:class:`Problems`) and go on, so one pass finds them all: one problem
+is raised as the one-line :class:`~nnunet_transfer.errors.ConfigError` (the file's content) or
+:class:`~nnunet_transfer.errors.DataError` (a file or dataset it names) it is; several as one
+:class:`StudyFileError` (a ConfigError): ``study file F has N problems:`` and one line per problem. A file
+that is missing or not TOML stops there; a value with a problem skips the checks that need it. Every
+``study`` command reads the file with :func:`load_study`.
 
 Layout (every table but ``[study]``, ``[splits]`` and ``[[strategy]]`` is optional)::
 
