@@ -47,9 +47,32 @@ def executable(name: str) -> str:
     return found
 
 
+def _die_with_parent(parent: int):
+    """The child's ``preexec_fn`` on Linux: SIGKILL when the process that started it dies (``prctl``
+    PR_SET_PDEATHSIG; it survives ``exec``). Without it a ``kill -9`` of ``study run`` would leave its
+    ``nnUNetv2_train`` writing into a fold whose lock the kernel has just released to the next process."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here, before fork: nothing to import after
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+    kill = int(signal.SIGKILL)
+
+    def preexec():
+        prctl(1, kill)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 def run_step(args: Sequence[str], *, env: Mapping[str, str], log: str | Path, what: str,
              extra_env: Mapping[str, str] | None = None, tail: int = 25) -> float:
-    """Run one program, output to ``log``; returns wall seconds; raises with the log tail on failure."""
+    """Run one program, output to ``log``; returns wall seconds; raises with the log tail on failure. The
+    program dies with this process (Linux), however this process dies."""
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [executable(args[0]), *map(str, args[1:])]
@@ -59,7 +82,7 @@ def run_step(args: Sequence[str], *, env: Mapping[str, str], log: str | Path, wh
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
         proc = subprocess.run(cmd, env=full_env, stdout=f, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent(os.getpid()))
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         lines = log.read_text(errors="replace").splitlines()[-tail:]

@@ -4,9 +4,12 @@ One run is :func:`execute_run`: ``nnUNetv2_train`` (fresh with ``-pretrained_wei
 checkpoint an interrupted attempt left), ``nnUNetv2_predict`` on the fold's test cases, ``evaluate``. Each
 program is a subprocess with its own log, so the study process itself never holds a network, a dataset
 or more than one case of evaluation in memory. A run whose files say it is done is skipped; one whose
-lock another process holds is left alone; a failing program marks the run failed with its log, and the
-others go on. Locks and states live in files (:mod:`~nnunet_transfer.study.state`), which is what makes a
-second ``study run`` — on this machine or in a SLURM job — never train anything twice.
+lock another live process holds is left alone ("held", not failed: the summary says by which pid on which
+host); a failing program marks the run failed with its log, and the others go on. Locks and states live in
+files (:mod:`~nnunet_transfer.study.state`, :mod:`~nnunet_transfer.study.lock`), which is what makes a
+second ``study run`` — on this machine or in a SLURM job — never train anything twice, and what lets it take
+over the lock of a holder that was killed. Concurrent ``study run`` processes plan one after the other
+(an ``flock`` on the study file): planning writes the splits, plans and test folders they share.
 
 ``--executor slurm`` submits the runs that are not done as one job array through submitit (resources
 from the file's ``[slurm]``); each job runs :class:`RunJob`, i.e. :func:`execute_run` on the node. Jobs
@@ -16,6 +19,7 @@ the same code path, with the jobs as local processes (the tests use it).
 """
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import os
 import shutil
@@ -42,7 +46,7 @@ DEFAULT_TIMEOUT_MIN = 1440  # sbatch's own default in submitit is 5 minutes
 @dataclass
 class Outcome:
     run: str
-    result: str  # done | skipped | failed | busy | submitted | queued
+    result: str  # done | skipped | failed | busy (held by another live process) | submitted | queued
     seconds: float = 0.0
     message: str = ""
 
@@ -59,9 +63,11 @@ class RunSummary:
         return [o for o in self.outcomes if o.result == "failed"]
 
     def text(self) -> str:
-        parts = [f"{self.count(k)} {k}" for k in ("done", "skipped", "submitted", "queued", "busy", "failed")
-                 if self.count(k)]
+        names = {"busy": "held by another process"}
+        parts = [f"{self.count(k)} {names.get(k, k)}" for k in ("done", "skipped", "submitted", "queued", "busy",
+                                                                "failed") if self.count(k)]
         lines = [f"{len(self.outcomes)} runs: " + ", ".join(parts)]
+        lines += [f"  held: {o.run}: {o.message}" for o in self.outcomes if o.result == "busy"]
         lines += [f"  failed: {o.run}: {o.message.splitlines()[0] if o.message else ''}" for o in self.failed]
         return "\n".join(lines)
 
@@ -115,8 +121,13 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
 
     folder = run_dir(study, run)
     lock = RunLock(folder)
-    if not lock.acquire():
-        return Outcome(run.id, "busy", message="another process is executing it")
+    if not lock.acquire(job_id=job_id, job_alive=job_alive):
+        message = f"held by {lock.holder.describe()}"
+        say(f"skipped {run.id}: {message}")
+        return Outcome(run.id, "busy", message=message)
+    if lock.took_over:
+        holder, why = lock.took_over
+        say(f"{run.id}: taking over the lock of {holder.describe()}: {why}")
     try:
         p = progress(study, run, locked=False)  # the lock is ours
         if p.done:
@@ -246,7 +257,9 @@ def run_study(study: Study | str | Path, *, executor: str = "local", only: str |
 
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
-    plan = prepare(study)
+    study = study if isinstance(study, Study) else load_study(study)
+    with _planning(study):
+        plan = prepare(study)
     study = plan.study
     runs = select(plan.runs, only)
     summary = RunSummary()
@@ -260,7 +273,9 @@ def run_study(study: Study | str | Path, *, executor: str = "local", only: str |
                         evaluate_run(study, run)
             summary.outcomes.append(Outcome(run.id, "skipped", message="done"))
         elif p.state == "running":
-            summary.outcomes.append(Outcome(run.id, "busy", message="another process is executing it"))
+            message = p.detail or "held by another process"
+            say(f"skipped {run.id}: {message}")
+            summary.outcomes.append(Outcome(run.id, "busy", message=message))
         elif p.state == "queued":
             summary.outcomes.append(Outcome(run.id, "queued", message=f"job {p.job_id} is queued or running"))
         else:
@@ -276,6 +291,25 @@ def run_study(study: Study | str | Path, *, executor: str = "local", only: str |
     else:
         summary.outcomes += submit(study, todo, plan.definitions, cluster=cluster, wait=wait, say=say)
     return summary
+
+
+class _planning:
+    """Concurrent ``study run`` processes plan one at a time (waiting): planning writes files they share. The
+    ``flock`` is on the study file itself (read-only), which exists before the output folder may be touched."""
+
+    def __init__(self, study: Study):
+        self.path = study.path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system: plan unguarded, as a single `study run` does
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the flock
 
 
 # --------------------------------------------------------------------------- SLURM (submitit)

@@ -9,8 +9,10 @@ Per run, ``<output>/runs/<run id>/`` holds
   run is refused (:func:`check_definitions`); schedule-only settings (``num_epochs`` …) may change, as
   ``--c`` allows;
 * ``state.json`` — the last known state (running / failed / done / submitted), attempts, seconds, job id;
-* ``.lock`` — held (``flock``) by the process executing the run, released by the kernel when it dies:
-  a run whose lock is free but whose state says "running" was interrupted;
+* ``.lock`` + ``.lock.json`` — the run's lock (:mod:`~nnunet_transfer.study.lock`): an ``flock`` the kernel
+  releases when the holder dies, and the holder's record (pid, host, process start time, job, heartbeat) that
+  says who holds it and lets another host tell a live holder from a dead one. A run whose lock is free but
+  whose state says "running" was interrupted;
 * ``train_<attempt>.log``, ``predict.log`` — nnU-Net's output; ``pred/`` — the test predictions, renamed
   into place only when complete, with a marker naming the ``checkpoint_final.pth`` they came from;
   ``eval/`` — ``evaluate``'s output, with a marker naming the predictions and the scoring settings.
@@ -21,7 +23,6 @@ file's ``num_epochs`` and ``pred/`` holds every test case predicted from that ch
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.study.lock import Holder, RunLock, is_locked, lock_holder
 from nnunet_transfer.study.spec import Study
 from nnunet_transfer.study.table import Run
 
-RUN_FILE, STATE_FILE, LOCK_FILE = "run.json", "state.json", ".lock"
+RUN_FILE, STATE_FILE = "run.json", "state.json"
 PRED_MARKER, EVAL_MARKER = ".study_prediction.json", ".study_evaluation.json"
 RESUME_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")  # nnU-Net's --c order
 
@@ -183,7 +185,7 @@ def check_definitions(study: Study, runs: list[Run]) -> dict[str, dict]:
         old = existing.get((run.configuration, run.trainer, run.nnunet_fold))
         if old is not None and old[1] != d:
             changed.append(f"run {old[0]}: {_difference(old[1], d)}")
-        elif old is None and results_folder(study, run).exists():
+        elif old is None and results_folder(study, run).exists() and _started_meanwhile(study, run) is None:
             raise DataError(f"results folder {results_folder(study, run)} exists but study {study.name!r} never "
                             f"started run {run.id} in it (an earlier study of that name, or a hand-made run); "
                             f"remove that folder, or give the study another [study] name")
@@ -196,52 +198,15 @@ def check_definitions(study: Study, runs: list[Run]) -> dict[str, dict]:
     return defs
 
 
+def _started_meanwhile(study: Study, run: Run) -> dict | None:
+    # another `study run` may have started the run since existing_definitions() read the folders
+    return read_json(run_dir(study, run) / RUN_FILE)
+
+
 def _resumable() -> frozenset[str]:
     from nnunet_transfer.config import TransferConfig
 
     return TransferConfig.resumable_keys()
-
-
-# --------------------------------------------------------------------------- the lock
-class RunLock:
-    """``flock`` on the run's lock file: exclusive, never waits, released by the kernel when the holder dies."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_FILE
-        self.fd: int | None = None
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def is_locked(folder: Path) -> bool:
-    if not (folder / LOCK_FILE).exists():
-        return False
-    lock = RunLock(folder)
-    if lock.acquire():
-        lock.release()
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- progress
@@ -297,6 +262,7 @@ class Progress:
     trained: bool = False  # checkpoint_final with enough epochs
     resume: bool = False   # a checkpoint --c continues from
     predicted: bool = False
+    holder: Holder | None = None  # who executes it now (state "running")
 
     @property
     def done(self) -> bool:
@@ -305,7 +271,8 @@ class Progress:
 
 def progress(study: Study, run: Run, *, job_alive=None, locked: bool | None = None) -> Progress:
     """The run's state from its files (module docstring). ``job_alive(state) -> bool | None`` says whether a
-    submitted job still exists (None: unknown); ``locked``: known already (the caller holds the lock)."""
+    submitted job (or the job of another host's lock holder) still exists (None: unknown); ``locked``: known
+    already (the caller holds the lock)."""
     folder, fold = run_dir(study, run), results_folder(study, run)
     state = read_state(study, run)
     final = (fold / "checkpoint_final.pth").is_file()
@@ -314,14 +281,16 @@ def progress(study: Study, run: Run, *, job_alive=None, locked: bool | None = No
     predicted = enough and prediction_current(study, run)
     epochs = epochs_done(fold)
     seconds = state.get("seconds")
-    running = is_locked(folder) if locked is None else locked
+    holder = lock_holder(folder, job_alive=job_alive) if locked is None else None
+    running = holder is not None if locked is None else locked
     if running and state.get("attempt_started"):
         seconds = (seconds or 0.0) + time.time() - state["attempt_started"]
     job = state.get("job_id")
     p = Progress(run=run, state="pending", epochs=epochs, seconds=seconds, job_id=job, trained=enough,
-                 resume=resume, predicted=predicted)
+                 resume=resume, predicted=predicted, holder=holder)
     if running:
         p.state = "running"
+        p.detail = f"held by {holder.describe()}" if holder is not None else ""
     elif predicted:
         p.state = "done"
     elif state.get("state") == "failed":
@@ -346,7 +315,7 @@ def host_pid() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-__all__ = ["run_dir", "results_folder", "read_state", "update_state", "check_definitions", "definition",
+__all__ = ["Holder", "lock_holder", "run_dir", "results_folder", "read_state", "update_state", "check_definitions", "definition",
            "RunLock", "is_locked", "progress", "Progress", "epochs_done", "prediction_current", "evaluation_current",
            "evaluation_key", "write_json", "read_json", "file_stamp", "sha256", "checkpoint_file",
            "PRED_MARKER", "EVAL_MARKER", "RUN_FILE", "STATE_FILE"]

@@ -114,6 +114,52 @@ def test_interrupted_run_continues_with_c_and_trained_run_is_only_predicted(tree
     assert sum(c[0] == "nnUNetv2_predict" for c in fake.calls) == 2  # the trained run: predicted, not trained
 
 
+def test_a_run_another_live_process_holds_is_skipped_named_and_not_failed(tree, monkeypatch, capsys):
+    import os
+    import signal
+    import socket
+
+    from nnunet_transfer.cli.main import main
+    from nnunet_transfer.study.runner import execute_run
+
+    from study.test_lock import holder_process, wait_until_held
+
+    path = make_tree(tree)
+    plan = prepare(path)
+    held = plan.runs[0]
+    fake = FakePrograms(tree)
+    monkeypatch.setattr(pipeline, "run_step", fake)
+    proc = holder_process(run_dir(plan.study, held))  # another `study run`, as far as the lock can tell
+    try:
+        wait_until_held(proc)
+        who = f"held by pid {proc.pid} on host {socket.gethostname()} since "
+        status = {p.run.id: p for p in study_status(path).progress}
+        assert status[held.id].state == "running" and status[held.id].detail.startswith(who)
+        assert study_status(path).text().count(who) == 1
+        assert main(["study", "run", str(path)]) == 0  # nothing it did failed
+        out = capsys.readouterr().out
+        assert f"skipped {held.id}: {who}" in out
+        assert f"4 runs: 3 done, 1 held by another process\n  held: {held.id}: {who}" in out and "failed" not in out
+        trained = {(c[2], c[3]) for c in fake.calls if c[0] == "nnUNetv2_train"}
+        assert len(trained) == 3 and (held.configuration, str(held.nnunet_fold)) not in trained
+        # taken between the check and the start: execute_run says the same
+        said = []
+        outcome = execute_run(plan.study, held, definition_=plan.definitions[held.id], say=said.append)
+        assert (outcome.result, said) == ("busy", [f"skipped {held.id}: {outcome.message}"])
+        assert outcome.message.startswith(who)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # its holder killed: the next `study run` takes the lock over and trains the run, once
+    said = []
+    summary = run_study(path, say=said.append)
+    assert [(o.run, o.result) for o in summary.outcomes if o.result != "skipped"] == [(held.id, "done")]
+    assert f"{held.id}: taking over the lock of pid {proc.pid} on host {socket.gethostname()}" in "\n".join(said)
+    assert "its process is gone" in "\n".join(said)
+    assert [c[2:4] for c in fake.calls if c[0] == "nnUNetv2_train"].count(
+        [held.configuration, str(held.nnunet_fold)]) == 1
+
+
 def finished_study(tree, text=DEFAULT_STUDY, n_cases=8):
     path = make_tree(tree, n_cases=n_cases, study_text=text)
     plan = prepare(path)
