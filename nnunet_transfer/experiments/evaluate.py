@@ -349,10 +349,12 @@ def evaluate_folders(pred: str | Path, ref: str | Path, out: str | Path, *, labe
         "n_cases": len(results), "cases": [r["case"] for r in results],
         "spacing_mm": {r["case"]: r["spacing"] for r in results},
         **summarize(rows, final),
-        "conventions": ("both masks empty: dice = nsd = precision = recall = lesion_f1 = 1, distances 0; "
-                        "one empty: dice = nsd = 0, distances inf (statistics over finite values, "
-                        "n_infinite counts the others), precision (empty prediction) or recall (empty "
-                        "reference) = 1; hd95 and assd as MedPy >= 0.5 (pooled over both directions)"),
+        "conventions": ("both masks empty: dice = nsd = nsd_voxel = precision = recall = lesion_f1 = 1, "
+                        "distances 0; one empty: dice = nsd = nsd_voxel = 0, distances inf (statistics over "
+                        "finite values, n_infinite counts the others), precision (empty prediction) or recall "
+                        "(empty reference) = 1; hd95, assd and hd as MedPy >= 0.5 (surface voxels, pooled over "
+                        "both directions); nsd and hd95_max as DeepMind's surface-distance (surface elements "
+                        "weighted by area); nsd_voxel counts MedPy's surface voxels within the tolerance"),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / PER_CASE, rows_to_csv(rows))

@@ -83,6 +83,23 @@ def test_per_case_values_equal_the_metrics_on_the_arrays(folders):
     assert res.summary["label_names"] == {"1": "organ", "2": "lesion"}
 
 
+@pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # the reference's scipy imports
+def test_nsd_and_hd95_max_from_files_equal_deepminds_surface_distance(folders):
+    import surface_distance as sd
+
+    root, refs, preds = folders
+    rows = evaluate_folders(root / "pred", root / "ref", root / "ev", nsd_tolerance=1.5, progress=False).rows
+    checked = 0
+    for r in rows:
+        p, q = preds[r["case"]] == r["label"], refs[r["case"]] == r["label"]
+        if p.any() and q.any():
+            want = sd.compute_surface_distances(q, p, STORED)  # reference first, as the package names it
+            assert r["nsd"] == pytest.approx(sd.compute_surface_dice_at_tolerance(want, 1.5), abs=1e-12)
+            assert r["hd95_max"] == pytest.approx(sd.compute_robust_hausdorff(want, 95), abs=1e-12)
+            checked += 1
+    assert checked >= 3
+
+
 def test_summary_statistics_over_finite_values(folders):
     root, refs, preds = folders
     evaluate_folders(root / "pred", root / "ref", root / "ev", progress=False)
@@ -130,6 +147,7 @@ def test_label_absent_from_both_in_one_case_gets_the_documented_values(tmp_path)
     assert (row["dice"], row["hd95"], row["nsd"], row["lesion_f1"], row["ref_voxels"]) == (1.0, 0.0, 1.0, 1.0, 0)
 
 
+@pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # the reference's scipy imports
 def test_2d_png_is_evaluated_in_2d(tmp_path):
     from medpy.metric import binary as mb
     from skimage.io import imsave
@@ -147,6 +165,11 @@ def test_2d_png_is_evaluated_in_2d(tmp_path):
     row = res.rows[0]
     assert row["hd95"] == pytest.approx(mb.hd95(p, r), abs=1e-12)
     assert row["assd"] == pytest.approx(mb.assd(p, r), abs=1e-12)
+    import surface_distance as sd  # and the 2-D surfels (contour lengths) of the NSD reference
+
+    want = sd.compute_surface_distances(r.astype(bool), p.astype(bool), (1.0, 1.0))
+    assert row["nsd"] == pytest.approx(sd.compute_surface_dice_at_tolerance(want, 1.0), abs=1e-12)
+    assert row["hd95_max"] == pytest.approx(sd.compute_robust_hausdorff(want, 95), abs=1e-12)
 
 
 def test_run_is_recorded(folders, tmp_path):

@@ -1,4 +1,5 @@
-"""Metrics on analytic shapes, against a brute-force surface computation and against MedPy."""
+"""Metrics on analytic shapes, against a brute-force surface computation, against MedPy (Dice, HD95, ASSD,
+HD) and against DeepMind's surface-distance (NSD, hd95_max)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from scipy.spatial.distance import cdist
 
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.experiments.metrics import (METRIC_COLUMNS, case_metrics, label_metrics, lesion_counts,
-                                                 surface_distances)
+                                                 surface_distances, surfel_distances, surfels)
 
 ANISO = (2.5, 0.7, 1.1)
 EXACT = 1e-12
@@ -44,9 +45,13 @@ def test_single_voxels_anisotropic_distance_follows_the_axis_order():
     d = math.hypot(3 * ANISO[0], 4 * ANISO[2])
     m = label_metrics(p, r, spacing=ANISO, nsd_tolerance=d)
     assert m["hd95"] == pytest.approx(d, abs=EXACT) and m["assd"] == pytest.approx(d, abs=EXACT)
-    assert m["hd"] == pytest.approx(d, abs=EXACT) and m["hd95_max"] == pytest.approx(d, abs=EXACT)
-    assert m["nsd"] == 1.0  # d <= tolerance
-    assert label_metrics(p, r, spacing=ANISO, nsd_tolerance=d - 1e-9)["nsd"] == 0.0
+    assert m["hd"] == pytest.approx(d, abs=EXACT)
+    # every corner of one voxel has the matching corner of the other exactly d away (a translation)
+    assert m["nsd"] == 1.0 and m["nsd_voxel"] == 1.0
+    below = label_metrics(p, r, spacing=ANISO, nsd_tolerance=d - 1e-9)
+    assert below["nsd_voxel"] == 0.0
+    # ... and the corners facing away from the other voxel have nothing nearer: part of the surface is out
+    assert 0.0 < below["nsd"] < 1.0
     assert (m["dice"], m["precision"], m["recall"]) == (0.0, 0.0, 0.0)
     assert (m["lesion_tp"], m["lesion_fp"], m["lesion_fn"], m["lesion_f1"]) == (0, 1, 1, 0.0)
     assert m["volume_ref_ml"] == pytest.approx(np.prod(ANISO) / 1000, abs=EXACT)
@@ -67,10 +72,9 @@ def test_sheets_shifted_on_an_anisotropic_grid(k, j):
     tau = math.hypot(k * ANISO[0], ANISO[2]) + 1e-9  # within: m = 0 and m = 1
     m = label_metrics(p, r, spacing=ANISO, nsd_tolerance=tau)
     assert m["hd95"] == pytest.approx(np.percentile(pooled, 95), abs=EXACT)
-    assert m["hd95_max"] == pytest.approx(np.percentile(one_side, 95), abs=EXACT)
     assert m["assd"] == pytest.approx(pooled.mean(), abs=EXACT)
     assert m["hd"] == pytest.approx(pooled.max(), abs=EXACT)
-    assert m["nsd"] == pytest.approx(np.mean(pooled <= tau), abs=EXACT)
+    assert m["nsd_voxel"] == pytest.approx(np.mean(pooled <= tau), abs=EXACT)
     assert m["dice"] == 0.0
 
 
@@ -94,7 +98,7 @@ def test_concentric_spheres(spacing):
     m = label_metrics(p, r, spacing=spacing, nsd_tolerance=5.0 + max(spacing))
     h = max(spacing)
     assert abs(m["assd"] - 5.0) <= h / 2 and abs(m["hd95"] - 5.0) <= h and abs(m["hd"] - 5.0) <= h
-    assert m["nsd"] == 1.0
+    assert m["nsd"] == 1.0 and m["nsd_voxel"] == 1.0 and abs(m["hd95_max"] - 5.0) <= h
     assert m["dice"] == pytest.approx(2 * 12 ** 3 / (12 ** 3 + 17 ** 3), rel=0.02)
     assert m["volume_ref_ml"] == pytest.approx(4 / 3 * math.pi * 17 ** 3 / 1000, rel=0.015)
     assert m["recall"] == pytest.approx(p.sum() / r.sum(), abs=EXACT) and m["precision"] == 1.0
@@ -152,14 +156,17 @@ def test_empty_mask_conventions():
     assert (both["dice"], both["hd95"], both["assd"], both["nsd"], both["precision"], both["recall"]) == \
         (1.0, 0.0, 0.0, 1.0, 1.0, 1.0)
     assert (both["lesion_tp"], both["lesion_fp"], both["lesion_fn"], both["lesion_f1"]) == (0, 0, 0, 1.0)
+    assert (both["nsd_voxel"], both["hd95_max"], both["hd"]) == (1.0, 0.0, 0.0)
     no_pred = label_metrics(z, x, spacing=ANISO)
     assert (no_pred["dice"], no_pred["nsd"], no_pred["precision"], no_pred["recall"]) == (0.0, 0.0, 1.0, 0.0)
     assert math.isinf(no_pred["hd95"]) and math.isinf(no_pred["assd"]) and math.isinf(no_pred["hd"])
+    assert math.isinf(no_pred["hd95_max"]) and no_pred["nsd_voxel"] == 0.0
     assert (no_pred["lesion_tp"], no_pred["lesion_fp"], no_pred["lesion_fn"], no_pred["lesion_f1"]) == (0, 0, 2, 0.0)
     assert no_pred["volume_diff_ml"] == pytest.approx(-x.sum() * np.prod(ANISO) / 1000) and no_pred["rel_volume_diff"] == -1
     no_ref = label_metrics(x, z, spacing=ANISO)
     assert (no_ref["dice"], no_ref["nsd"], no_ref["precision"], no_ref["recall"]) == (0.0, 0.0, 0.0, 1.0)
     assert math.isinf(no_ref["hd95"]) and math.isinf(no_ref["rel_volume_diff"])
+    assert math.isinf(no_ref["hd95_max"]) and no_ref["nsd_voxel"] == 0.0
     assert (no_ref["lesion_tp"], no_ref["lesion_fp"], no_ref["lesion_fn"], no_ref["lesion_f1"]) == (0, 2, 0, 0.0)
     for m in (both, no_pred, no_ref):
         assert list(m) == list(METRIC_COLUMNS)
@@ -201,8 +208,7 @@ def test_surface_metrics_equal_a_brute_force_computation(seed):
     m = label_metrics(a, b, spacing=sp, nsd_tolerance=tau)
     assert m["hd95"] == pytest.approx(np.percentile(pooled, 95), abs=EXACT)
     assert m["assd"] == pytest.approx(pooled.mean(), abs=EXACT)
-    assert m["nsd"] == pytest.approx(np.mean(pooled <= tau), abs=EXACT)
-    assert m["hd95_max"] == pytest.approx(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)), abs=EXACT)
+    assert m["nsd_voxel"] == pytest.approx(np.mean(pooled <= tau), abs=EXACT)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -234,3 +240,95 @@ def test_bad_input_is_one_clear_error():
         label_metrics(a, a, nsd_tolerance=-1)
     with pytest.raises(DataError, match="non-empty"):
         surface_distances(a, a)
+    with pytest.raises(DataError, match="non-empty"):
+        surfel_distances(a, a)
+    with pytest.raises(DataError, match="2-D or 3-D mask, got 1 dimensions"):
+        surfels(np.ones(4, bool), spacing=(1.0,))
+
+
+# --------------------------------------------------------------------------- the reference for nsd, hd95_max
+# DeepMind's surface-distance (Nikolov et al. 2021), the package itself. Its 0.1 release imports through
+# scipy.ndimage's deprecated `filters` / `morphology` namespaces: those warnings are the reference's.
+reference = pytest.importorskip("surface_distance")
+REFERENCE_WARNINGS = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")
+SPACING = (2.0, 0.7, 1.3)
+
+
+def box(shape, lo, hi) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    return m
+
+
+def analytic_pairs():
+    """(name, prediction, reference, spacing): spheres, boxes, shifted boxes, 2-D, touching the border."""
+    sp = SPACING
+    shape = (24, 60, 36)
+    c = [n * s / 2 for n, s in zip(shape, sp)]
+    c2 = [c[0] + 3.0, c[1] - 2.1, c[2] + 1.3]
+    yield "concentric spheres", ball(shape, sp, c, 9.0), ball(shape, sp, c, 12.0), sp
+    yield "offset spheres", ball(shape, sp, c2, 10.0), ball(shape, sp, c, 11.0), sp
+    yield "sphere in a box", ball(shape, sp, c, 10.0), box(shape, (6, 14, 9), (18, 46, 27)), sp
+    yield "box shifted along the coarse axis", box(shape, (6, 14, 9), (16, 40, 25)), \
+        box(shape, (7, 14, 9), (17, 40, 25)), sp
+    yield "box shifted on all axes", box(shape, (5, 15, 8), (15, 42, 24)), box(shape, (7, 12, 10), (16, 40, 27)), sp
+    yield "boxes touching the image border", box(shape, (0, 0, 3), (10, 30, 36)), \
+        box(shape, (0, 2, 0), (12, 60, 30)), sp
+    yield "isotropic spheres", ball((30, 30, 30), (1.0,) * 3, (14, 15, 16), 8.0), \
+        ball((30, 30, 30), (1.0,) * 3, (15, 15, 15), 9.5), (1.0, 1.0, 1.0)
+    grid = np.stack(np.meshgrid(np.arange(50) * 0.7, np.arange(40) * 1.3, indexing="ij"))
+    disc = lambda cy, cx, r: np.hypot(grid[0] - cy, grid[1] - cx) <= r  # noqa: E731
+    yield "2-D discs", disc(17.0, 26.0, 9.0), disc(18.0, 24.0, 11.0), (0.7, 1.3)
+    yield "2-D rectangles", box((50, 40), (10, 5), (30, 25)), box((50, 40), (12, 4), (33, 22)), (0.7, 1.3)
+
+
+PAIRS = list(analytic_pairs())
+TOLERANCES = (0.0, 0.35, 1.0, 1.3, 2.5, 6.0)  # below, at and above the voxel sizes 0.7 / 1.3 / 2.0
+
+
+@REFERENCE_WARNINGS
+@pytest.mark.parametrize("name, pred, ref, sp", PAIRS, ids=[p[0] for p in PAIRS])
+def test_nsd_and_hd95_max_equal_deepminds_surface_distance(name, pred, ref, sp):
+    """On the whole image, as a user of the package would call it (evaluate cuts a box first)."""
+    want = reference.compute_surface_distances(ref, pred, sp)
+    got = surfel_distances(pred, ref, spacing=sp)
+    assert sorted(got) == sorted(want)
+    for key in want:  # same surfels in the same order (sorted by distance, then area)
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=EXACT, err_msg=key)
+    hd95_max = reference.compute_robust_hausdorff(want, 95)
+    for tau in TOLERANCES:
+        m = label_metrics(pred, ref, spacing=sp, nsd_tolerance=tau)
+        assert m["nsd"] == pytest.approx(reference.compute_surface_dice_at_tolerance(want, tau), abs=EXACT), tau
+        assert m["hd95_max"] == pytest.approx(hd95_max, abs=EXACT)
+        # the voxel count is another number, kept under its own name
+        d_pr, d_rp = surface_distances(pred, ref, spacing=sp)
+        assert m["nsd_voxel"] == pytest.approx(np.mean(np.concatenate([d_pr, d_rp]) <= tau), abs=EXACT)
+
+
+@REFERENCE_WARNINGS
+def test_nsd_of_a_coarse_shift_is_the_reference_not_the_voxel_count():
+    """Issue 20's case: 2 mm voxels, τ = 1 mm, a boundary moved by one voxel on the coarse axis. Counting
+    voxels misses the side faces that the surfels (corner grid, weighted by area) find within τ."""
+    ref = box((20, 30, 30), (5, 5, 5), (15, 25, 25))
+    pred = box((20, 30, 30), (6, 5, 5), (16, 25, 25))
+    sp = (2.0, 1.0, 1.0)
+    m = label_metrics(pred, ref, spacing=sp, nsd_tolerance=1.0)
+    want = reference.compute_surface_dice_at_tolerance(reference.compute_surface_distances(ref, pred, sp), 1.0)
+    assert m["nsd"] == pytest.approx(want, abs=EXACT)
+    assert m["nsd"] - m["nsd_voxel"] > 0.05
+
+
+@REFERENCE_WARNINGS
+@pytest.mark.parametrize("seed", range(6))
+def test_surfel_distances_equal_the_reference_on_random_shapes(seed):
+    rng = np.random.default_rng(200 + seed)
+    shape = (14, 20, 17) if seed < 4 else (40, 36)
+    a, b = _random_masks(rng, shape, ndim_border=bool(seed % 2))
+    sp = tuple(rng.uniform(0.4, 3.0, size=len(shape)))
+    want = reference.compute_surface_distances(b, a, sp)
+    got = surfel_distances(a, b, spacing=sp)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=EXACT, err_msg=key)
+    m = label_metrics(a, b, spacing=sp, nsd_tolerance=1.0)
+    assert m["nsd"] == pytest.approx(reference.compute_surface_dice_at_tolerance(want, 1.0), abs=EXACT)
+    assert m["hd95_max"] == pytest.approx(reference.compute_robust_hausdorff(want, 95), abs=EXACT)
