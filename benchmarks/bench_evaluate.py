@@ -1,4 +1,5 @@
-"""Benchmark: ``nnunet_transfer evaluate`` against MedPy's ``hd95`` + ``assd`` on CT-sized cases (issue 11, item 4).
+"""Benchmark: ``nnunet_transfer evaluate`` against MedPy's ``hd95`` + ``assd`` and DeepMind's NSD + robust
+Hausdorff on CT-sized cases (issue 11, item 4; issue 20, item 3).
 
 Generated cases of 256 × 256 × 128 voxels (x, y, z; spacing 0.8 × 0.8 × 2.0 mm): the reference holds a
 smooth organ (label 1, about a third of the field of view across) with three lesions inside (label 2);
@@ -17,8 +18,13 @@ wall seconds and its peak RSS (the kernel's ``VmHWM``, reset when the process st
 - ``medpy``: each case read with the same nnU-Net reader (timed), then ``medpy.metric.binary.hd95`` and
   ``assd`` per label (timed) — the two surface values ``evaluate`` reports, MedPy's way (EDTs of the
   whole volume, each recomputed per call).
+- ``surface-distance``: each case read the same way (timed), then DeepMind's ``compute_surface_distances``
+  per label on the whole volume (it cuts its own bounding box), ``compute_surface_dice_at_tolerance``
+  (τ = 1 mm, evaluate's default) and ``compute_robust_hausdorff(·, 95)`` — the reference of ``nsd`` and
+  ``hd95_max``.
 
-The values are compared (hd95, assd: max |difference|, must be < 1e-9) and the table printed:
+The values are compared (hd95, assd against MedPy; nsd, hd95_max against surface-distance: max
+|difference|, must be < 1e-9) and the table printed:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_evaluate.py [--cases 4] [--shape 128 256 256] [--organ 0.17] [-np 1]
         [--quick] [--json FILE]
@@ -156,7 +162,8 @@ def worker_evaluate(data: Path, cases: int | None, num_processes: int) -> dict:
         t = time.perf_counter()
         case_metrics(p, r, labels=LABELS, spacing=sp)
         t_metrics += time.perf_counter() - t
-    values = {f"{row['case']}/{row['label']}": {"hd95": row["hd95"], "assd": row["assd"]} for row in res.rows}
+    values = {f"{row['case']}/{row['label']}": {m: row[m] for m in ("hd95", "assd", "nsd", "hd95_max")}
+              for row in res.rows}
     return {"n": n, "total_s": total, "read_s": t_read, "metrics_s": t_metrics, "peak_mb": peak,
             "import_mb": import_mb, "values": values}
 
@@ -189,6 +196,37 @@ def worker_medpy(data: Path) -> dict:
             "peak_mb": _peak_mb(), "import_mb": import_mb, "values": values}
 
 
+def worker_deepmind(data: Path) -> dict:
+    import warnings
+
+    import surface_distance as sd
+
+    from nnunet_transfer.experiments.evaluate import read_label_map, reader_class
+
+    import nnunetv2.imageio.reader_writer_registry  # noqa: F401
+
+    warnings.filterwarnings("ignore", "Please import", DeprecationWarning)  # its scipy.ndimage.filters imports
+    files = sorted((data / "ref").glob("*.nii.gz"))
+    import_mb = _peak_mb()
+    reader = reader_class(".nii.gz", files[0])
+    t_read = t_metrics = 0.0
+    values = {}
+    for f in files:
+        case = f.name[: -len(".nii.gz")]
+        t = time.perf_counter()
+        p, sp = read_label_map(data / "pred" / f.name, reader)
+        r, _ = read_label_map(f, reader)
+        t_read += time.perf_counter() - t
+        t = time.perf_counter()
+        for lab in LABELS:
+            dist = sd.compute_surface_distances(r == lab, p == lab, sp)
+            values[f"{case}/{lab}"] = {"nsd": float(sd.compute_surface_dice_at_tolerance(dist, 1.0)),
+                                       "hd95_max": float(sd.compute_robust_hausdorff(dist, 95))}
+        t_metrics += time.perf_counter() - t
+    return {"n": len(files), "total_s": t_read + t_metrics, "read_s": t_read, "metrics_s": t_metrics,
+            "peak_mb": _peak_mb(), "import_mb": import_mb, "values": values}
+
+
 def run_worker(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if out.returncode != 0:
@@ -208,7 +246,7 @@ def main() -> None:
                          "third of the field across; 0.45 nearly fills it: the bounding box then saves little)")
     ap.add_argument("--quick", action="store_true", help="2 cases of 64 x 128 x 128 (smoke run)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--worker", choices=["generate", "evaluate", "medpy"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["generate", "evaluate", "medpy", "deepmind"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -222,6 +260,9 @@ def main() -> None:
         return
     if args.worker == "medpy":
         print(json.dumps(worker_medpy(Path(args.data))))
+        return
+    if args.worker == "deepmind":
+        print(json.dumps(worker_deepmind(Path(args.data))))
         return
     if args.quick:
         args.cases, args.shape = 2, [64, 128, 128]
@@ -238,12 +279,15 @@ def main() -> None:
         ev = run_worker(["--worker", "evaluate", *common])
         ev1 = run_worker(["--worker", "evaluate", "--first", "1", *common])
         md = run_worker(["--worker", "medpy", *common])
-    diffs = {m: max(abs(ev["values"][k][m] - md["values"][k][m]) for k in md["values"]) for m in ("hd95", "assd")}
+        dm = run_worker(["--worker", "deepmind", *common])
+    diffs = {m: max(abs(ev["values"][k][m] - ref["values"][k][m]) for k in ref["values"])
+             for ref, ms in ((md, ("hd95", "assd")), (dm, ("nsd", "hd95_max"))) for m in ms}
     equal = all(d < 1e-9 for d in diffs.values())
     n = ev["n"]
     case_mb = 2 * int(np.prod(shape)) * 4 / 2 ** 20  # nnU-Net's reader returns float32, two files per case
     rows = [("evaluate (every metric, 2 labels)", ev["total_s"] / n, ev["metrics_s"] / n, ev["peak_mb"]),
-            ("medpy hd95 + assd (2 labels)", md["total_s"] / n, md["metrics_s"] / n, md["peak_mb"])]
+            ("medpy hd95 + assd (2 labels)", md["total_s"] / n, md["metrics_s"] / n, md["peak_mb"]),
+            ("surface-distance nsd + hd95_max", dm["total_s"] / n, dm["metrics_s"] / n, dm["peak_mb"])]
     print(f"\nmachine: {platform.processor() or platform.machine()}, {platform.system()}, python "
           f"{platform.python_version()}, evaluate -np {args.num_processes}")
     print(f"{'implementation':<36} {'s/case (with reading)':>22} {'s/case (metrics only)':>22} {'peak RSS MB':>12}")
@@ -251,15 +295,21 @@ def main() -> None:
         print(f"{name:<36} {tot:>22.2f} {met:>22.2f} {peak:>12.0f}")
     speed_total = md["total_s"] / ev["total_s"]
     speed_metrics = md["metrics_s"] / ev["metrics_s"]
+    both_total = (md["total_s"] + dm["total_s"]) / ev["total_s"]
+    both_metrics = (md["metrics_s"] + dm["metrics_s"]) / ev["metrics_s"]
     print(f"\nspeed-up (medpy / evaluate): {speed_total:.1f}x with reading, {speed_metrics:.1f}x metrics only "
           f"(target >= 5x)")
-    print(f"values: max |hd95 diff| = {diffs['hd95']:.2e}, max |assd diff| = {diffs['assd']:.2e} -> "
-          f"{'equal' if equal else 'NOT EQUAL'}")
+    print(f"speed-up (medpy + surface-distance / evaluate): {both_total:.1f}x with reading, "
+          f"{both_metrics:.1f}x metrics only")
+    print("values: " + ", ".join(f"max |{m} diff| = {d:.2e}" for m, d in diffs.items()) +
+          f" -> {'equal' if equal else 'NOT EQUAL'}")
     print(f"memory: evaluate peak RSS {ev['peak_mb']:.0f} MB over {n} cases vs {ev1['peak_mb']:.0f} MB for one case "
           f"(after imports {ev['import_mb']:.0f} MB; one case as read = {case_mb:.0f} MB)")
     result = {"shape_zyx": shape, "spacing_zyx": SPACING, "cases": n, "organ": args.organ, "evaluate": {k: v for k, v in ev.items() if k != "values"},
               "evaluate_one_case": {k: v for k, v in ev1.items() if k != "values"},
               "medpy": {k: v for k, v in md.items() if k != "values"}, "speedup_total": speed_total,
+              "surface_distance": {k: v for k, v in dm.items() if k != "values"},
+              "speedup_total_both": both_total, "speedup_metrics_both": both_metrics,
               "speedup_metrics": speed_metrics, "max_diff": diffs, "equal": equal}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
