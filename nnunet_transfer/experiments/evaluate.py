@@ -39,6 +39,8 @@ FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".tif", ".tiff", ".p
 #: files that mark a fold folder (a run): nnU-Net's checkpoints, our settings file
 RUN_MARKERS = ("checkpoint_final.pth", "checkpoint_latest.pth", "transfer_config.json")
 SPACING_RTOL = 1e-4  # float32 storage of spacings in image headers
+#: what ``nsd`` means in this version's outputs (summary.json); see :mod:`~nnunet_transfer.experiments.metrics`
+NSD_DEFINITION = "surface-distance surfels"
 
 
 # --------------------------------------------------------------------------- cases and files
@@ -346,6 +348,9 @@ def evaluate_folders(pred: str | Path, ref: str | Path, out: str | Path, *, labe
         "file_ending": file_ending, "labels": final,
         "label_names": {str(k): v for k, v in names.items() if k in final},
         "nsd_tolerance_mm": float(nsd_tolerance), "lesion_connectivity": int(connectivity),
+        # evaluations before issue 20 counted surface voxels under the name nsd (now nsd_voxel) and lack
+        # this key: a comparison can tell the two apart
+        "nsd_definition": NSD_DEFINITION,
         "n_cases": len(results), "cases": [r["case"] for r in results],
         "spacing_mm": {r["case"]: r["spacing"] for r in results},
         **summarize(rows, final),
@@ -392,4 +397,4 @@ def read_per_case(path: str | Path) -> list[dict]:
 
 
 __all__ = ["EvaluationResult", "evaluate_folders", "read_per_case", "describe", "summarize", "pair_cases",
-           "read_label_map", "PER_CASE", "SUMMARY", "find_run", "check_run"]
+           "read_label_map", "PER_CASE", "SUMMARY", "NSD_DEFINITION", "find_run", "check_run"]

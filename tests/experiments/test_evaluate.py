@@ -98,6 +98,8 @@ def test_nsd_and_hd95_max_from_files_equal_deepminds_surface_distance(folders):
             assert r["hd95_max"] == pytest.approx(sd.compute_robust_hausdorff(want, 95), abs=1e-12)
             checked += 1
     assert checked >= 3
+    summary = json.loads((root / "ev" / "summary.json").read_text())
+    assert summary["nsd_definition"] == "surface-distance surfels"  # older outputs counted voxels, no key
 
 
 def test_summary_statistics_over_finite_values(folders):
