@@ -489,54 +489,46 @@ def markdown_report(rows: Sequence[Mapping], strategies: Sequence[Strategy], ord
     return "\n".join(lines)
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_boxes(path: Path, values: Mapping[str, Mapping[tuple[str, int], np.ndarray]], order: Sequence[str],
                metrics: Sequence[str], label: int, label_name: str | None) -> Path:
     """One box plot per metric, a box per strategy (finite values)."""
+    from nnunet_transfer.figures import figure
+
     cols = min(len(metrics), 4)
     nrows = math.ceil(len(metrics) / cols)
-    fig = _figure(3.2 * cols, 3.0 * nrows + 0.4)
-    for i, m in enumerate(metrics):
-        ax = fig.add_subplot(nrows, cols, i + 1)
-        data = [values[n][(m, label)][np.isfinite(values[n][(m, label)])] for n in order]
-        ax.boxplot(data, tick_labels=list(order), showmeans=True)
-        ax.set_title(METRIC_TITLES.get(m, m), fontsize=10)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(f"label {label}" + (f" ({label_name})" if label_name else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with figure(path, rows=nrows, cols=cols) as p:
+        for i, m in enumerate(metrics):
+            ax = p.fig.add_subplot(nrows, cols, i + 1)
+            data = [values[n][(m, label)][np.isfinite(values[n][(m, label)])] for n in order]
+            ax.boxplot(data, showmeans=True)
+            p.categories(ax, range(1, len(order) + 1), order)
+            p.title(ax, METRIC_TITLES.get(m, m))
+            ax.grid(alpha=0.3, axis="y")
+        p.suptitle(f"label {label}" + (f" ({label_name})" if label_name else ""))
     return path
 
 
 def plot_learning_curves(path: Path, curves: Mapping[str, Mapping], order: Sequence[str]) -> Path:
     """Smoothed validation pseudo-Dice against wall time, every run on one plot, convergence marked."""
-    fig = _figure(7, 4.5)
-    ax = fig.add_subplot(1, 1, 1)
-    for n in [o for o in order if o in curves]:
-        c = curves[n]
-        pts = [(p["seconds"], p["value"]) for p in c["curve"] if p["seconds"] is not None and p["value"] is not None]
-        if not pts:
-            continue
-        line, = ax.plot(*zip(*pts), marker=".", label=n)
-        if c.get("epoch") is not None and c["curve"][c["epoch"]]["seconds"] is not None:
-            e = c["curve"][c["epoch"]]
-            ax.plot([e["seconds"]], [e["value"]], marker="o", markersize=9, markerfacecolor="none",
-                    color=line.get_color())
-    ax.set_xlabel("wall time [s]")
-    ax.set_ylabel(f"validation pseudo-Dice ({next(iter(curves.values()))['key']})")
-    ax.set_title("learning curves (circle: convergence, within 0.5 % of the maximum)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from nnunet_transfer.figures import colors, figure
+
+    with figure(path) as p:
+        ax = p.fig.add_subplot(1, 1, 1)
+        names = [o for o in order if o in curves]
+        for n, color in zip(names, colors(len(names))):
+            c = curves[n]
+            pts = [(q["seconds"], q["value"]) for q in c["curve"] if q["seconds"] is not None and q["value"] is not None]
+            if not pts:
+                continue
+            ax.plot(*zip(*pts), marker=".", color=color, label=n)
+            if c.get("epoch") is not None and c["curve"][c["epoch"]]["seconds"] is not None:
+                e = c["curve"][c["epoch"]]
+                ax.plot([e["seconds"]], [e["value"]], marker="o", markersize=9, markerfacecolor="none", color=color)
+        ax.set_xlabel("wall time [s]")
+        ax.set_ylabel(f"validation pseudo-Dice ({next(iter(curves.values()))['key']})")
+        p.title(ax, "learning curves (circle: convergence, within 0.5 % of the maximum)")
+        ax.grid(alpha=0.3)
+        p.legend(where="right")
     return path
 
 

@@ -120,15 +120,6 @@ def write_pooled(folder: Path, study: Study, runs: Sequence[Run], label_names: d
 
 
 # --------------------------------------------------------------------------- plots
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _label_title(label: int, names: dict) -> str:
     return f"label {label}" + (f" ({names[label]})" if label in names else "")
 
@@ -136,50 +127,52 @@ def _label_title(label: int, names: dict) -> str:
 def plot_vs_ntrain(path: Path, points: dict, strategies: Sequence[str], labels: Sequence[int], names: dict,
                    metric: str = "dice") -> Path:
     """``points[(strategy, label)] = [(n_train, mean, sd)]`` -> one panel per label, one line per strategy."""
-    fig = _figure(4.6 * len(labels), 3.9)
-    for i, lab in enumerate(labels):
-        ax = fig.add_subplot(1, len(labels), i + 1)
-        for s in strategies:
-            pts = sorted(points.get((s, lab), []))
-            if not pts:
-                continue
-            x, y, e = zip(*pts)
-            ax.errorbar(x, y, yerr=[0 if v is None else v for v in e], marker="o", capsize=3, label=s)
-        from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator
 
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("training cases (n_train)")
-        ax.set_ylabel(f"test {TITLES.get(metric, metric)}")
-        ax.set_title(_label_title(lab, names), fontsize=10)
-        ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize=7)
-    fig.suptitle(f"test {TITLES.get(metric, metric)} against the training-set size (mean ± sd over the test cases)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from nnunet_transfer.figures import colors, figure
+
+    with figure(path, cols=len(labels)) as p:
+        for i, lab in enumerate(labels):
+            ax = p.fig.add_subplot(1, len(labels), i + 1)
+            for s, color in zip(strategies, colors(len(strategies))):
+                pts = sorted(points.get((s, lab), []))
+                if not pts:
+                    continue
+                x, y, e = zip(*pts)
+                ax.errorbar(x, y, yerr=[0 if v is None else v for v in e], marker="o", capsize=3, color=color,
+                            label=s)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("training cases (n_train)")
+            ax.set_ylabel(f"test {TITLES.get(metric, metric)}")
+            p.title(ax, _label_title(lab, names))
+            ax.grid(alpha=0.3)
+        p.legend(where="below")
+        p.suptitle(f"test {TITLES.get(metric, metric)} against the training-set size (mean ± sd over the test cases)")
     return path
 
 
 def plot_sweep(path: Path, key: str, values: Sequence, series: dict, labels: Sequence[int], names: dict,
                metrics: Sequence[str]) -> Path:
     """``series[(size, metric, label)] = [mean per value]`` -> metric against the swept value, a line per size."""
-    fig = _figure(4.4 * len(labels), 3.3 * len(metrics))
+    from nnunet_transfer.figures import colors, figure
+
     ticks = ["∞" if sweep_label(v) == "inf" else sweep_label(v) for v in values]
-    for j, m in enumerate(metrics):
-        for i, lab in enumerate(labels):
-            ax = fig.add_subplot(len(metrics), len(labels), j * len(labels) + i + 1)
-            for (size, metric, label), ys in series.items():
-                if metric == m and label == lab:
-                    ax.plot(range(len(values)), [math.nan if y is None else y for y in ys], marker="o",
-                            label=f"n_train {size}")
-            ax.set_xticks(range(len(values)), ticks)
-            ax.set_xlabel(key)
-            ax.set_ylabel(f"test {TITLES.get(m, m)}")
-            ax.set_title(_label_title(lab, names), fontsize=10)
-            ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    sizes = list(dict.fromkeys(size for size, _, _ in series))
+    color = dict(zip(sizes, colors(len(sizes))))
+    with figure(path, rows=len(metrics), cols=len(labels)) as p:
+        for j, m in enumerate(metrics):
+            for i, lab in enumerate(labels):
+                ax = p.fig.add_subplot(len(metrics), len(labels), j * len(labels) + i + 1)
+                for (size, metric, label), ys in series.items():
+                    if metric == m and label == lab:
+                        ax.plot(range(len(values)), [math.nan if y is None else y for y in ys], marker="o",
+                                color=color[size], label=f"n_train {size}")
+                p.categories(ax, range(len(values)), ticks)
+                ax.set_xlabel(key)
+                ax.set_ylabel(f"test {TITLES.get(m, m)}")
+                p.title(ax, _label_title(lab, names))
+                ax.grid(alpha=0.3)
+        p.legend(where="right")
     return path
 
 
