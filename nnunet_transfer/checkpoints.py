@@ -71,12 +71,12 @@ _NUMPY_DTYPES = ("BoolDType", "Int8DType", "UInt8DType", "Int16DType", "UInt16DT
 class UnsafeCheckpointError(DataError):
     """A checkpoint asks for a global outside :func:`checkpoint_globals`; nothing of it was run."""
 
-    def __init__(self, path: Path, what: str, wanted: str):
-        self.path, self.wanted = path, wanted
-        super().__init__(f"refused to load {what} {path}: it asks for {wanted}, which nnU-Net checkpoints do not "
-                         f"hold (they hold tensors, numbers, strings, containers and numpy scalars), and unpickling it "
-                         f"could run code; if you trust this file (you or your lab wrote it with a trusted nnU-Net / "
-                         f"nnunet_transfer), pass {TRUST_FLAG} or set {TRUST_ENV}=1")
+
+def _refusal(path: Path, what: str, wanted: str) -> str:
+    return (f"refused to load {what} {path}: it asks for {wanted}, which nnU-Net checkpoints do not hold (they hold "
+            f"tensors, numbers, strings, containers and numpy scalars), and unpickling it could run code; if you "
+            f"trust this file (you or your lab wrote it with a trusted nnU-Net / nnunet_transfer), pass {TRUST_FLAG} "
+            f"or set {TRUST_ENV}=1")
 
 
 @contextlib.contextmanager
@@ -161,7 +161,7 @@ def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", mmap: bool =
     except Exception as e:  # noqa: BLE001 - any failure means "not a readable checkpoint"
         wanted = _refused_global(str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if wanted is not None:
-            raise UnsafeCheckpointError(path, what, wanted) from None
+            raise UnsafeCheckpointError(_refusal(path, what, wanted)) from None
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # torch's weights-only message starts with paragraphs about the default; the cause is after them
         cause = next((ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file an issue",
