@@ -285,3 +285,128 @@ def test_template_passes_study_plan(smoke_data, tmp_path, template, runs):
         assert [s.name for s in plan.study.strategies][-1] == "l2sp-inf" and plan.study.baseline == "l2sp-0"
     assert main(["study", "init", "--template", template, "-d", str(did), "--pretrained",
                  str(ws.source_checkpoint.parent), "-o", str(out), "-c", "tiny"]) == 2  # exists: --force
+
+
+# --------------------------------------------------------------------------- two `study run` at once
+_CONCURRENT = iter(range(1000))
+
+
+def concurrent_study(tmp_path: Path) -> tuple[Path, list]:
+    """Karimi's smoke study under a name of its own (its own configurations and folds on dataset 912, the same
+    splits): 2 strategies x 2 sizes = 4 runs of 2 epochs x 2 iterations."""
+    path = copy_example("karimi", tmp_path)
+    name = f"concurrent{next(_CONCURRENT)}_{os.getpid()}"
+    path.write_text(path.read_text().replace('name = "karimi_smoke"', f'name = "{name}"'))
+    runs = prepare(path, write=False).runs
+    assert len(runs) == 4
+    return path, runs
+
+
+def start_study_run(ws, path: Path, tag: str) -> tuple[subprocess.Popen, Path]:
+    log = path.parent / f"study_run_{tag}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([executable("nnunet_transfer"), "study", "run", str(path)], env=ws.env, stdout=f,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc, log
+
+
+def trainer_starts(study, run) -> int:
+    """How many nnUNetv2_train processes trained into the run's fold: each start prints its split once (into
+    a log named by the second it started, so two trainers of one second would share a file: count lines)."""
+    fold = results_folder(study, run)
+    return sum(p.read_text().count("This split has ") for p in fold.glob("training_log_*.txt"))
+
+
+def finish(procs, timeout: float = 1800) -> list[int]:
+    deadline = time.monotonic() + timeout  # a guard against a hang, not a measurement
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def summary_counts(text: str) -> dict[str, int]:
+    """``4 runs: 2 done, 1 skipped, 1 held by another process`` -> {"done": 2, "skipped": 1, "held": 1}"""
+    line = next(ln for ln in text.splitlines() if ln.startswith("4 runs: "))
+    return {part.split()[1]: int(part.split()[0]) for part in line[len("4 runs: "):].split(", ")}
+
+
+def held_pids(text: str) -> set[int]:
+    return {int(line.split(": held by pid ")[1].split()[0]) for line in text.splitlines()
+            if line.startswith("skipped ") and ": held by pid " in line}
+
+
+def test_two_concurrent_study_runs_train_each_run_once(smoke_data, tmp_path):
+    path, runs = concurrent_study(tmp_path)
+    (a, log_a), (b, log_b) = start_study_run(smoke_data, path, "a"), start_study_run(smoke_data, path, "b")
+    assert finish([a, b]) == [0, 0], (log_a.read_text()[-3000:], log_b.read_text()[-3000:])
+    study = prepare(path, write=False).study
+    for r in runs:
+        assert trainer_starts(study, r) == 1, r.id
+        state = read_state(study, r)
+        assert state["state"] == "done" and state["attempt"] == 1, (r.id, state)
+        assert (run_dir(study, r) / "train_1.log").is_file() and not (run_dir(study, r) / "train_2.log").exists()
+    texts = {a.pid: log_a.read_text(), b.pid: log_b.read_text()}
+    trained = [line.split()[1] for t in texts.values() for line in t.splitlines() if line.startswith("training ")]
+    assert sorted(trained) == sorted(r.id for r in runs)  # each run trained by exactly one of them
+    assert sum(summary_counts(t).get("done", 0) for t in texts.values()) == 4
+    for pid, text in texts.items():  # whatever one skipped as held, the other held
+        assert held_pids(text) <= set(texts) - {pid}, text
+        assert "failed" not in text
+    assert all(p.state == "done" and p.holder is None for p in study_status(path).progress)
+
+
+def test_a_study_run_killed_mid_training_is_finished_by_the_other_or_a_rerun(smoke_data, tmp_path, capsys):
+    path, runs = concurrent_study(tmp_path)
+    study = prepare(path, write=False).study
+    (a, log_a), (b, log_b) = start_study_run(smoke_data, path, "a"), start_study_run(smoke_data, path, "b")
+    killed = None
+    deadline = time.monotonic() + 1800
+    try:
+        while killed is None and a.poll() is None and time.monotonic() < deadline:
+            for r in runs:
+                fold, record = results_folder(study, r), run_dir(study, r) / ".lock.json"
+                logs = sorted(fold.glob("training_log_*.txt"))
+                holder = json.loads(record.read_text()) if record.is_file() else {}
+                # "Epoch 1": epoch 0's checkpoint_latest is complete; a's own run, mid-training
+                if (holder.get("pid") == a.pid and logs and not (fold / "checkpoint_final.pth").exists()
+                        and "Epoch 1" in logs[-1].read_text()):
+                    os.killpg(a.pid, signal.SIGSTOP)  # freeze a and its trainer, look again: never mid-final
+                    if not (fold / "checkpoint_final.pth").exists():
+                        os.kill(a.pid, signal.SIGKILL)  # study run only: its nnUNetv2_train must die with it
+                        killed = r
+                    try:
+                        os.killpg(a.pid, signal.SIGCONT)
+                    except ProcessLookupError:  # a and its trainer are gone already
+                        pass
+                    break
+            time.sleep(0.02)
+    finally:
+        if killed is None:
+            finish([a, b], timeout=1)
+    assert killed is not None, f"a ended before one of its runs could be killed mid-run: {log_a}"
+    assert finish([a, b]) == [-signal.SIGKILL, 0], log_b.read_text()[-3000:]
+    # a's trainer went with it (pipeline.run_step's parent-death signal): a's session is empty
+    while subprocess.run(["pgrep", "-s", str(a.pid)], capture_output=True).stdout.strip() and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert subprocess.run(["pgrep", "-s", str(a.pid)], capture_output=True).stdout.strip() == b""
+    assert main(["study", "run", str(path)]) == 0  # the rerun: whatever b left
+    rerun = capsys.readouterr().out
+    took = [t for t in (log_b.read_text(), rerun) if f"taking over the lock of pid {a.pid} on host " in t]
+    assert len(took) == 1 and "its process is gone" in took[0]
+    for r in runs:
+        state = read_state(study, r)
+        assert state["state"] == "done", (r.id, state)
+        if r.id == killed.id:  # resumed once with --c from the killed attempt's checkpoint
+            assert trainer_starts(study, r) == 2 and state["attempt"] == 2
+            second = (run_dir(study, r) / "train_2.log").read_text().splitlines()[0]
+            assert "--c" in second and "-pretrained_weights" not in second
+            final = load_checkpoint(results_folder(study, r) / "checkpoint_final.pth")["logging"]
+            assert len(final["epoch_end_timestamps"]) == 2
+        else:
+            assert trainer_starts(study, r) == 1 and state["attempt"] == 1, (r.id, state)
+    assert all(p.state == "done" for p in study_status(path).progress)
