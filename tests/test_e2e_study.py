@@ -1,7 +1,8 @@
 """Studies end to end with the real nnU-Net programs: the three examples' smoke studies (examples/*/smoke.toml)
 on generated data, `study run` killed in the middle of a run and resumed (locally, then the rest as SLURM
-jobs through submitit's LocalExecutor — the same code path as on a cluster), and every template's file
-through `study plan`.
+jobs through submitit's LocalExecutor — the same code path as on a cluster), two `study run` at once on one
+study (each run trained once; one of them killed mid-training, the other or a rerun finishes), and every
+template's file through `study plan`.
 
 Datasets of their own (912: held-out test set, shared by the Karimi and Sagie smoke studies, whose splits
 are identical; 913: the same images under another id for Amiri's cross-validation): a study writes its
