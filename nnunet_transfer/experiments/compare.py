@@ -10,7 +10,9 @@ metric and label (values over the cases; infinite distances are counted and left
   resampling cases), the paired t-test (``scipy.stats.ttest_rel``, Karimi et al. 2021) and the Wilcoxon
   signed-rank test (``scipy.stats.wilcoxon``, defaults: zero differences dropped, exact for small n),
   each Holm-corrected (``statsmodels`` ``multipletests(method="holm")``) over the strategies compared with
-  the baseline, per metric and label; ``p_adjusted`` is the corrected p of the chosen test;
+  the baseline, per metric and label; ``p_adjusted`` is the p of the chosen test under the chosen
+  ``correction``: Holm's (the default) or ``"none"``, the raw p — the papers' protocol (Karimi et al.
+  Tables 3–6 and Sagie et al. mark p < 0.05 of uncorrected paired t-tests);
 * across all strategies, Tukey's HSD (``scipy.stats.tukey_hsd``, Amiri et al. 2020) on the cases where
   every strategy's value is finite.
 
@@ -46,6 +48,8 @@ from nnunet_transfer.fileio import plain, write_atomic
 
 DEFAULT_METRICS = ("dice", "hd95", "assd", "nsd", "precision", "recall", "lesion_f1")
 TESTS = ("ttest", "wilcoxon")
+#: multiple-comparison correction of ``p_adjusted``: Holm over the strategies, or none (the papers' tests)
+CORRECTIONS = ("holm", "none")
 METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 [mm]", "hd95_max": "HD95 max [mm]", "hd": "HD [mm]",
                  "assd": "ASSD [mm]", "nsd": "NSD", "precision": "precision", "recall": "recall",
                  "lesion_f1": "lesion F1", "lesion_tp": "lesion TP", "lesion_fp": "lesion FP",
@@ -247,6 +251,10 @@ class ComparisonResult:
         return "\n".join(lines)
 
 
+CORRECTION_TEXT = {"holm": "Holm over the strategies compared with the baseline, per metric and label",
+                   "none": "none: each strategy's raw p against the baseline (the papers' uncorrected tests)"}
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
@@ -263,13 +271,14 @@ def _best(values: Mapping[str, float | None], metric: str) -> set[str]:
 
 def compare_evaluations(evals: Sequence[str | Path | tuple[str, str | Path]], out: str | Path, *,
                         baseline: str | None = None, metrics: Sequence[str] = DEFAULT_METRICS,
-                        test: str = "ttest", alpha: float = 0.05, allow_missing: bool = False,
-                        confidence: float = 0.95, n_resamples: int = 9999, seed: int = 0,
-                        plots: bool = True) -> ComparisonResult:
+                        test: str = "ttest", alpha: float = 0.05, correction: str = "holm",
+                        allow_missing: bool = False, confidence: float = 0.95, n_resamples: int = 9999,
+                        seed: int = 0, plots: bool = True) -> ComparisonResult:
     """Compare ``evaluate`` outputs (module docstring); writes comparison.csv/.md/.json, tukey.csv, PNGs.
 
     ``baseline``: a strategy name (default the first); ``test``: ``"ttest"`` or ``"wilcoxon"``, whose
-    Holm-adjusted p is ``p_adjusted`` and marks significance at ``alpha``.
+    p under ``correction`` (``"holm"``: Holm-adjusted; ``"none"``: as computed) is ``p_adjusted`` and
+    marks significance at ``alpha``. The Holm columns are written either way.
     """
     out = Path(out)
     named = parse_evals(evals)
@@ -279,6 +288,9 @@ def compare_evaluations(evals: Sequence[str | Path | tuple[str, str | Path]], ou
         raise DataError(f"unknown metric(s) {', '.join(bad) or '(none given)'}; valid: {', '.join(METRIC_COLUMNS)}")
     if test not in TESTS:
         raise DataError(f"--test {test!r} is not one of {', '.join(TESTS)}")
+    if correction not in CORRECTIONS:
+        raise DataError(f"--correction {correction!r} is not one of {', '.join(CORRECTIONS)} (holm: Holm over the "
+                        f"strategies compared with the baseline; none: uncorrected, as the papers)")
     if not 0 < alpha < 1:
         raise DataError(f"--alpha {alpha!r} must be a probability in (0, 1), e.g. 0.05")
     if not 0 < confidence < 1:
@@ -364,7 +376,10 @@ def compare_evaluations(evals: Sequence[str | Path | tuple[str, str | Path]], ou
                            "p_adjusted": None, "significant": None, "p_tukey": None}
                     if n != baseline:
                         i = others.index(n)
-                        p_adj = (adj_t if test == "ttest" else adj_w)[i]
+                        if correction == "holm":
+                            p_adj = (adj_t if test == "ttest" else adj_w)[i]
+                        else:
+                            p_adj = tests[n]["p_ttest" if test == "ttest" else "p_wilcoxon"]
                         row.update({k: tests[n][k] for k in ("n_pairs", "mean_diff", "ci_low", "ci_high", "p_ttest",
                                                              "p_wilcoxon")},
                                    p_ttest_holm=adj_t[i], p_wilcoxon_holm=adj_w[i], p_adjusted=p_adj,
@@ -377,7 +392,7 @@ def compare_evaluations(evals: Sequence[str | Path | tuple[str, str | Path]], ou
     settings = {"baseline": baseline, "test": test, "alpha": alpha, "confidence": confidence,
                 "n_resamples": n_resamples, "seed": seed, "metrics": metrics, "labels": labels,
                 "label_names": label_names, "nsd_tolerance_mm": next(iter(tols.values())),
-                "correction": "holm over the strategies compared with the baseline, per metric and label"}
+                "correction": correction, "correction_text": CORRECTION_TEXT[correction]}
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -424,9 +439,12 @@ def markdown_report(rows: Sequence[Mapping], strategies: Sequence[Strategy], ord
     """The papers' table: mean ± sd per strategy and metric, best in bold, * = significant vs the baseline."""
     baseline, metrics, alpha = settings["baseline"], settings["metrics"], settings["alpha"]
     test = "paired t-test" if settings["test"] == "ttest" else "Wilcoxon signed-rank test"
+    holm_ = settings.get("correction", "holm") == "holm"
+    how = (f"Holm-corrected over the {len(order) - 1} comparison(s)" if holm_ else
+           f"uncorrected, as in the papers, over {len(order) - 1} comparison(s)")
     lines = [f"# compare: {len(order)} strategies on {len(cases)} test cases", "",
              f"Mean ± sd over the cases; **bold** = best mean; `*` = differs from the baseline *{baseline}* "
-             f"({test}, Holm-corrected over the {len(order) - 1} comparison(s), p < {alpha}); "
+             f"({test}, {how}, p < {alpha}); "
              f"(k inf) = k cases with an infinite distance (an empty mask), left out of that mean. NSD at "
              f"{settings['nsd_tolerance_mm']} mm.", ""]
     by = {(r["strategy"], r["metric"], r["label"]): r for r in rows}
@@ -450,7 +468,8 @@ def markdown_report(rows: Sequence[Mapping], strategies: Sequence[Strategy], ord
                 cells.append(cell)
             lines.append(f"| {n}{' (baseline)' if n == baseline else ''} | " + " | ".join(cells) + " |")
         lines.append("")
-        lines += ["Differences from the baseline (mean, bootstrap 95 % CI, p raw → Holm):", "",
+        lines += [f"Differences from the baseline (mean, bootstrap 95 % CI, p raw → "
+                  f"{'Holm' if holm_ else 'uncorrected'}):", "",
                   "| strategy | metric | Δ mean | 95 % CI | p t-test | p Wilcoxon | p adjusted |",
                   "|---|---|---|---|---|---|---|"]
         for n in order[1:]:
@@ -533,4 +552,4 @@ def plot_learning_curves(path: Path, curves: Mapping[str, Mapping], order: Seque
 
 
 __all__ = ["compare_evaluations", "paired_comparison", "holm", "tukey", "run_info", "parse_evals",
-           "ComparisonResult", "DEFAULT_METRICS", "CSV_COLUMNS"]
+           "ComparisonResult", "DEFAULT_METRICS", "CSV_COLUMNS", "CORRECTIONS", "TESTS"]

@@ -238,7 +238,8 @@ def report_study(study: Study | str | Path, out: str | Path, *, plots: bool = Tr
             res = compare_evaluations([(n, pooled[(key, n)][0]) for n in ready],
                                       out / "compare" / f"n{size_slug(size)}", baseline=study.baseline,
                                       metrics=metrics, test=study.scoring.test, alpha=study.scoring.alpha,
-                                      n_resamples=study.scoring.resamples, plots=plots)
+                                      correction=study.scoring.correction, n_resamples=study.scoring.resamples,
+                                      plots=plots)
             comparisons[key] = res
             compared[key] = ready
             files += res.files
@@ -318,8 +319,8 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
              f"{sp.repeats} repeat(s) with seed {sp.seed}. {len(done)} of {len(prog)} runs are done. "
              f"Per strategy and size the test cases' values are pooled over the runs (held-out set: the mean over "
              f"the repeats; cross-validation: each case from its own fold) and compared with the baseline "
-             f"**{study.baseline}** by a {_test_name(study)} (Holm-corrected, p < {study.scoring.alpha}) and Tukey's "
-             f"HSD across all strategies.", "",
+             f"**{study.baseline}** by a {_test_name(study)} ({_correction_text(study)}, p < {study.scoring.alpha}) and "
+             f"Tukey's HSD across all strategies.", "",
              "| strategy | trainer | pretrained | settings |", "|---|---|---|---|"]
     for s in study.strategies:
         settings = ", ".join(f"{k}={sweep_label(v) if not isinstance(v, str) else v}" for k, v in s.settings.items())
@@ -411,6 +412,13 @@ def _test_name(study: Study) -> str:
     return "paired t-test" if study.scoring.test == "ttest" else "Wilcoxon signed-rank test"
 
 
+def _correction_text(study: Study) -> str:
+    """How the marked p-values are corrected ([scoring] correction)."""
+    if study.scoring.correction == "none":
+        return "uncorrected, as the papers test: [scoring] correction = \"none\""
+    return "Holm-corrected over the strategies"
+
+
 def _mean_n(n_train: dict, strategies: Sequence[str], i: int) -> str:
     vals = [v for s in strategies for v in n_train.get((s, i), [])]
     return "–" if not vals else f"{np.mean(vals):g}"
@@ -431,7 +439,8 @@ def _findings(study: Study, res, labels: Sequence[int], names: dict) -> list[str
         if base is not None and best["strategy"] != study.baseline:
             text += (f", {best['mean_diff']:+.3f} against {study.baseline} ({base['mean']:.3f} ± {_fmt(base['sd'])}; "
                      f"95 % CI [{_fmt(best['ci_low'])}, {_fmt(best['ci_high'])}], {test} p = "
-                     f"{_fmt(best['p_adjusted'], 4)} after Holm)")
+                     f"{_fmt(best['p_adjusted'], 4)}"
+                     f"{' after Holm' if study.scoring.correction == 'holm' else ', uncorrected'})")
         sig = [r for r in rows if r["significant"]]
         if sig:
             text += ". Significantly different from the baseline: " + ", ".join(

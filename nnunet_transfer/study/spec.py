@@ -45,6 +45,7 @@ Layout (every table but ``[study]``, ``[splits]`` and ``[[strategy]]`` is option
     metrics = ["dice", "hd95", "assd", "nsd", "lesion_f1"]
     test = "ttest"               # or "wilcoxon"
     alpha = 0.05
+    correction = "holm"          # Holm over the strategies (default), or "none": the papers' uncorrected tests
     resamples = 9999             # bootstrap resamples of the mean difference
 
     [predict]
@@ -96,7 +97,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 TOP_LEVEL = ("study", "pretrained", "splits", "settings", "scoring", "predict", "environment", "slurm", "strategy")
 STUDY_KEYS = ("name", "target", "configuration", "plans", "output", "baseline", "device")
 SPLITS_KEYS = ("n_train", "repeats", "test", "test_cases", "folds", "folds_to_run", "val", "seed")
-SCORING_KEYS = ("labels", "nsd_tolerance", "metrics", "test", "alpha", "resamples", "lesion_connectivity")
+SCORING_KEYS = ("labels", "nsd_tolerance", "metrics", "test", "alpha", "correction", "resamples",
+                "lesion_connectivity")
 PREDICT_KEYS = ("disable_tta", "processes")
 STRATEGY_KEYS = ("name", "trainer", "pretrained", "settings", "title", "sweep")
 #: [slurm] key -> the submitit parameter it becomes (generic ones work for every submitit cluster)
@@ -155,6 +157,7 @@ class Scoring:
     alpha: float = 0.05
     resamples: int = 9999
     lesion_connectivity: int = 26
+    correction: str = "holm"  # compare's --correction: "holm" or "none"
 
 
 @dataclass(frozen=True)
@@ -757,7 +760,7 @@ def _sweep_variants(p: Problems, label: str, sweep: Any, name: str | None,
 
 
 def _read_scoring(p: Problems, content: Any) -> Scoring | None:
-    from nnunet_transfer.experiments.compare import TESTS
+    from nnunet_transfer.experiments.compare import CORRECTIONS, TESTS
     from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
 
     before = len(p)
@@ -789,6 +792,11 @@ def _read_scoring(p: Problems, content: Any) -> Scoring | None:
     alpha = sc.get("alpha", 0.05)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         p.add("scoring", f"alpha = {alpha!r} must be a probability in (0, 1), e.g. 0.05")
+    correction = sc.get("correction", "holm")
+    if correction not in CORRECTIONS:
+        p.add("scoring", f"correction = {correction!r} is not one of {', '.join(map(repr, CORRECTIONS))}: \"holm\" "
+                         f"corrects over the strategies compared with the baseline, \"none\" keeps the raw p (the "
+                         f"papers' uncorrected tests)")
     conn = sc.get("lesion_connectivity", 26)
     if conn not in (6, 18, 26, 4, 8):
         p.add("scoring", f"lesion_connectivity = {conn!r} must be 6, 18 or 26 (3-D) or 4, 8 (2-D)")
@@ -796,7 +804,7 @@ def _read_scoring(p: Problems, content: Any) -> Scoring | None:
     if len(p) > before:
         return None
     return Scoring(labels=labels, nsd_tolerance=float(tol), metrics=metrics, test=test, alpha=float(alpha),
-                   resamples=resamples, lesion_connectivity=conn)
+                   resamples=resamples, lesion_connectivity=conn, correction=correction)
 
 
 def _read_environment(p: Problems, content: Any) -> dict[str, str]:

@@ -151,6 +151,66 @@ def test_p_values_and_intervals_equal_scipy(evals, tmp_path, frozen_gc):
     assert base["label_name"] == "organ"
 
 
+@pytest.mark.parametrize("test", ["ttest", "wilcoxon"])
+def test_uncorrected_p_values_are_scipys_raw_p(evals, tmp_path, frozen_gc, test):
+    """--correction none (the papers' protocol): p_adjusted is scipy's paired test as it comes, significance is
+    raw p < alpha; the Holm columns are still statsmodels' Holm."""
+    compare_evaluations(evals, tmp_path / "cmp", baseline="scratch", metrics=CHECKED, test=test, correction="none",
+                        alpha=0.05, n_resamples=RESAMPLES, plots=False)
+    by = {(r["strategy"], r["metric"], int(r["label"])): r for r in read_csv(tmp_path / "cmp" / "comparison.csv")}
+    for lab in (1, 2):
+        for metric in CHECKED:
+            b = arrays("scratch", metric, lab)
+            raw = {}
+            for s in ("finetune", "frozen"):
+                x = arrays(s, metric, lab)
+                ok = np.isfinite(x) & np.isfinite(b)
+                fn = stats.ttest_rel if test == "ttest" else stats.wilcoxon
+                raw[s] = float(fn(x[ok], b[ok]).pvalue)
+                r = by[(s, metric, lab)]
+                assert num(r["p_adjusted"]) == pytest.approx(raw[s], abs=1e-12)
+                assert r["significant"] == str(raw[s] < 0.05)
+            holm = multipletests([raw["finetune"], raw["frozen"]], method="holm")[1]
+            for s, a in zip(("finetune", "frozen"), holm):
+                assert num(by[(s, metric, lab)][f"p_{test}_holm"]) == pytest.approx(a, abs=1e-12)
+    doc = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert doc["correction"] == "none"
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "uncorrected, as in the papers" in md and "Holm-corrected" not in md
+
+
+def test_correction_changes_the_marks_where_holm_would_not(tmp_path, frozen_gc):
+    """Two strategies whose raw p are 0.03 and 0.04 (both < 0.05): Holm makes them 0.06 and 0.06 (not marked),
+    none keeps them marked. Built from fixed differences so that ttest_rel gives those p exactly."""
+    from scipy.optimize import brentq
+
+    base = make_rows("scratch")
+    cases = CASES
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal(len(cases))
+    z = (z - z.mean()) / z.std(ddof=1)
+
+    def shifted(target_p):
+        # d = m + z: t = m * sqrt(n); choose m so that the two-sided p is target_p
+        m = brentq(lambda m: stats.ttest_1samp(m + z, 0).pvalue - target_p, 1e-6, 10)
+        d = dict(zip(cases, m + z))
+        return [{**r, "dice": r["dice"] + 0.01 * d[r["case"]]} for r in base]
+
+    folders = [write_eval(tmp_path / n, rows) for n, rows in
+               (("scratch", base), ("a", shifted(0.03)), ("b", shifted(0.04)))]
+    out = {}
+    for corr in ("holm", "none"):
+        res = compare_evaluations([f"{f.name}={f}" for f in folders], tmp_path / corr, metrics=["dice"],
+                                  correction=corr, n_resamples=RESAMPLES, plots=False)
+        out[corr] = {r["strategy"]: r for r in res.rows if r["label"] == 1}
+    assert out["none"]["a"]["p_adjusted"] == pytest.approx(0.03, abs=1e-9)
+    assert out["none"]["b"]["p_adjusted"] == pytest.approx(0.04, abs=1e-9)
+    assert out["none"]["a"]["significant"] and out["none"]["b"]["significant"]
+    holm = multipletests([0.03, 0.04], method="holm")[1]
+    assert [out["holm"][s]["p_adjusted"] for s in "ab"] == pytest.approx(list(holm), abs=1e-9)
+    assert not out["holm"]["a"]["significant"] and not out["holm"]["b"]["significant"]
+
+
 def test_wilcoxon_can_mark_significance(evals, tmp_path):
     compare_evaluations(evals, tmp_path / "cmp", test="wilcoxon", metrics=["dice"], n_resamples=RESAMPLES,
                         plots=False)
@@ -254,6 +314,7 @@ def test_other_bad_input(evals, tmp_path):
     out = tmp_path / "cmp"
     _fails(evals, out, "--baseline 'nope' is not one of the strategies: scratch, finetune, frozen", baseline="nope")
     _fails(evals, out, "unknown metric", metrics=["dice", "volume"])
+    _fails(evals, out, r"--correction 'bonferroni' is not one of holm, none", correction="bonferroni")
     _fails(evals[:1], out, "at least two EVAL folders")
     _fails([evals[0], evals[0]], out, "several EVAL folders are named 'scratch'")
     _fails([evals[0], str(tmp_path / "missing")], out, "does not exist")
@@ -272,6 +333,11 @@ def test_command_line(evals, tmp_path, capsys):
     rows = read_csv(tmp_path / "cmp" / "comparison.csv")
     assert {r["metric"] for r in rows} == {"dice", "hd95"}
     assert all(r["p_ttest"] == "" for r in rows if r["strategy"] == "finetune")
+    assert main(["compare", *evals, "-o", str(tmp_path / "c3"), "--metrics", "dice", "--resamples", "200",
+                 "--no-plots", "--correction", "none"]) == 0
+    rows = read_csv(tmp_path / "c3" / "comparison.csv")
+    assert all(r["p_adjusted"] == r["p_ttest"] for r in rows) and any(r["p_adjusted"] for r in rows)
+    capsys.readouterr()
     assert main(["compare", *evals, "--baseline", "x", "-o", str(tmp_path / "c2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nnunet_transfer compare: error: --baseline 'x'")

@@ -30,6 +30,7 @@ def test_karimi_protocol():
         ("frozen_decoder_heads", "nnUNetTrainerFrozenDecoderAndHeads", "source")]
     assert s.splits.n_train == (15, 150) and s.splits.test == 56 and not s.splits.cross_validation  # Table 5
     assert s.baseline == "scratch" and s.scoring.test == "ttest"
+    assert s.scoring.correction == "none"  # Tables 3-6: paired t-tests at p = 0.05, no correction
 
 
 def test_amiri_protocol():
@@ -48,6 +49,7 @@ def test_sagie_protocol():
     assert [x.sweep_value for x in swept][:-1] == [0, 1, 2, 4, 8, 16, 50] and math.isinf(swept[-1].sweep_value)
     assert all(x.trainer == "nnUNetTrainerL2SP_Sagie" for x in swept) and s.baseline == "l2sp-0"
     assert s.splits.n_train == ("all",) and (s.splits.test, s.splits.val) == (11, 7)  # 5/29 and 3/29 of 63
+    assert s.scoring.correction == "none"  # the paper's p-values against λ = 0 are uncorrected
 
 
 @pytest.mark.parametrize("paper,n_strategies", [("karimi", 2), ("amiri", 2), ("sagie", 2)])

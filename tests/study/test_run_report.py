@@ -206,6 +206,17 @@ def test_report_numbers_equal_evaluate_and_each_case_is_evaluated_once(tree, mon
     assert len(report_study(path, tree / "rep", say=lambda s: None).evaluated) == len(plan.runs)
 
 
+def test_scoring_correction_reaches_compare_and_the_report(tree):
+    path, plan = finished_study(tree, DEFAULT_STUDY.replace("resamples = 200", 'resamples = 200\ncorrection = "none"'))
+    report_study(path, tree / "rep", plots=False, say=lambda s: None)
+    doc = json.loads((tree / "rep/compare/n2/comparison.json").read_text())
+    assert doc["correction"] == "none"
+    tested = [r for r in doc["rows"] if r["p_ttest"] is not None]
+    assert tested and all(r["p_adjusted"] == r["p_ttest"] for r in tested)  # the raw p marks significance
+    md = (tree / "rep/report.md").read_text()
+    assert "uncorrected, as the papers test: [scoring] correction = \"none\"" in md and "Holm-corrected" not in md
+
+
 def test_repeats_are_pooled_as_the_mean_per_case(tree):
     path, plan = finished_study(tree, DEFAULT_STUDY.replace("val = 1", "val = 1\nrepeats = 2"), n_cases=9)
     report_study(path, tree / "rep", plots=False, say=lambda s: None)

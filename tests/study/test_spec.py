@@ -41,6 +41,12 @@ def test_the_default_file_loads(tree):
     assert s.effective_settings(s.strategies[0]) == {"num_epochs": 4, "seed": 0}
 
 
+def test_scoring_correction(tree):
+    assert load_study(write(tree, DEFAULT_STUDY)).scoring.correction == "holm"  # compare's default
+    s = load_study(write(tree, edit("resamples = 200", 'resamples = 200\ncorrection = "none"')))
+    assert s.scoring.correction == "none"
+
+
 BAD = [
     # (replace, with, error type, words the one-line message must hold)
     ("[scoring]", "[scorin]", ConfigError, ["[scorin]", "unknown table", "did you mean 'scoring'"]),
@@ -62,6 +68,8 @@ BAD = [
     ('device = "cpu"', 'device = "gpu"', ConfigError, ["device = 'gpu'", "cuda, cpu, mps"]),
     ("resamples = 200", "resamples = 200\nmetrics = [\"dice\", \"hd96\"]", ConfigError,
      ["unknown metric 'hd96'", "did you mean 'hd95'"]),
+    ("resamples = 200", 'resamples = 200\ncorrection = "bonferroni"', ConfigError,
+     ["[scoring]", "correction = 'bonferroni' is not one of 'holm', 'none'", "uncorrected"]),
 ]
 
 
