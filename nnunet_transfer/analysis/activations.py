@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from nnunet_transfer.analysis.moments import PairMoments
-from nnunet_transfer.analysis.similarity import MIN_SAMPLES_PER_CHANNEL, SimilarityResult, SimilarityWarning
+from nnunet_transfer.analysis.similarity import (DEFAULT_SIDE, MIN_SAMPLES_PER_CHANNEL, SimilarityResult,
+                                                  SimilarityWarning)
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.errors import ConfigError, DataError, SpecError
 from nnunet_transfer.netutil import unwrap
@@ -458,7 +459,8 @@ def accumulate_pairs(networks: Sequence[nn.Module], pairs: Sequence[tuple[int, i
     return moments
 
 
-def pair_results(moments: Mapping[tuple[str, int, int], PairMoments], *, side: str = "sym") -> dict[tuple[str, int, int], SimilarityResult]:
+def pair_results(moments: Mapping[tuple[str, int, int], PairMoments], *,
+                 side: str = DEFAULT_SIDE) -> dict[tuple[str, int, int], SimilarityResult]:
     """Results of every accumulator; the sample-size warning was given once by :func:`plan_sampling`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SimilarityWarning)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .similarity import (
+    DEFAULT_SIDE,
     SimilarityResult,
     check_options,
     check_pair,
@@ -187,7 +188,7 @@ class PairMoments:
     # ---------------------------------------------------------------------------------------------
     # measures
 
-    def results(self, *, keep: float = 0.99, side: str = "x") -> SimilarityResult:
+    def results(self, *, keep: float = 0.99, side: str = DEFAULT_SIDE) -> SimilarityResult:
         """All measures, null baselines, dead-channel counts and n (see
         :func:`.similarity_from_statistics`); equal to :func:`.similarity` on the concatenated
         chunks (the null: when fed as one chunk)."""
@@ -203,8 +204,8 @@ class PairMoments:
         """SVCCA keeping ``keep`` of each side's variance."""
         return self.results(keep=keep).svcca
 
-    def pwcca(self, *, side: str = "x") -> float:
-        """PWCCA weighted by ``side`` ("x", "y" or "sym")."""
+    def pwcca(self, *, side: str = DEFAULT_SIDE) -> float:
+        """PWCCA weighted by ``side`` ("fewer", "x", "y" or "sym"; :func:`.similarity.pwcca`)."""
         return self.results(side=side).pwcca
 
     def linear_cka(self) -> float:

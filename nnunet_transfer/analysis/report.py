@@ -94,7 +94,8 @@ def sim_row(layer: "Layer", res: "SimilarityResult") -> dict:
         row[m] = getattr(res, m)
     for m in MEASURES:
         row[f"null_{m}"] = getattr(res, f"null_{m}")
-    row |= {"dead_a": res.dead_x, "dead_b": res.dead_y}
+    row |= {"dead_a": res.dead_x, "dead_b": res.dead_y,
+            "pwcca_by": {"x": "a", "y": "b", "sym": "both"}[res.pwcca_side]}  # the side PWCCA is weighted by
     return row
 
 

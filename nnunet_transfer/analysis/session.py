@@ -54,11 +54,17 @@ from nnunet_transfer.analysis.runs import (
     run_label,
     snapshot_ref,
 )
-from nnunet_transfer.analysis.similarity import SIDES, SimilarityResult
+from nnunet_transfer.analysis.similarity import DEFAULT_SIDE, SIDES, SimilarityResult
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.errors import ConfigError, DataError
 
 CONVERGENCE_FILE = "convergence.json"
+#: how summary.md names each --pwcca-side
+PWCCA_SIDE_TEXT = {"fewer": "weighted by the network with fewer live channels, the first on a tie, as google/svcca's "
+                            "compute_pwcca (--pwcca-side fewer)",
+                   "x": "weighted by the first network of each pair (--pwcca-side x)",
+                   "y": "weighted by the second network of each pair (--pwcca-side y)",
+                   "sym": "the mean of both weightings (--pwcca-side sym)"}
 
 
 @dataclass
@@ -80,7 +86,7 @@ class Analysis:
     layer_spec: str | None
     device: torch.device
     seed: int = 0
-    side: str = "sym"
+    side: str = DEFAULT_SIDE
     measure: str = "pwcca"
     progress: bool = True
     batch_size: int = 1
@@ -260,7 +266,7 @@ def open_analysis(dataset: str | int, configuration: str, plans: str = "nnUNetPl
                   layers: str | None = None, patches: int | None = None,
                   voxels_per_patch: int = DEFAULT_VOXELS_PER_PATCH, foreground: float = DEFAULT_FOREGROUND,
                   cases: Sequence[str] | None = None, seed: int = 0, device: str = "auto",
-                  batch_size: int = 1, side: str = "sym", measure: str = "pwcca",
+                  batch_size: int = 1, side: str = DEFAULT_SIDE, measure: str = "pwcca",
                   progress: bool = True) -> Analysis:
     """Read the plans, build the template network (random init, CPU) and resolve ``layers``."""
     from nnunet_transfer.nnunet_io import build_network, check_configuration, dataset_name, load_dataset_json, load_plans
@@ -303,7 +309,8 @@ def header(an: Analysis, title: str, *, similarity: bool = True) -> list[str]:
     """The first lines of every summary.md: plans, measure, samples, seed, convergence epochs, notes."""
     lines = [f"# {title}", "", f"- plans: {an.where} ({an.model.architecture}, N={an.model.n_stages} stages)"]
     if similarity:
-        lines.append(f"- measure: {an.measure} (PWCCA side {an.side}); each value is followed by its null "
+        lines.append(f"- measure: {an.measure} (PWCCA {PWCCA_SIDE_TEXT[an.side]}; centred activations); each "
+                     f"value is followed by its null "
                      f"baseline (the same statistic with misaligned samples)")
     if an._plan is not None:
         p = an._plan

@@ -43,6 +43,7 @@ __all__ = [
     "MIN_SAMPLES_PER_CHANNEL",
     "RELATIVE_EPS",
     "SIDES",
+    "DEFAULT_SIDE",
     "SimilarityResult",
     "SimilarityWarning",
     "canonical_correlations",
@@ -60,8 +61,11 @@ __all__ = [
 RELATIVE_EPS = 1e-10
 #: Below this many samples per channel a :class:`SimilarityWarning` is issued.
 MIN_SAMPLES_PER_CHANNEL = 100
-#: Valid values of the ``side`` option of PWCCA.
-SIDES = ("x", "y", "sym")
+#: Valid values of the ``side`` option of PWCCA: ``fewer`` (the default) weights by the side with fewer
+#: live channels, ``x`` on a tie — google/svcca's ``compute_pwcca`` choice (``np.sum(x_idxs) <=
+#: np.sum(y_idxs)``); ``x`` / ``y`` by that side; ``sym`` the mean of both.
+SIDES = ("fewer", "x", "y", "sym")
+DEFAULT_SIDE = "fewer"
 
 _FLATTEN_HINT = (
     "flatten (batch, channels, *spatial) activations to (samples, channels) first, "
@@ -115,7 +119,7 @@ def check_pair(x: Any, y: Any) -> tuple[int, int, int]:
     return xs[0], xs[1], ys[1]
 
 
-def check_options(*, keep: float = 0.99, side: str = "x") -> None:
+def check_options(*, keep: float = 0.99, side: str = DEFAULT_SIDE) -> None:
     """Validate the ``keep`` (SVCCA) and ``side`` (PWCCA) options."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
         raise ValueError(f"`keep` must be a fraction of variance in (0, 1], got {keep!r}")
@@ -222,6 +226,8 @@ class SimilarityResult:
             dropping collinear ones.
         mean_cca, svcca, pwcca, linear_cka: the similarities (``pwcca`` for the chosen ``side``;
             ``pwcca_x``, ``pwcca_y`` are both one-sided values).
+        pwcca_side: the side ``pwcca`` is weighted by — ``"x"``, ``"y"`` or ``"sym"``; for
+            ``side="fewer"`` the side with fewer live channels (``x`` on a tie).
         null_*: the same statistic with ``y``'s rows misaligned (:func:`null_permutation`); NaN
             when no null was computed.
         rho: (m,) canonical correlations, descending, ``m = min(rank_x, rank_y)``.
@@ -254,6 +260,7 @@ class SimilarityResult:
     svcca_dims: tuple[int, int]
     keep: float
     side: str
+    pwcca_side: str
 
     def as_dict(self) -> dict[str, Any]:
         """The scalar fields (no arrays), e.g. for one row of a pandas/CSV table."""
@@ -324,6 +331,14 @@ def _pwcca_weights(side: _Side, dirs: np.ndarray) -> np.ndarray:
     return alpha / alpha.sum()
 
 
+def weighting_side(side: str, live_x: int, live_y: int) -> str:
+    """The side PWCCA is weighted by: ``side`` itself, or for ``"fewer"`` the side with fewer live
+    channels, ``x`` on a tie (google/svcca ``compute_pwcca``: ``np.sum(x_idxs) <= np.sum(y_idxs)``)."""
+    if side == "fewer":
+        return "x" if live_x <= live_y else "y"
+    return side
+
+
 def _measures(sx: _Side, sy: _Side, cov_xy: np.ndarray, cov_xx: np.ndarray, cov_yy: np.ndarray,
               *, keep: float, side: str) -> dict[str, Any]:
     t = _whitened_cross(sx, sy, cov_xy)
@@ -340,7 +355,7 @@ def _measures(sx: _Side, sy: _Side, cov_xy: np.ndarray, cov_xx: np.ndarray, cov_
     return {
         "mean_cca": float(rho.mean()),
         "svcca": float(rho_sv.mean()),
-        "pwcca": {"x": px, "y": py, "sym": 0.5 * (px + py)}[side],
+        "pwcca": {"x": px, "y": py, "sym": 0.5 * (px + py)}[side],  # side resolved: x, y or sym
         "pwcca_x": px,
         "pwcca_y": py,
         "linear_cka": cka,
@@ -359,7 +374,7 @@ def similarity_from_statistics(
     cov_xy_null: np.ndarray | None = None,
     *,
     keep: float = 0.99,
-    side: str = "x",
+    side: str = DEFAULT_SIDE,
 ) -> SimilarityResult:
     """All measures from the joint covariance of ``[x y]`` (and optionally a null cross-covariance).
 
@@ -378,11 +393,18 @@ def similarity_from_statistics(
       of the leading ``kx × ky`` block of ``T``. Invariant to rotations and isotropic scaling of a
       side, not to a general invertible map (the SVD step is not).
     - PWCCA (Morcos et al. 2018, arXiv:1806.05759; google/svcca ``compute_pwcca`` on centred
-      activations, with the weighting side chosen explicitly): ``PWCCA_x = Σᵢ αᵢ ρᵢ`` with
+      activations): ``PWCCA_x = Σᵢ αᵢ ρᵢ`` with
       ``αᵢ ∝ Σⱼ |⟨qᵢ, xⱼ⟩|``, ``Σ αᵢ = 1``, where ``q₁…qₘ`` orthonormalise (QR, in order of
       decreasing ρ) the projections ``Xᶜ uᵢ`` of the centred reference side on its CCA directions
       ``uᵢ = V Uᵢ`` (as the reference, the whitened-space directions, not ``Σ^{-1/2} uᵢ``), and
-      ``xⱼ`` are the centred live channels. ``side="y"`` weights by ``y``; ``"sym"`` averages both.
+      ``xⱼ`` are the centred live channels. ``side="fewer"`` (the default) weights by the side with
+      fewer live channels, ``x`` on a tie, as the reference does; ``"x"`` / ``"y"`` by that side;
+      ``"sym"`` averages both. Deliberate departure from the reference: it adds each neuron's mean
+      back to the projections before the QR and weights by the raw activations, which makes its value
+      depend on the sign LAPACK picks for each singular vector whenever activations have a non-zero
+      mean; here both sides are centred, so the value is sign-free and equals the reference run on
+      mean-centred activations (its ``else`` branch, which reads ``acts1`` where ``acts2`` is meant,
+      is not reproduced).
     - linear CKA (Kornblith et al. 2019, arXiv:1905.00414):
       ``‖Σxy‖²_F / (‖Σxx‖_F ‖Σyy‖_F)`` on the live channels.
 
@@ -412,8 +434,9 @@ def similarity_from_statistics(
         raise ValueError(f"cov must have shape ({cx + cy}, {cx + cy}) for cx={cx}, cy={cy}, got cov.shape={cov.shape}")
     cov_xx, cov_yy, cov_xy = cov[:cx, :cx], cov[cx:, cx:], cov[:cx, cx:]
     sx, sy = _side(cov_xx), _side(cov_yy)
+    wside = weighting_side(side, cx - sx.dead, cy - sy.dead)
     base = dict(n=int(n), cx=cx, cy=cy, dead_x=sx.dead, dead_y=sy.dead, rank_x=sx.rank,
-                rank_y=sy.rank, keep=float(keep), side=side)
+                rank_y=sy.rank, keep=float(keep), side=side, pwcca_side=wside)
     nan = float("nan")
     if sx.rank == 0 or sy.rank == 0:
         _warn(
@@ -425,14 +448,14 @@ def similarity_from_statistics(
                                 pwcca_x=nan, pwcca_y=nan, null_mean_cca=nan, null_svcca=nan,
                                 null_pwcca=nan, null_linear_cka=nan, rho=empty,
                                 pwcca_weights_x=empty, pwcca_weights_y=empty, svcca_dims=(0, 0))
-    real = _measures(sx, sy, cov_xy, cov_xx, cov_yy, keep=keep, side=side)
+    real = _measures(sx, sy, cov_xy, cov_xx, cov_yy, keep=keep, side=wside)
     if cov_xy_null is None:
         null = dict.fromkeys(("mean_cca", "svcca", "pwcca", "linear_cka"), nan)
     else:
         cov_xy_null = np.asarray(cov_xy_null, dtype=np.float64)
         if cov_xy_null.shape != (cx, cy):
             raise ValueError(f"cov_xy_null must have shape ({cx}, {cy}), got cov_xy_null.shape={cov_xy_null.shape}")
-        null = _measures(sx, sy, cov_xy_null, cov_xx, cov_yy, keep=keep, side=side)
+        null = _measures(sx, sy, cov_xy_null, cov_xx, cov_yy, keep=keep, side=wside)
     return SimilarityResult(
         **base,
         **real,
@@ -448,7 +471,7 @@ def similarity_from_statistics(
 
 
 def similarity(
-    x: Any, y: Any, *, keep: float = 0.99, side: str = "x", null_seed: int | None = 0
+    x: Any, y: Any, *, keep: float = 0.99, side: str = DEFAULT_SIDE, null_seed: int | None = 0
 ) -> SimilarityResult:
     """Every measure, with its null baseline, for activations ``x`` (N × cx) and ``y`` (N × cy).
 
@@ -482,9 +505,10 @@ def svcca(x: Any, y: Any, *, keep: float = 0.99) -> float:
     return similarity(x, y, keep=keep, null_seed=None).svcca
 
 
-def pwcca(x: Any, y: Any, *, side: str = "x") -> float:
-    """PWCCA ``Σᵢ αᵢ ρᵢ`` (Morcos et al. 2018) weighted by ``side`` ("x", "y" or "sym" = mean of
-    both). ``x`` (N × cx), ``y`` (N × cy). Weights: :attr:`SimilarityResult.pwcca_weights_x`."""
+def pwcca(x: Any, y: Any, *, side: str = DEFAULT_SIDE) -> float:
+    """PWCCA ``Σᵢ αᵢ ρᵢ`` (Morcos et al. 2018) weighted by ``side``: "fewer" (default: the side with
+    fewer live channels, ``x`` on a tie, as google/svcca's ``compute_pwcca``), "x", "y" or "sym"
+    (mean of both). ``x`` (N × cx), ``y`` (N × cy). Weights: :attr:`SimilarityResult.pwcca_weights_x`."""
     return similarity(x, y, side=side, null_seed=None).pwcca
 
 

@@ -58,8 +58,11 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, run_flags: bool = 
                        help="patches per forward pass (default 1)")
         p.add_argument("--measure", default="pwcca", choices=["pwcca", "mean_cca", "svcca", "linear_cka"],
                        help="measure of plots, summaries and tests (default pwcca = RSIM); tables hold all")
-        p.add_argument("--pwcca-side", dest="side", default="sym", choices=["x", "y", "sym"],
-                       help="PWCCA weighting side (default sym: mean of both)")
+        p.add_argument("--pwcca-side", dest="side", default="fewer", choices=["fewer", "x", "y", "sym"],
+                       help="PWCCA weighting: fewer (default) = by the network with fewer live channels, the first "
+                            "on a tie, as Morcos et al.'s reference (google/svcca compute_pwcca), on centred "
+                            "activations; x / y = by the first / second network of each pair; sym = the mean of "
+                            "both (the old default)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

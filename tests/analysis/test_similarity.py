@@ -117,6 +117,97 @@ def google_pwcca(x, y, side="x"):
     return float(np.sum(weights * s))
 
 
+# google/svcca's compute_pwcca, ported line by line from its source (pwcca.py and cca_core.py at
+# https://github.com/google/svcca/blob/1f3fbf19bd31bd9b76e728ef75842aa1d9a4cd2b/pwcca.py and .../cca_core.py):
+# get_cca_similarity(compute_coefs=True, compute_dirns=False) with its helpers, then compute_pwcca.
+# Activations are (neurons, datapoints). Two known defects of the reference, and what the port does:
+# - compute_pwcca's else-branch (the second layer has fewer live neurons) projects acts1[y_idxs] with the
+#   second layer's means: an IndexError when the layers differ in neuron count, the first layer's values
+#   otherwise. acts2 is what is meant (Morcos et al. weight by the layer the CCA directions live in); the
+#   port uses acts2 there, marked below.
+# - it adds the neuron means back to the projections and weights by the raw activations, so on activations
+#   with non-zero mean its value depends on the sign LAPACK picks for each singular vector. The tests feed it
+#   mean-centred activations, where the means are 0 up to rounding and the signs vanish under |.|
+#   (DESIGN.md, "Similarity measures").
+
+
+def _svcca_positivedef_matrix_sqrt(array):
+    w, v = np.linalg.eigh(array)
+    wsqrt = np.sqrt(w)
+    return np.dot(v, np.dot(np.diag(wsqrt), np.conj(v).T))
+
+
+def _svcca_remove_small(sigma_xx, sigma_xy, sigma_yx, sigma_yy, epsilon):
+    x_diag = np.abs(np.diagonal(sigma_xx))
+    y_diag = np.abs(np.diagonal(sigma_yy))
+    x_idxs = x_diag >= epsilon
+    y_idxs = y_diag >= epsilon
+    sigma_xx_crop = sigma_xx[x_idxs][:, x_idxs]
+    sigma_xy_crop = sigma_xy[x_idxs][:, y_idxs]
+    sigma_yx_crop = sigma_yx[y_idxs][:, x_idxs]
+    sigma_yy_crop = sigma_yy[y_idxs][:, y_idxs]
+    return sigma_xx_crop, sigma_xy_crop, sigma_yx_crop, sigma_yy_crop, x_idxs, y_idxs
+
+
+def _svcca_compute_ccas(sigma_xx, sigma_xy, sigma_yx, sigma_yy, epsilon):
+    (sigma_xx, sigma_xy, sigma_yx, sigma_yy,
+     x_idxs, y_idxs) = _svcca_remove_small(sigma_xx, sigma_xy, sigma_yx, sigma_yy, epsilon)
+    numx, numy = sigma_xx.shape[0], sigma_yy.shape[0]
+    assert numx and numy  # the reference returns zeros here; no case below has a dead layer
+    sigma_xx += epsilon * np.eye(numx)
+    sigma_yy += epsilon * np.eye(numy)
+    inv_xx = np.linalg.pinv(sigma_xx)
+    inv_yy = np.linalg.pinv(sigma_yy)
+    invsqrt_xx = _svcca_positivedef_matrix_sqrt(inv_xx)
+    invsqrt_yy = _svcca_positivedef_matrix_sqrt(inv_yy)
+    arr = np.dot(invsqrt_xx, np.dot(sigma_xy, invsqrt_yy))
+    u, s, v = np.linalg.svd(arr)
+    return [u, np.abs(s), v], invsqrt_xx, invsqrt_yy, x_idxs, y_idxs
+
+
+def _svcca_get_cca_similarity(acts1, acts2, epsilon=0.0):
+    assert acts1.shape[1] == acts2.shape[1] and acts1.shape[0] < acts1.shape[1]
+    numx, numy = acts1.shape[0], acts2.shape[0]
+    covariance = np.cov(acts1, acts2)
+    sigmaxx = covariance[:numx, :numx]
+    sigmaxy = covariance[:numx, numx:]
+    sigmayx = covariance[numx:, :numx]
+    sigmayy = covariance[numx:, numx:]
+    xmax = np.max(np.abs(sigmaxx))
+    ymax = np.max(np.abs(sigmayy))
+    sigmaxx /= xmax
+    sigmayy /= ymax
+    sigmaxy /= np.sqrt(xmax * ymax)
+    sigmayx /= np.sqrt(xmax * ymax)
+    [u, s, v], _, _, x_idxs, y_idxs = _svcca_compute_ccas(sigmaxx, sigmaxy, sigmayx, sigmayy, epsilon)
+    return {"coef_x": u.T, "coef_y": v, "neuron_means1": np.mean(acts1, axis=1, keepdims=True),
+            "neuron_means2": np.mean(acts2, axis=1, keepdims=True), "cca_coef1": s, "cca_coef2": s,
+            "x_idxs": x_idxs, "y_idxs": y_idxs}
+
+
+def svcca_compute_pwcca(acts1, acts2, epsilon=0.0):
+    """google/svcca ``pwcca.compute_pwcca``: ``(pwcca, weights, coefs)``."""
+    sresults = _svcca_get_cca_similarity(acts1, acts2, epsilon=epsilon)
+    if np.sum(sresults["x_idxs"]) <= np.sum(sresults["y_idxs"]):
+        dirns = np.dot(sresults["coef_x"],
+                       (acts1[sresults["x_idxs"]] - sresults["neuron_means1"][sresults["x_idxs"]])) \
+            + sresults["neuron_means1"][sresults["x_idxs"]]
+        coefs = sresults["cca_coef1"]
+        acts = acts1
+        idxs = sresults["x_idxs"]
+    else:
+        dirns = np.dot(sresults["coef_y"],
+                       (acts2[sresults["y_idxs"]] - sresults["neuron_means2"][sresults["y_idxs"]])) \
+            + sresults["neuron_means2"][sresults["y_idxs"]]  # the reference has acts1[...] here: its bug
+        coefs = sresults["cca_coef2"]
+        acts = acts2
+        idxs = sresults["y_idxs"]
+    P, _ = np.linalg.qr(dirns.T)
+    weights = np.sum(np.abs(np.dot(P.T, acts[idxs].T)), axis=1)
+    weights = weights / np.sum(weights)
+    return np.sum(weights * coefs), weights, coefs
+
+
 def dense_cka(x, y):
     xc, yc = x - x.mean(0), y - y.mean(0)
     return np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
@@ -228,6 +319,52 @@ def test_pwcca_matches_google_svcca_structure(name, side):
     assert pwcca(x, y, side=side) == pytest.approx(google_pwcca(x, y, side), abs=TOL, rel=0)
 
 
+def _full_rank_pair(rng, cx, cy, *, dead_x=(), dead_y=()):
+    """Related layers (shared latent factors), full rank on their live channels; listed channels constant."""
+    x, y = _latent_pair(rng, N, cx, cy, min(cx, cy), 0.5)
+    x, y = x * 10 ** rng.uniform(-1, 1, cx) + 5.0, y * 10 ** rng.uniform(-1, 1, cy) - 2.0
+    for c, value in zip(dead_x, (3.7, 0.0, -1.0)):
+        x[:, c] = value
+    for c, value in zip(dead_y, (-1.25, 0.0, 2.0)):
+        y[:, c] = value
+    return x, y
+
+
+REFERENCE_CASES = {  # name: (cx, cy, dead x channels, dead y channels, the side the reference weights by)
+    "equal": (6, 6, (), (), "x"),  # a tie: the first
+    "x_fewer": (4, 9, (), (), "x"),
+    "y_fewer": (9, 5, (), (), "y"),  # the reference's else-branch (an IndexError in the reference itself)
+    "dead_in_x": (6, 6, (1, 4), (), "x"),
+    "dead_in_y": (6, 6, (), (0, 3), "y"),  # equal counts, fewer live in y: the else-branch
+    "dead_turn_the_side": (5, 7, (), (2, 3, 6), "y"),  # y has more channels but 4 live < 5
+    "dead_on_both_tie": (7, 6, (0, 5), (3,), "x"),  # 5 live each: the first
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_CASES))
+def test_default_pwcca_equals_google_svcca_compute_pwcca_on_centred_activations(name):
+    cx, cy, dead_x, dead_y, side = REFERENCE_CASES[name]
+    x, y = _full_rank_pair(np.random.default_rng(sorted(REFERENCE_CASES).index(name)), cx, cy,
+                           dead_x=dead_x, dead_y=dead_y)
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    # the reference drops neurons whose variance (rescaled by the largest) is below epsilon, and adds
+    # epsilon to the diagonal as a ridge: 1e-14 drops the constant channels (variance ~1e-32 after centring)
+    # and keeps every live one (>= 1e-4 here), and its ridge moves the values by less than 1e-9
+    ref, ref_weights, ref_rho = svcca_compute_pwcca(xc.T, yc.T, epsilon=1e-14)
+    r = similarity(x, y)  # the defaults, on the raw (offset) activations: centring is part of the measure
+    assert r.side == "fewer" and r.pwcca_side == side
+    assert (r.dead_x, r.dead_y) == (len(dead_x), len(dead_y))
+    assert r.pwcca == pytest.approx(float(ref), abs=1e-9, rel=0)
+    assert pwcca(x, y) == r.pwcca
+    np.testing.assert_allclose(r.rho, ref_rho, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(getattr(r, f"pwcca_weights_{side}"), ref_weights, rtol=0, atol=1e-9)
+    # streamed in chunks, and through the command's default (--pwcca-side fewer), the same number
+    assert _stream(x, y, [500, 700]).results().pwcca == pytest.approx(r.pwcca, abs=TOL, rel=0)
+    # the other weighting differs: the test would notice a default that is not the reference's side
+    other = r.pwcca_y if side == "x" else r.pwcca_x
+    assert abs(other - float(ref)) > 1e-4
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.99, 1.0])
 def test_svcca_keep_matches_dense(data, keep):
     _, x, y = data
@@ -310,7 +447,10 @@ def test_pwcca_sides():
     r = similarity(x, y, side="sym")
     assert r.pwcca == pytest.approx(0.5 * (r.pwcca_x + r.pwcca_y))
     assert pwcca(x, y, side="y") == pytest.approx(r.pwcca_y)
-    assert pwcca(x, y) == pytest.approx(r.pwcca_x)
+    assert pwcca(x, y, side="x") == pytest.approx(r.pwcca_x)
+    # the default weights by the side with fewer live channels: y has 6, x 9
+    assert pwcca(x, y) == pytest.approx(r.pwcca_y) and similarity(x, y).pwcca_side == "y"
+    assert pwcca(y, x) == pytest.approx(r.pwcca_y) and similarity(y, x).pwcca_side == "x"
 
 
 def test_invariant_to_offsets_signs_and_channel_order():
@@ -497,7 +637,7 @@ ERRORS = [
     ("keep_zero", lambda: svcca(_rand(20, 2), _rand(20, 2), keep=0.0), r"`keep` must be a fraction of variance in \(0, 1\], got 0.0"),
     ("keep_above_one", lambda: svcca(_rand(20, 2), _rand(20, 2), keep=99), r"got 99"),
     ("keep_bool", lambda: svcca(_rand(20, 2), _rand(20, 2), keep=True), r"got True"),
-    ("bad_side", lambda: pwcca(_rand(20, 2), _rand(20, 2), side="smaller"), r"`side` must be one of \('x', 'y', 'sym'\), got 'smaller'"),
+    ("bad_side", lambda: pwcca(_rand(20, 2), _rand(20, 2), side="smaller"), r"`side` must be one of \('fewer', 'x', 'y', 'sym'\), got 'smaller'"),
     ("bad_seed", lambda: similarity(_rand(20, 2), _rand(20, 2), null_seed=-1), r"`null_seed` must be a non-negative integer or None, got -1"),
     ("acc_bad_cx", lambda: PairMoments(0, 3), r"`cx` must be a positive integer \(number of channels\), got 0"),
     ("acc_bool_cy", lambda: PairMoments(3, True), r"`cy` must be a positive integer .* got True"),

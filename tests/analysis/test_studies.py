@@ -197,6 +197,10 @@ def test_compare_identical_checkpoints_score_one(toy_env, runs, capsys, tmp_path
     same = [r for r in rows if r["b"].endswith("@final#2")]
     assert len(same) == 2 and all(r["pwcca"] == pytest.approx(1, abs=1e-9) for r in same)
     assert all(r["linear_cka"] == pytest.approx(1, abs=1e-9) for r in same)
+    # PWCCA weighted as google/svcca's compute_pwcca: by the network with fewer live channels, the first on a tie
+    assert data["meta"]["pwcca_side"] == "fewer"
+    assert all(r["pwcca_by"] == ("a" if r["dead_a"] >= r["dead_b"] else "b") for r in rows)
+    assert "fewer live channels, the first on a tie" in (tmp_path / "summary.md").read_text()
     assert data["meta"]["sampling"]["patches"] == 2 and [l["samples"] for l in data["meta"]["layers"]] == [800, 800]
     assert is_png(tmp_path / "compare.png") and (tmp_path / "compare_similarity.csv").is_file()
     assert "(null " in (tmp_path / "summary.md").read_text()
