@@ -2,15 +2,18 @@
 
 This runs nnU-Net's own ``nnUNetTrainer.save_checkpoint`` and ours on the same trainer state: every key
 nnU-Net writes must be in ours with the same value, and ours adds only ``"nnunet_transfer"``. A future
-nnU-Net release that adds a key fails here instead of silently losing it.
+nnU-Net release that adds a key fails here instead of silently losing it. Both files hold what nnU-Net's
+training writes (numpy scalars in the log) and load through the safe loader, without the opt-in.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from nnunetv2.training.logging.nnunet_logger import MetaLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
+from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.trainers.base import CHECKPOINT_KEY, nnUNetTrainerTransferBase
 
 
@@ -20,7 +23,7 @@ class _State:
     local_rank = 0
     disable_checkpointing = False
     is_ddp = False
-    _best_ema = 0.25
+    _best_ema = np.float64(0.25)  # nnU-Net's EMA of np.nanmean values
     current_epoch = 3
     inference_allowed_mirroring_axes = (0, 1, 2)
 
@@ -32,7 +35,11 @@ class _State:
         self.optimizer.step()
         self.grad_scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.logger = MetaLogger(str(folder), False)
-        self.logger.log("train_losses", 0.5, 0)
+        # what nnU-Net logs in an epoch: np.mean of the losses, np.nanmean of the per-class Dice
+        self.logger.log("train_losses", np.float32(0.5), 0)
+        self.logger.log("val_losses", np.float32(0.6), 0)
+        self.logger.log("mean_fg_dice", np.float64(0.25), 0)
+        self.logger.log("dice_per_class_or_region", [np.float64(0.2), np.float64(0.3)], 0)
         self.my_init_kwargs = {"plans": {"p": 1}, "configuration": "c", "fold": 0, "dataset_json": {"labels": {}}}
 
     def print_to_log_file(self, *args):  # pragma: no cover - only on disabled checkpointing
@@ -56,8 +63,9 @@ def test_our_checkpoint_holds_every_key_nnunet_writes(tmp_path):
     state = _State(tmp_path)
     nnUNetTrainer.save_checkpoint(state, str(tmp_path / "nnunet.pth"))
     nnUNetTrainerTransferBase.save_checkpoint(state, str(tmp_path / "ours.pth"))
-    theirs = torch.load(tmp_path / "nnunet.pth", weights_only=False)
-    ours = torch.load(tmp_path / "ours.pth", weights_only=False)
+    theirs = read_checkpoint(tmp_path / "nnunet.pth", trust=False)  # nothing of the files runs
+    ours = read_checkpoint(tmp_path / "ours.pth", trust=False)
+    assert type(theirs["logging"]["train_losses"][0]) is np.float32 and type(theirs["_best_ema"]) is np.float64
     missing = sorted(set(theirs) - set(ours))
     assert not missing, f"nnU-Net writes keys our save_checkpoint drops: {missing}"
     assert set(ours) - set(theirs) == {CHECKPOINT_KEY}

@@ -13,6 +13,7 @@ import torch
 
 import nnunet_transfer.trainers as T
 from nets import unet
+from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError
 from nnunet_transfer.netutil import unwrap
@@ -192,7 +193,7 @@ def test_lora_loads_plain_pretrained_weights_and_resumes_exactly(build, tmp_path
     assert any(m.lora_B.abs().sum() > 0 for m in mods.values())
     path = str(tmp_path / "ckpt.pth")
     tr.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = read_checkpoint(path, trust=False)  # LoRA state in our key: still nothing but tensors and containers
     # network_weights: the merged kernels under the plain keys -> a plain network computes the same
     plain = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, 1, 3, True)
     plain.load_state_dict(ckpt["network_weights"])
@@ -226,7 +227,7 @@ def test_lora_adapter_file_merges_into_the_base(build, tmp_path):
     adapters = tr.write_adapter_file(tmp_path / "lora_adapters.pth")
     merged = merge_adapters(adapters, tmp_path / "base.pth", tmp_path / "merged.pth")
     ours = tr.network.state_dict()
-    theirs = torch.load(merged, weights_only=False)
+    theirs = read_checkpoint(merged, trust=False)
     assert theirs["trainer_name"] == "nnUNetTrainerLoRA" and theirs["init_args"]["configuration"] == "run"
     assert list(theirs["network_weights"]) == list(ours)
     assert max(float((theirs["network_weights"][k] - v).abs().max()) for k, v in ours.items()) <= 1e-6
