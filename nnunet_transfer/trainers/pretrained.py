@@ -7,7 +7,9 @@ process was started with) in ``__init__``, *before* nnU-Net creates the fold fol
 
 * check the file against the network the plans build, under nnU-Net's own rules
   (:func:`nnunet_transfer.checkpoints.compare`): a missing, corrupt, truncated or incompatible file is
-  one message naming the file and every mismatch by name and shape, never tensor values;
+  one message naming the file and every mismatch by name and shape, never tensor values; a file whose
+  pickle asks for more than a checkpoint holds (e.g. ``os.system``) is refused before nnU-Net's own
+  ``torch.load(weights_only=False)`` would run it (:func:`nnunet_transfer.checkpoints.read_checkpoint`);
 * plan which segmentation-head rows to transfer (setting ``heads``): nnU-Net skips ``.seg_layers.``,
   so without this the heads always start from random weights.
 
