@@ -10,7 +10,8 @@ evolution      one run's snapshots against its convergence epoch (Fig. 6–7)
 groups         named groups of networks: RSIM within and between groups per layer, a permutation
                test over network labels and Welch t-tests (Table 8, :mod:`.stats`)
 reuse          per layer, mean RSIM(start, converged) over TL runs − the same over RI runs (Table 9)
-weights        per-filter ‖Δw_f‖/‖w_f‖ (the paper's) and pooled ‖Δw‖/‖w₀‖ per conv, block and group,
+weights        per-filter ‖Δw_f‖/‖w_f‖ and |‖w_f,1‖−‖w_f,0‖|/‖w_f,0‖ (both readings of the paper's) and
+               pooled ‖Δw‖/‖w₀‖ per conv, block and group,
                start → convergence epoch; filter and feature-map pictures (Fig. 8–10, :mod:`.weight_change`)
 =============  =================================================================================
 
@@ -474,8 +475,9 @@ def run_weights(start: str | Path, end: str | Path | None = None, *, dataset: st
                 converged: str = "convergence", convergence_from: str = DEFAULT_SOURCE,
                 tolerance: float = CONVERGENCE_TOLERANCE, **options: Any) -> dict:
     """How far weights moved (Karimi et al. Section 3.3, Fig. 8–10): per conv, block and group the mean
-    per-filter change ``‖Δw_f‖/‖w_f‖`` (the paper's) beside the pooled ``‖Δw‖/‖w₀‖``
-    (:mod:`.weight_change`), and filter / feature-map pictures.
+    per-filter change ``‖Δw_f‖/‖w_f‖`` and change of the norm ``|‖w_f,1‖ − ‖w_f,0‖|/‖w_f,0‖`` (the two
+    readings of the paper's) beside the pooled ``‖Δw‖/‖w₀‖`` (:mod:`.weight_change`), and filter /
+    feature-map pictures.
 
     Args:
         start, end: two network references; with ``end=None``, ``start`` is a fold folder and its start
@@ -512,23 +514,26 @@ def run_weights(start: str | Path, end: str | Path | None = None, *, dataset: st
                          "labels": [f"channel {c}" for c in chans], "case": src.location(0).case})
     summary = header(an, f"weights: {a.label} → {b.label}", similarity=False)
     summary += [f"start: `{a.label}` ({how['start_from']}); end: `{b.label}` ({how['end_from']})", "",
-                "per filter: mean over a layer's filters f of ‖w₁[f] − w₀[f]‖ / ‖w₀[f]‖ (Karimi et al.: \"the "
-                "average relative change in the norm of the filters\"); pooled: ‖W₁ − W₀‖ / ‖W₀‖ over all kernels "
+                "per filter: mean over a layer's filters f of ‖w₁[f] − w₀[f]‖ / ‖w₀[f]‖; per filter, norm: mean of "
+                "|‖w₁[f]‖ − ‖w₀[f]‖| / ‖w₀[f]‖ — two readings of Karimi et al.'s \"average relative change in the "
+                "norm of the filters\" (the paper does not say which); pooled: ‖W₁ − W₀‖ / ‖W₀‖ over all kernels "
                 "together.", ""]
-    summary.append(md_table(["group", "convs", "filters", "per filter (mean)", "pooled", "mean per conv (pooled)",
-                             "max per conv (pooled)"],
-                            [[r["group"], r["convs"], r["filters"], fmt(r["filter_ratio"]), fmt(r["conv_ratio"]),
-                              fmt(r["mean_conv_ratio"]), fmt(r["max_conv_ratio"])] for r in tables["group"] if r["convs"]]))
-    summary += ["", md_table(["layer", "group", "level", "per filter (mean)", "conv kernels (pooled)",
-                              "all parameters (pooled)"],
-                             [[r["layer"], r["group"], r["level"], fmt(r["filter_ratio"]), fmt(r["conv_ratio"]),
-                               fmt(r["param_ratio"])] for r in tables["block"]])]
+    summary.append(md_table(["group", "convs", "filters", "per filter (mean)", "per filter, norm (mean)", "pooled",
+                             "mean per conv (pooled)", "max per conv (pooled)"],
+                            [[r["group"], r["convs"], r["filters"], fmt(r["filter_ratio"]), fmt(r["filter_norm_ratio"]),
+                              fmt(r["conv_ratio"]), fmt(r["mean_conv_ratio"]), fmt(r["max_conv_ratio"])]
+                             for r in tables["group"] if r["convs"]]))
+    summary += ["", md_table(["layer", "group", "level", "per filter (mean)", "per filter, norm (mean)",
+                              "conv kernels (pooled)", "all parameters (pooled)"],
+                             [[r["layer"], r["group"], r["level"], fmt(r["filter_ratio"]), fmt(r["filter_norm_ratio"]),
+                               fmt(r["conv_ratio"]), fmt(r["param_ratio"])] for r in tables["block"]])]
     with writing(out):
         pngs: dict[str, Path] = {}
         blocks = [r for r in tables["block"] if r["convs"]]
         zeros = [0.0] * len(blocks)
         pngs["plot"] = plots.plot_bars(out / "weights.png", [r["layer"] for r in blocks],
                                        {"per filter (mean)": ([r["filter_ratio"] for r in blocks], zeros),
+                                        "per filter, norm (mean)": ([r["filter_norm_ratio"] for r in blocks], zeros),
                                         "conv kernels (pooled)": ([r["conv_ratio"] for r in blocks], zeros),
                                         "all parameters (pooled)": ([r["param_ratio"] for r in blocks], zeros)},
                                        nulls=None, ylabel="relative change", ylim=None,

@@ -118,7 +118,8 @@ def add_parser(sub) -> None:
     w = ps.add_parser("weights", help="per-filter and pooled ||dw||/||w0|| per conv/block/group; filter and "
                                       "feature-map pictures",
                       description="Weight change between START and END: per conv, block and group the mean over "
-                                  "filters of ||w1[f] - w0[f]|| / ||w0[f]|| (Karimi et al.) and the pooled "
+                                  "filters of ||w1[f] - w0[f]|| / ||w0[f]|| and of | ||w1[f]|| - ||w0[f]|| | / "
+                                  "||w0[f]|| (two readings of Karimi et al.'s filter change) and the pooled "
                                   "||W1 - W0|| / ||W0||. With one RUN: its start (epoch-0 snapshot, else "
                                   "start_weights.pth) against the snapshot at its convergence epoch when it has "
                                   "snapshots (--converged convergence, default), else checkpoint_final. Filters "

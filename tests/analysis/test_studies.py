@@ -253,6 +253,8 @@ def test_evolution_groups_reuse_weights(toy_env, runs, capsys, tmp_path):
     w = json.loads((tmp_path / "w" / "weights.json").read_text())
     assert w["start"].endswith("@0") and w["end"].endswith("@final")
     assert all(0 < r["ratio"] < 1 for r in w["tables"]["conv"])
+    assert all(0 <= r["filter_norm_ratio"] <= r["filter_ratio"] for r in w["tables"]["conv"])  # both readings
+    assert "per filter, norm (mean)" in (tmp_path / "w" / "summary.md").read_text()
     for name in ("weights.png", "filters_block1.png", "filters_block5.png", "featuremaps_block1.png",
                  "featuremaps_block5.png"):
         assert is_png(tmp_path / "w" / name), name
