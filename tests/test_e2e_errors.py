@@ -101,7 +101,7 @@ def test_incompatible_pretrained_weights_are_one_message_before_any_folder(bad_f
 def test_wrong_shape_lists_every_mismatch(bad_files, train_with):
     ws, files, _ = bad_files
     err = train_with("wrong_shape").stderr
-    wide, tiny = torch.load(files["wrong_shape"], weights_only=False)["network_weights"], \
+    wide, tiny = load_checkpoint(files["wrong_shape"])["network_weights"], \
         load_checkpoint(ws.source_checkpoint)["network_weights"]
     differing = {k for k in tiny if ".seg_layers." not in k and wide[k].shape != tiny[k].shape}
     canonical = {k for k in differing if not k.startswith("decoder.encoder.") and ".all_modules." not in k}

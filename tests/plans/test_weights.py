@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nets import plans_network
+from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.nnunet_io import build_network
@@ -214,7 +215,7 @@ def test_adapt_writes_what_nnunet_loads_and_keeps_aliases_one_tensor(tmp_path):
     ckpt = save(wrapped, tmp_path / "src.pth")
     result = adapt_weights(ckpt, tmp_path / "out.pth", in_channels=2, method="repeat")
     assert result.channels == (1, 2) and sorted(result.first_conv) == sorted(FIRST)
-    saved = torch.load(tmp_path / "out.pth", weights_only=False)
+    saved = read_checkpoint(tmp_path / "out.pth", trust=False)
     state = saved["network_weights"]
     assert set(state) == set(source.state_dict())
     assert len({state[k].untyped_storage().data_ptr() for k in FIRST}) == 1
