@@ -7,8 +7,9 @@ sampled voxel a sample. For each patch
    *preprocessed* data (``$nnUNet_preprocessed/<Dataset>/<data_identifier>``, read with nnU-Net's
    own dataset class). Patch ``i`` depends only on ``(seed, i)``: the case, whether it is centred on
    a foreground voxel (probability ``foreground``, nnU-Net's ``class_locations``, as its data loader
-   does) and the position; positions follow nnU-Net's bounding-box rule, padding with 0 where the
-   case is smaller than the patch.
+   does; default 0: uniform locations, as Karimi et al.) and the position; positions follow nnU-Net's
+   bounding-box rule, padding with 0 where the case is smaller than the patch. Which cases:
+   :mod:`.cases` (the held-out test cases by default, when they are known).
 2. Every network sees the same patch batch. A forward hook on each selected layer's output module
    (``(B, C, *spatial)``) keeps the voxels :func:`voxel_indices` picks — ``voxels_per_patch`` of the
    layer's grid, depending only on ``(seed, patch index, spatial shape)``, so the same for every
@@ -54,8 +55,10 @@ MIN_PATCHES = 16
 #: Patches per streamed chunk: the null baseline misaligns rows inside a chunk, so a chunk of several
 #: patches pairs voxels of different patches.
 CHUNK_PATCHES = 8
-#: nnU-Net's oversample_foreground_percent.
-DEFAULT_FOREGROUND = 0.33
+#: Share of patches centred on a foreground voxel: 0, uniform locations — Karimi et al. sample "blocks from
+#: random locations in the test images"; nnU-Net's sampler (its oversample_foreground_percent) uses 0.33.
+DEFAULT_FOREGROUND = 0.0
+NNUNET_FOREGROUND = 0.33
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

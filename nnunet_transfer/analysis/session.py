@@ -37,6 +37,7 @@ from nnunet_transfer.analysis.activations import (
     resolve_device,
     select_layers,
 )
+from nnunet_transfer.analysis.cases import CaseChoice, choose_cases, parse_cases
 from nnunet_transfer.analysis.convergence import (
     CONVERGENCE_TOLERANCE,
     DEFAULT_SOURCE,
@@ -93,13 +94,17 @@ class Analysis:
     patches: int | None = None
     voxels_per_patch: int = DEFAULT_VOXELS_PER_PATCH
     foreground: float = DEFAULT_FOREGROUND
-    cases: list[str] | None = None
+    #: ``--cases`` as parsed (:func:`.cases.parse_cases`): None (test cases when known), "test", "all", a file, ids
+    cases: Any = None
+    #: the fold folders analysed, which tell the held-out test cases of a cross-validation (:mod:`.cases`)
+    runs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     networks: list[NetworkRef] = field(default_factory=list)
     #: every convergence epoch this analysis used, in the order they were decided
     convergences: list[Convergence] = field(default_factory=list)
     _source: PatchSource | None = None
     _plan: SamplingPlan | None = None
+    _cases: CaseChoice | None = None
 
     @property
     def where(self) -> str:
@@ -111,13 +116,27 @@ class Analysis:
 
         return PlansManager(self.plans).get_configuration(self.configuration)
 
+    def use_runs(self, runs: Sequence[str | Path | None]) -> None:
+        """Record the fold folders the analysis is about, before its patches are first drawn (:attr:`source`)."""
+        for r in runs:
+            if r is not None and Path(r) not in self.runs:
+                self.runs.append(Path(r))
+
     @property
     def source(self) -> PatchSource:
         if self._source is None:
             cm = self.configuration_manager
             folder = preprocessed_folder(self.dataset, cm.data_identifier, self.configuration)
-            self._source = PatchSource(folder, cm.patch_size, seed=self.seed, foreground=self.foreground,
-                                       cases=self.cases)
+            choice = choose_cases(self.dataset, self.cases, self.runs)
+            try:
+                source = PatchSource(folder, cm.patch_size, seed=self.seed, foreground=self.foreground,
+                                     cases=choice.cases)
+            except DataError as e:
+                if choice.kind != "test":
+                    raise
+                raise DataError(f"the held-out test cases ({choice.why}): {e}; preprocess them, or give "
+                                f"--cases all") from None
+            self._source, self._cases = source, choice
         return self._source
 
     @property
@@ -146,6 +165,7 @@ class Analysis:
     def similarities(self, refs: Sequence[NetworkRef], pairs: Sequence[tuple[int, int]], *,
                      desc: str) -> dict[tuple[str, int, int], SimilarityResult]:
         """Load ``refs``, stream the patches once through them, return every pair's result."""
+        self.use_runs([r.run for r in refs])  # the test cases of a cross-validation follow from the runs' folds
         plan = self.plan  # checks data and sample counts before networks are loaded
         nets = self.load(refs)
         try:
@@ -243,6 +263,9 @@ class Analysis:
         }
         if self.convergences:
             meta["convergence"] = [c.to_dict() for c in self.convergences]
+        if self._source is not None:  # which cases the patches come from, and why (similarity and feature maps)
+            meta["patches_from"] = {**self._cases.to_dict(), "cases": list(self._source.cases),
+                                    "foreground": self.foreground}
         if self._plan is not None:
             src = self.source
             meta["sampling"] = {
@@ -265,10 +288,16 @@ def check_convergence_options(source: str, tolerance: float) -> None:
 def open_analysis(dataset: str | int, configuration: str, plans: str = "nnUNetPlans", *,
                   layers: str | None = None, patches: int | None = None,
                   voxels_per_patch: int = DEFAULT_VOXELS_PER_PATCH, foreground: float = DEFAULT_FOREGROUND,
-                  cases: Sequence[str] | None = None, seed: int = 0, device: str = "auto",
+                  cases: str | Path | Sequence[str] | None = None, seed: int = 0, device: str = "auto",
                   batch_size: int = 1, side: str = DEFAULT_SIDE, measure: str = "pwcca",
                   progress: bool = True) -> Analysis:
-    """Read the plans, build the template network (random init, CPU) and resolve ``layers``."""
+    """Read the plans, build the template network (random init, CPU) and resolve ``layers``.
+
+    ``cases``: where patches come from (:mod:`.cases`): None — the held-out test cases when the dataset's
+    ``splits_mapping.json`` knows them for the runs analysed, else every case (the output says which);
+    ``"test"``, ``"all"``, a file or identifiers. ``foreground``: probability that a patch is centred on a
+    foreground voxel (default 0: uniform locations, as Karimi et al.; nnU-Net's sampler uses 0.33).
+    """
     from nnunet_transfer.nnunet_io import build_network, check_configuration, dataset_name, load_dataset_json, load_plans
 
     if measure not in MEASURES:
@@ -286,6 +315,7 @@ def open_analysis(dataset: str | int, configuration: str, plans: str = "nnUNetPl
         raise ConfigError(f"--voxels-per-patch must be a positive integer, got {voxels_per_patch!r}")
     if patches is not None and (isinstance(patches, bool) or not isinstance(patches, int) or patches < 1):
         raise ConfigError(f"--patches must be a positive integer, got {patches!r}")
+    cases = parse_cases(cases)
     name = dataset_name(dataset)
     plans_dict = load_plans(name, plans)
     check_configuration(plans_dict, configuration)
@@ -297,8 +327,7 @@ def open_analysis(dataset: str | int, configuration: str, plans: str = "nnUNetPl
                     dataset_json=load_dataset_json(name), template=template.eval(), model=model,
                     layers=chosen, layer_spec=layers, device=dev, seed=seed, side=side, measure=measure,
                     progress=progress, batch_size=batch_size, patches=patches,
-                    voxels_per_patch=voxels_per_patch, foreground=foreground,
-                    cases=list(cases) if cases else None)
+                    voxels_per_patch=voxels_per_patch, foreground=foreground, cases=cases)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,6 +345,10 @@ def header(an: Analysis, title: str, *, similarity: bool = True) -> list[str]:
         p = an._plan
         lines.append(f"- samples: {p.patches} patches x up to {p.voxels_per_patch} voxels; per layer "
                      + ", ".join(f"{k} {n} ({n / p.channels[k]:.0f}xc)" for k, n in p.samples.items()))
+    if an._source is not None:
+        lines.append(f"- {an._cases.text(len(an._source.cases))}; "
+                     + ("uniform locations (--foreground 0)" if an.foreground == 0 else
+                        f"a share {an.foreground:g} centred on foreground voxels (--foreground)"))
     lines.append(f"- seed {an.seed}, device {an.device}")
     for c in an.convergences:
         lines.append(f"- convergence of `{run_label(Path(c.run))}`: {c.text()} (curve in {CONVERGENCE_FILE})")

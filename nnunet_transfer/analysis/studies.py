@@ -157,6 +157,7 @@ def run_evolution(fold_folder: str | Path, *, dataset: str | int, configuration:
     if len(epochs) < 2:
         raise DataError(f"run {fold} has only the snapshot of epoch {epochs[0]}; evolution needs at least "
                         f"two (set snapshot_every so that training writes more)")
+    an.use_runs([fold])
     an.plan  # data and sample counts checked before any network is validated or loaded
     if convergence_epoch is None:
         conv = an.convergence(fold, source=convergence_from, tolerance=tolerance)
@@ -353,6 +354,7 @@ def run_reuse(ri: Sequence[str | Path], tl: Sequence[str | Path], *, dataset: st
         else:
             resolve_network(f"{r}@final")
         start_ref(r)
+    an.use_runs([r for _, r in runs])
     an.plan  # data and sample counts too
     ends = [_start_end(an, r, converged, source=convergence_from, tolerance=tolerance) for _, r in runs]
     m = an.measure
@@ -493,6 +495,7 @@ def run_weights(start: str | Path, end: str | Path | None = None, *, dataset: st
     check_convergence_options(convergence_from, tolerance)
     out = check_out(out)
     an = open_analysis(dataset, configuration, plans, **options)
+    an.use_runs([start] if end is None else [resolve_network(n).run for n in (start, end)])
     if feature_maps:
         an.source  # preprocessed data checked before any network is validated or loaded
     a, b, how = _weights_refs(an, start, end, converged=converged, source=convergence_from, tolerance=tolerance)

@@ -17,6 +17,11 @@ CONVERGENCE_HELP = ("curve of the convergence epoch (first snapshot epoch within
                     "set the maximum), raw = its per-epoch pseudo-Dice, validation = a sliding-window validation "
                     "of every snapshot on the fold's validation cases (slower); written to convergence.json")
 
+CASES_HELP = ("cases to draw patches from: test = the held-out test cases recorded by `splits` / `study plan` "
+              "(splits_mapping.json), all = every preprocessed case (training cases included; the old default), "
+              "a file (one identifier a line, or a JSON list), or identifiers a,b,c. Default: the test cases when "
+              "they are known for the runs analysed, else all; the output says which")
+
 NET_HELP = ("a checkpoint file, a fold folder (its checkpoint_final.pth), or FOLD@EPOCH, FOLD@start, "
             "FOLD@converged, FOLD@final, FOLD@latest, FOLD@best")
 
@@ -50,10 +55,10 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, run_flags: bool = 
                             "at least 16)")
         p.add_argument("--voxels-per-patch", dest="voxels_per_patch", type=int, default=512,
                        help="voxels sampled per patch and layer (default 512)")
-        p.add_argument("--foreground", type=float, default=0.33,
-                       help="probability that a patch is centred on foreground, as nnU-Net's sampler (default 0.33)")
-        p.add_argument("--cases", default=None, help="comma-separated case identifiers to draw patches from "
-                                                     "(default all preprocessed cases)")
+        p.add_argument("--foreground", type=float, default=0.0,
+                       help="probability that a patch is centred on foreground (default 0: uniform locations, as "
+                            "Karimi et al.; 0.33 is nnU-Net's sampler, the old default)")
+        p.add_argument("--cases", default=None, help=CASES_HELP)
         p.add_argument("--batch-size", dest="batch_size", type=int, default=1,
                        help="patches per forward pass (default 1)")
         p.add_argument("--measure", default="pwcca", choices=["pwcca", "mean_cca", "svcca", "linear_cka"],
@@ -133,8 +138,9 @@ def add_parser(sub) -> None:
                         "checkpoint_final")
     _convergence(w)
     _common(w, data=False, run_flags=True)
-    w.add_argument("--foreground", type=float, default=0.33, help="probability that patch 0 is centred on foreground")
-    w.add_argument("--cases", default=None, help="case identifiers to draw the feature-map patch from")
+    w.add_argument("--foreground", type=float, default=0.0,
+                   help="probability that patch 0 is centred on foreground (default 0; 0.33 as nnU-Net's sampler)")
+    w.add_argument("--cases", default=None, help="cases to draw the feature-map patch from: " + CASES_HELP)
     w.set_defaults(func=run_weights)
 
 
@@ -146,7 +152,7 @@ def _options(args, data: bool = True) -> dict:
     opts = {"layers": args.layers, "seed": args.seed, "device": args.device, "progress": args.progress}
     if data:
         opts |= {"patches": args.patches, "voxels_per_patch": args.voxels_per_patch,
-                 "foreground": args.foreground, "cases": _split([args.cases]) if args.cases else None,
+                 "foreground": args.foreground, "cases": args.cases,
                  "batch_size": args.batch_size, "measure": args.measure, "side": args.side}
     return opts
 
@@ -242,7 +248,6 @@ def run_weights(args) -> int:
         start, end = nets
     else:
         start, end = _run_folder(args, nets[0] if nets else None), None
-    opts = _options(args, data=False) | {"foreground": args.foreground,
-                                         "cases": _split([args.cases]) if args.cases else None}
+    opts = _options(args, data=False) | {"foreground": args.foreground, "cases": args.cases}
     return _call(api, start, end, filters=args.filters, feature_maps=args.feature_maps, converged=args.converged,
                  convergence_from=args.convergence_from, tolerance=args.tolerance, **_where(args), **opts)

@@ -202,6 +202,9 @@ def test_patches_are_deterministic_padded_and_foreground_centred(toy_env):
         assert z0 < 12 and z0 + 32 > 5 and y0 < 20 and y0 + 32 > 8 and x0 < 22 and x0 + 32 > 10
     with pytest.raises(DataError, match=r"case\(s\) \['nope'\] not in"):
         source(toy_env, cases=["nope"])
+    # uniform locations by default (Karimi et al.: "random locations"); nnU-Net's 0.33 one argument away
+    assert not any(src.location(i).foreground for i in range(30))
+    assert 3 <= sum(source(toy_env, seed=0, foreground=0.33).location(i).foreground for i in range(30)) <= 18
 
 
 def test_missing_and_empty_preprocessed_folder(toy_env):
