@@ -62,7 +62,10 @@ the network "precisely in half by path length, splitting in the middle of the bo
 contracting half is blocks 1..N−1 + ``Na``, the expanding half ``Nb`` + blocks N+1..2N−1.
 
 Presets never include ``seg``: nnU-Net re-initialises the heads when it loads
-``-pretrained_weights``, so a trainer adds ``+seg`` itself when the heads must train.
+``-pretrained_weights``, so a trainer decides about them. The preset trainers follow the paper, whose 1×1
+output convolution is part of block 2N−1: the heads come from the checkpoint and train with a preset that
+includes 2N−1, and stay frozen at the pretrained weights with one that leaves it out
+(:mod:`nnunet_transfer.trainers.freezing`).
 
 Presets — Amiri's 12 fine-tuning strategies, generalised to any N (numbers follow the order of the
 strategy list this package was specified with; the sets for N = 5 are those of the paper's 9-block

@@ -173,9 +173,14 @@ class TransferConfig:
                                  "segmentation heads: new (nnU-Net: fresh init), by-name (copy the rows of the "
                                  "labels whose names match the checkpoint's), or a mapping target -> source label",
                                  group="run")
+    deep_supervision: bool = _setting(True, _bool,
+                                      "nnU-Net's deep supervision (a loss on every decoder resolution); false trains "
+                                      "the full-resolution output only, as nnUNetTrainerNoDeepSupervision does",
+                                      group="run")
     # -- freezing --
     freeze_seg: bool = _setting(False, _bool,
-                                "freeze the segmentation heads too (only meaningful with heads transferred)",
+                                "freeze the segmentation heads too (only meaningful with heads transferred; "
+                                "Amiri presets without block 2N-1 default to true)",
                                 group="freeze")
     freeze_reinit: bool = _setting(False, _bool,
                                    "allow freezing blocks that hold parameters not from the checkpoint "

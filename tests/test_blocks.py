@@ -256,6 +256,10 @@ def test_bottleneck_halves_partition_the_bottleneck(arch, n):
 TABLE_II = {"whole": 1, "contracting": 0.303, "expanding": 0.697, "exceptBottleneck": 0.544,
             "bottleneck": 0.456, "outer": 0.032, "inner": 0.968, "first": 0.001, "last": 0.005,
             "firstLast": 0.006, "first2": 0.008, "deepEncoder": 0.142}
+# ... and its "Number of parameters" row, at the two significant digits it prints
+TABLE_II_COUNTS = {"whole": 3.1e7, "contracting": 9.4e6, "expanding": 2.2e7, "exceptBottleneck": 1.7e7,
+                   "bottleneck": 1.4e7, "outer": 9.8e5, "inner": 3.0e7, "first": 3.8e4, "last": 1.4e5,
+                   "firstLast": 1.8e5, "first2": 2.6e5, "deepEncoder": 4.4e6}
 
 
 def papers_unet() -> nn.Module:
@@ -267,15 +271,51 @@ def papers_unet() -> nn.Module:
                          nonlin=nn.ReLU, deep_supervision=False)
 
 
+def trained_by(trainer_class, net: nn.Module) -> set[str]:
+    """The parameters a trainer leaves trainable on ``net``: its own ``_apply_trainable_spec`` (what
+    ``configure_optimizers`` runs) with its class defaults, on a trainer whose nnU-Net ``__init__`` is not run
+    (the freezing needs only the settings and the network)."""
+    from nnunet_transfer.config import TransferConfig
+
+    trainer = object.__new__(trainer_class)
+    trainer.transfer_config = TransferConfig.from_mapping({}, defaults=trainer_class.transfer_defaults)
+    trainer.network, trainer.transfer_state, trainer._freeze_report = net, {}, None
+    trainable = trainer._apply_trainable_spec()
+    assert set(trainable) == {n for n, p in net.named_parameters() if p.requires_grad}
+    return set(trainable)
+
+
 def test_presets_train_the_shares_of_amiris_table_ii():
-    net = papers_unet()
-    model = BlockModel.from_network(net)
+    from nnunet_transfer.trainers.freezing import PRESET_TRAINERS
+
+    model = BlockModel.from_network(papers_unet())
     assert model.n_params == pytest.approx(3.1e7, rel=0.01)  # "around 31 million parameters"
+    assert set(PRESET_TRAINERS) == set(TABLE_II)
     for name, share in TABLE_II.items():
-        # the preset trainers add the 1x1 output conv (+seg); the paper counts it in block 9
-        got = model.n_selected(name + ("+seg" if name in ("whole", "expanding", "last", "firstLast",
-                                                          "outer") else "")) / model.n_params
-        assert got == pytest.approx(share, abs=0.006), (name, got, share)
+        # what the trainer trains, heads included: the paper's 1x1 output conv is part of block 9
+        net = papers_unet()
+        trained = trained_by(PRESET_TRAINERS[name], net)
+        count = sum(p.numel() for n, p in net.named_parameters() if n in trained)
+        assert float(f"{count:.1e}") == TABLE_II_COUNTS[name], (name, count)
+        # the paper prints 3 decimals (±0.0005); the largest difference is deepEncoder's, 0.14260 for its 0.142
+        # (its count, 4,425,216, is the paper's 4.4e6)
+        assert count / model.n_params == pytest.approx(share, abs=0.00061), (name, count / model.n_params, share)
+        heads = set(model.seg_param_names)
+        assert (heads <= trained) is (9 in PRESETS[name].blocks(5)) and (heads & trained in (set(), heads)), name
+
+
+@pytest.mark.parametrize("n", [4, 5, 6, 7])
+def test_preset_trainers_freeze_the_heads_exactly_when_they_leave_block_2n_minus_1_out(n):
+    from nnunet_transfer.trainers.freezing import PRESET_TRAINERS
+
+    for name, cls in PRESET_TRAINERS.items():
+        keeps_last = 2 * n - 1 in PRESETS[name].blocks(n)
+        assert cls.transfer_defaults == {"trainable": name, "heads": "by-name",
+                                         **({} if keeps_last else {"freeze_seg": True})}, name
+        net = make_net("plain", n, dim=2)
+        trained = trained_by(cls, net)
+        seg = set(BlockModel.from_network(net).seg_param_names)
+        assert (seg <= trained if keeps_last else not seg & trained), name
 
 
 @pytest.mark.parametrize("arch", ["plain", "resenc"])

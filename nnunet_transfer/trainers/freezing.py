@@ -3,7 +3,13 @@
 What trains is a block spec (see :mod:`nnunet_transfer.blocks`); everything else is frozen in
 ``configure_optimizers`` (before any DDP wrap) and left out of the optimizer, so no weight decay or
 momentum touches it. The segmentation heads train unless ``freeze_seg`` is set: nnU-Net never loads them
-from ``-pretrained_weights``, so frozen they would stay random unless ``heads`` transfers them.
+from ``-pretrained_weights``, so frozen they must come from the checkpoint (``heads``); a frozen head row
+that nothing transfers is refused before the fold folder exists.
+
+As the papers have it: Amiri et al.'s 1×1 output convolution belongs to block 2N−1, so a preset that leaves
+that block out keeps the *pretrained* heads frozen (``heads=by-name``, ``freeze_seg=true``) and one that
+includes it fine-tunes them from the pretrained rows; Karimi et al.'s frozen decoder fine-tunes "the encoder
+and the last layer" from the pretrained network with the halved learning rate of every transfer run.
 
 * Karimi, Warfield & Gholipour, "Transfer learning in medical image segmentation: new insights from
   analysis of the dynamics of model parameters and learned representations", AIIM 2021.
@@ -29,8 +35,31 @@ class _FreezingTrainer(nnUNetTrainerTransferBase):
     transferable or new in a ``weights adapt`` report) — a frozen random block is rarely meant — unless
     ``freeze_reinit`` is set."""
 
+    #: the end of a refusal to freeze head rows that no checkpoint row transfers: how to proceed
+    frozen_heads_fix = ("map them explicitly (--set heads=TARGET:SOURCE,...) or let the heads train "
+                        "(--set freeze_seg=false)")
+    #: why this strategy freezes the heads (inserted after "freezes the segmentation heads")
+    frozen_heads_why = ""
+
+    @classmethod
+    def check_config(cls, cfg, configuration):
+        super().check_config(cfg, configuration)
+        if cfg.freeze_seg and cfg.heads == "new" and not cfg.freeze_reinit:
+            raise ConfigError(f"{cls.__name__} freezes the segmentation heads{cls.frozen_heads_why}, so they must "
+                              f"come from the checkpoint, but heads=new would freeze random heads; use "
+                              f"heads=by-name or a mapping (--set heads=TARGET:SOURCE,...), or let the heads train "
+                              f"(--set freeze_seg=false)")
+
     def check_pretrained_file(self, checked) -> None:
         super().check_pretrained_file(checked)
+        plan = checked.heads
+        if self.transfer_config.freeze_seg and plan is not None and plan.new:
+            why = f" ({plan.fallback})" if plan.fallback else ""
+            raise TransferError(
+                f"{self.__class__.__name__} freezes the segmentation heads{self.frozen_heads_why}, but target "
+                f"label(s) {', '.join(plan.new)} have no row in {checked.path} (its labels: "
+                f"{', '.join(map(str, checked.source_labels or {})) or 'unknown'}){why}; frozen, they would stay "
+                f"random. Fix: {self.frozen_heads_fix}")
         if self.transfer_config.freeze_reinit:
             return
         frozen = frozen_not_from_source(checked, self.trainable_spec())
@@ -75,11 +104,15 @@ class nnUNetTrainerFrozenEncoder(_FreezingTrainer):
 class nnUNetTrainerFrozenDecoder(_FreezingTrainer):
     """Pretrained decoder frozen; encoder and segmentation heads train (Karimi's "encoder + last layer").
 
+    As the paper: the heads start from the checkpoint's rows of the labels whose names agree
+    (``heads=by-name``; a label the source lacks starts new; with no name in common every row starts new, said
+    in the log), and the initial LR is halved (``lr_scale=0.5``) like every transfer run of Karimi et al.
     Needs ``-pretrained_weights``: a frozen random decoder is not a strategy.
     """
 
-    transfer_defaults = {"trainable": "encoder"}
+    transfer_defaults = {"trainable": "encoder", "heads": "by-name", "lr_scale": 0.5}
     transfer_keys = FREEZE_KEYS
+    heads_fallback_new = True
 
     @classmethod
     def needs_pretrained(cls, cfg):
@@ -99,12 +132,13 @@ class nnUNetTrainerFrozenDecoderAndHeads(nnUNetTrainerFrozenDecoder):
     row, since a frozen head row that was never transferred would stay random for good.
     """
 
-    transfer_defaults = {"trainable": "encoder", "freeze_seg": True, "heads": "by-name"}
+    transfer_defaults = {"trainable": "encoder", "freeze_seg": True, "heads": "by-name", "lr_scale": 0.5}
     transfer_keys = FREEZE_KEYS
+    frozen_heads_fix = ("map them explicitly (heads=TARGET:SOURCE,...) or use nnUNetTrainerFrozenDecoder, whose "
+                        "heads train")
 
     @classmethod
     def check_config(cls, cfg, configuration):
-        super().check_config(cfg, configuration)
         if cfg.heads == "new":
             raise ConfigError(f"{cls.__name__} freezes the segmentation heads, so they must come from the "
                               f"checkpoint: heads=new would freeze random heads. Use heads=by-name (default) or a "
@@ -112,17 +146,7 @@ class nnUNetTrainerFrozenDecoderAndHeads(nnUNetTrainerFrozenDecoder):
         if not cfg.freeze_seg:
             raise ConfigError(f"{cls.__name__} freezes the heads (freeze_seg=true); to train them use "
                               f"nnUNetTrainerFrozenDecoder")
-
-    def check_pretrained_file(self, checked) -> None:
-        super().check_pretrained_file(checked)
-        plan = checked.heads
-        if plan is not None and plan.new:
-            raise TransferError(
-                f"{self.__class__.__name__} freezes the segmentation heads, but target label(s) "
-                f"{', '.join(plan.new)} have no row in {checked.path} (its labels: "
-                f"{', '.join(map(str, checked.source_labels or {})) or 'unknown'}); frozen, they would stay "
-                f"random. Map them explicitly (heads=TARGET:SOURCE,...) or use nnUNetTrainerFrozenDecoder, "
-                f"whose heads train")
+        super().check_config(cfg, configuration)
 
 
 class nnUNetTrainerPartialFT(_FreezingTrainer):
@@ -142,9 +166,36 @@ class nnUNetTrainerPartialFT(_FreezingTrainer):
 
 
 class _AmiriPreset(_FreezingTrainer):
-    """Base of the 12 preset trainers: all blocks outside the preset frozen, segmentation heads train."""
+    """Base of the 12 preset trainers: all blocks outside the preset frozen. The segmentation heads are
+    Amiri's 1×1 output convolution, part of block 2N−1: they start from the checkpoint's rows (``heads=by-name``,
+    or a mapping) and train with that block; a preset without it keeps them frozen at the pretrained weights
+    (``freeze_seg=true``) and refuses, before any folder, when a target label has no source row.
+    ``freeze_seg=false`` trains them (new where no row transfers), which is not the paper's strategy."""
 
     transfer_keys = FREEZE_KEYS
+    heads_fallback_new = True
+    frozen_heads_why = (" at the pretrained weights (Amiri et al.: the output layer belongs to block 2N-1, which "
+                        "this strategy leaves out)")
+    frozen_heads_fix = ("map them (nnunet_transfer configure ... --set heads=TARGET:SOURCE,...), or train new heads "
+                        "with --set freeze_seg=false (not the paper's strategy)")
+
+    @classmethod
+    def needs_pretrained(cls, cfg):
+        if cfg.freeze_seg and cfg.heads != "new":
+            return (f"{cls.__name__} keeps the segmentation heads frozen at the PRETRAINED weights, but no "
+                    f"-pretrained_weights was given; add -pretrained_weights SOURCE_CHECKPOINT (or train new heads: "
+                    f"--set freeze_seg=false heads=new, which is not the paper's strategy)")
+        return super().needs_pretrained(cfg)
+
+
+def _heads_train(preset: str) -> dict:
+    """Defaults of a preset that includes block 2N−1: the pretrained heads fine-tune with it."""
+    return {"trainable": preset, "heads": "by-name"}
+
+
+def _heads_frozen(preset: str) -> dict:
+    """Defaults of a preset that leaves block 2N−1 out: the pretrained heads stay frozen."""
+    return {"trainable": preset, "heads": "by-name", "freeze_seg": True}
 
 
 # Amiri et al.'s 12 strategies, one class each (the class name is the results folder's name). The
@@ -152,62 +203,62 @@ class _AmiriPreset(_FreezingTrainer):
 # paper's 9-block U-Net.
 class nnUNetTrainerPartialFT_whole(_AmiriPreset):
     """Amiri #1: every block (1..2N−1) fine-tuned."""
-    transfer_defaults = {"trainable": "whole"}
+    transfer_defaults = _heads_train("whole")
 
 
 class nnUNetTrainerPartialFT_contracting(_AmiriPreset):
     """Amiri #2: the contracting half, blocks 1..N−1 and the first half of the bottleneck (N = 5: 1–4 + 5a)."""
-    transfer_defaults = {"trainable": "contracting"}
+    transfer_defaults = _heads_frozen("contracting")
 
 
 class nnUNetTrainerPartialFT_expanding(_AmiriPreset):
     """Amiri #3: the expanding half, the second half of the bottleneck and blocks N+1..2N−1 (5b + 6–9)."""
-    transfer_defaults = {"trainable": "expanding"}
+    transfer_defaults = _heads_train("expanding")
 
 
 class nnUNetTrainerPartialFT_exceptBottleneck(_AmiriPreset):
     """Amiri #4: every block but the bottleneck N (N = 5: 1–4, 6–9)."""
-    transfer_defaults = {"trainable": "exceptBottleneck"}
+    transfer_defaults = _heads_train("exceptBottleneck")
 
 
 class nnUNetTrainerPartialFT_bottleneck(_AmiriPreset):
     """Amiri #5: the bottleneck N only."""
-    transfer_defaults = {"trainable": "bottleneck"}
+    transfer_defaults = _heads_frozen("bottleneck")
 
 
 class nnUNetTrainerPartialFT_outer(_AmiriPreset):
     """Amiri #6: the two outer levels on both sides, {1, 2, 2N−2, 2N−1} (N ≥ 4)."""
-    transfer_defaults = {"trainable": "outer"}
+    transfer_defaults = _heads_train("outer")
 
 
 class nnUNetTrainerPartialFT_inner(_AmiriPreset):
     """Amiri #7: all but the two outer levels, 3..2N−3 (N ≥ 4)."""
-    transfer_defaults = {"trainable": "inner"}
+    transfer_defaults = _heads_frozen("inner")
 
 
 class nnUNetTrainerPartialFT_first(_AmiriPreset):
     """Amiri #8: block 1."""
-    transfer_defaults = {"trainable": "first"}
+    transfer_defaults = _heads_frozen("first")
 
 
 class nnUNetTrainerPartialFT_last(_AmiriPreset):
     """Amiri #9: block 2N−1 (the usual "fine-tune the last layers")."""
-    transfer_defaults = {"trainable": "last"}
+    transfer_defaults = _heads_train("last")
 
 
 class nnUNetTrainerPartialFT_firstLast(_AmiriPreset):
     """Amiri #10: blocks 1 and 2N−1."""
-    transfer_defaults = {"trainable": "firstLast"}
+    transfer_defaults = _heads_train("firstLast")
 
 
 class nnUNetTrainerPartialFT_first2(_AmiriPreset):
     """Amiri #11: the first half of the contracting path, 1..⌈(N−1)/2⌉ (N = 5: 1, 2; N ≥ 4)."""
-    transfer_defaults = {"trainable": "first2"}
+    transfer_defaults = _heads_frozen("first2")
 
 
 class nnUNetTrainerPartialFT_deepEncoder(_AmiriPreset):
     """Amiri #12: the second half of the contracting path, ⌈(N−1)/2⌉+1..N−1 (N = 5: 3, 4; N ≥ 4)."""
-    transfer_defaults = {"trainable": "deepEncoder"}
+    transfer_defaults = _heads_frozen("deepEncoder")
 
 
 PRESET_TRAINERS = {cls.transfer_defaults["trainable"]: cls for cls in _AmiriPreset.__subclasses__()}

@@ -99,13 +99,17 @@ class HeadPlan:
     mode: str  # "by-name" | "mapping"
     copied: list[dict[str, Any]]  # {"target", "target_value", "source", "source_value"}
     new: list[str]  # target labels that keep nnU-Net's initialisation
+    #: why nothing was copied when ``by-name`` fell back to new heads (empty otherwise)
+    fallback: str = ""
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "copied": self.copied, "new": self.new}
+        return {"mode": self.mode, "copied": self.copied, "new": self.new,
+                **({"fallback": self.fallback} if self.fallback else {})}
 
     def text(self) -> str:
         pairs = ", ".join(f"{c['target']} <- {c['source']}" for c in self.copied) or "nothing"
-        return f"heads ({self.mode}): copied {pairs}; new: {', '.join(self.new) or 'none'}"
+        return (f"heads ({self.mode}): copied {pairs}; new: {', '.join(self.new) or 'none'}"
+                + (f" ({self.fallback})" if self.fallback else ""))
 
 
 def _labels(dataset_json: Mapping, side: str) -> dict[str, int]:
@@ -135,8 +139,11 @@ def _find(labels: dict[str, int], item: Any, side: str, where: str) -> tuple[str
 
 
 def plan_heads(heads: str | Mapping, source_json: Mapping | None, target_json: Mapping, *,
-               checkpoint: str) -> HeadPlan | None:
-    """Resolve the ``heads`` setting to rows: ``None`` for ``new``; raises on names that do not exist."""
+               checkpoint: str, fallback_new: bool = False) -> HeadPlan | None:
+    """Resolve the ``heads`` setting to rows: ``None`` for ``new``; raises on names that do not exist.
+
+    ``by-name`` with no label name in common raises, unless ``fallback_new``: then every head row starts new
+    and the plan says why (strategies whose heads train copy the heads "when the labels agree")."""
     if heads == "new":
         return None
     target = _labels(target_json, "target")
@@ -168,6 +175,9 @@ def plan_heads(heads: str | Mapping, source_json: Mapping | None, target_json: M
         mode = "mapping"
     done = {c["target_value"] for c in copied}
     new = [n for n, v in sorted(target.items(), key=lambda kv: kv[1]) if v not in done]
+    if not copied and mode == "by-name" and fallback_new:
+        return HeadPlan(mode, [], new, fallback=f"the checkpoint's labels {sorted(source)} share no name with the "
+                                                f"target's {sorted(target)}: every head row starts new")
     if not copied:
         raise ConfigError(f"heads=by-name: the checkpoint's labels {sorted(source)} and the target's "
                           f"{sorted(target)} share no name, so no head row can be transferred; map them "
@@ -261,8 +271,9 @@ def incompatibility_message(weights: LoadedWeights, problems: list[str], mismatc
 
 
 def check_pretrained(given: str, *, trainer_class, plans: dict, configuration: str, dataset_json: dict,
-                     heads: str | Mapping = "new") -> PretrainedFile:
-    """Everything that can be said about the file before nnU-Net loads it; raises :class:`TransferError`."""
+                     heads: str | Mapping = "new", heads_fallback_new: bool = False) -> PretrainedFile:
+    """Everything that can be said about the file before nnU-Net loads it; raises :class:`TransferError`.
+    ``heads_fallback_new``: see :func:`plan_heads`."""
     path = resolve_checkpoint(given, what="pretrained weights")
     weights = load_weights(path)
     network = target_network(trainer_class, plans, configuration, dataset_json)
@@ -271,7 +282,8 @@ def check_pretrained(given: str, *, trainer_class, plans: dict, configuration: s
     if problems or comparison.blocking:
         raise TransferError(incompatibility_message(weights, problems, comparison.blocking,
                                                     target=f"{plans.get('dataset_name', '?')} / {configuration}"))
-    plan = plan_heads(heads, weights.dataset_json, dataset_json, checkpoint=str(path))
+    plan = plan_heads(heads, weights.dataset_json, dataset_json, checkpoint=str(path),
+                      fallback_new=heads_fallback_new)
     heads_state = seg_head_state(weights.state) if plan is not None else {}
     try:
         blocks = BlockModel.from_network(network)
