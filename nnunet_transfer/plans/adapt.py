@@ -619,6 +619,29 @@ def fresh_names(record: Mapping | None) -> dict[int, list[str]]:
     return {int(b["block"]): list(b.get("fresh") or []) for b in record.get("blocks", []) if b.get("fresh")}
 
 
+def source_param_names(record: Mapping | None, network: nn.Module, *,
+                       heads_transferred: bool = False) -> frozenset[str] | None:
+    """Canonical names of ``network``'s parameters whose values came from the source checkpoint.
+
+    The one decision every strategy uses for what was transferred (the freezing trainers' refusal, the
+    parameters L2-SP anchors, what LoRA adapts and what norm-only / BitFit / a stage may freeze).
+    ``record`` is what ``-pretrained_weights`` brings (:func:`transfer_record`):
+
+    * a same-plans load: every parameter but the segmentation heads (nnU-Net's loader refuses a file that
+      lacks one, and never loads ``.seg_layers.``);
+    * a ``weights adapt`` file: the parameters its report lists as copied, mapped or channel-adapted — not those
+      re-initialised, not transferable or new (absent from the checkpoint).
+
+    The heads count only with ``heads_transferred`` (the ``heads`` setting copied a row for every target label).
+    ``None`` when no pretrained weights are known (``record`` None): callers then treat the network as a whole.
+    """
+    if not record:
+        return None
+    params = unwrap(network).named_parameters()
+    fresh = {n for names in fresh_names(record).values() for n in names}
+    return frozenset(n for n, _ in params if n not in fresh and (heads_transferred or not is_seg_key(n)))
+
+
 def record_text(record: Mapping) -> str:
     """One log line for a transfer record."""
     total = record.get("total") or {}
@@ -635,4 +658,4 @@ def record_text(record: Mapping) -> str:
 __all__ = ["ADAPTED_KEY", "ACTIONS", "FROM_SOURCE", "FRESH", "KernelRuleError", "conv_axis_matrix",
            "transposed_axis_matrix", "map_kernel", "check_family", "source_name_for", "adapt_state",
            "adapt_to_plans", "AdaptReport", "BlockRow", "TensorAction", "report_path", "transfer_record",
-           "fresh_names", "record_text"]
+           "fresh_names", "source_param_names", "record_text"]

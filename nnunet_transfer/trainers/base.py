@@ -37,12 +37,12 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
-from nnunet_transfer.checkpoints import load_state, read_checkpoint
+from nnunet_transfer.checkpoints import is_seg_key, load_state, read_checkpoint
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
-from nnunet_transfer.plans.adapt import record_text
+from nnunet_transfer.plans.adapt import record_text, source_param_names
 from nnunet_transfer.policies.drift import group_drift
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.policies.l2sp import penalised_step
@@ -88,6 +88,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     transfer_defaults: dict[str, Any] = {}
     transfer_keys: frozenset[str] = BASE_KEYS
+    #: on ``--c``: (transfer record, heads) of the run's start, read back before ``initialize`` (no __init__ change)
+    _resume_origin: tuple | None = None
     #: ``heads=by-name`` with no label name shared with the checkpoint: start every head row new (said in the
     #: log) instead of refusing. Strategies that copy the heads "when the labels agree" set it.
     heads_fallback_new: bool = False
@@ -233,10 +235,12 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         params = unique_named_parameters(net)
         names = self._trainable_names(net)
         if names is None:
+            self._spare_not_transferred(net, None)
             total = sum(p.numel() for p in params.values())
             self.transfer_state["parameters"] = {"trainable": total, "frozen": 0, "total": total,
                                                  "trainable_blocks": "all"}
             return params
+        names = self._spare_not_transferred(net, names)
         model = BlockModel.from_network(net)
         if not self.transfer_config.freeze_seg:
             # nnU-Net never loads the segmentation heads from -pretrained_weights: frozen, they would
@@ -253,6 +257,56 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                                  if pn and set(pn) <= names and not set(b.param_names) <= names],
             "seg_trainable": set(model.seg_param_names) <= names}
         return {n: params[n] for n in report.trainable_names}
+
+    # ------------------------------------------------------------------ what was not transferred
+    def _source_names(self, net: nn.Module) -> frozenset[str] | None:
+        """Parameters that came from ``-pretrained_weights`` (:func:`~nnunet_transfer.plans.adapt.source_param_names`);
+        None without pretrained weights (or in-process use without the file): the network counts as a whole."""
+        if self._resume_origin is not None:
+            record, heads = self._resume_origin
+        elif self.pretrained_file is not None:
+            record, heads = self.pretrained_file.transfer, self.pretrained_file.heads
+            heads = heads.to_dict() if heads is not None else None
+        else:
+            return None
+        return source_param_names(record, net, heads_transferred=bool(heads and heads.get("copied")
+                                                                      and not heads.get("new")))
+
+    def not_transferred(self, net: nn.Module) -> set[str]:
+        """Parameters outside the heads that did not come from the source (re-initialised or new after `weights
+        adapt`): no strategy freezes or anchors them unless ``freeze_reinit``; the heads follow ``freeze_seg``."""
+        source = self._source_names(net)
+        if source is None:
+            return set()
+        return {n for n in unique_named_parameters(net) if n not in source and not is_seg_key(n)}
+
+    def _spare_not_transferred(self, net: nn.Module, names: set[str] | None) -> set[str] | None:
+        """``names`` (what the strategy trains; None = all) plus the parameters not from the source, which train in
+        full unless ``freeze_reinit``; the counts go to ``transfer_state["not_transferred"]``."""
+        fresh = self.not_transferred(net)
+        sizes = {n: p.numel() for n, p in unique_named_parameters(net).items()}
+        spared = set() if names is None else fresh - names
+        keep_frozen = self.transfer_config.freeze_reinit
+        self.transfer_state["not_transferred"] = {
+            "tensors": len(fresh), "parameters": sum(sizes[n] for n in fresh),
+            "trained_in_full_by_rule": 0 if keep_frozen else sum(sizes[n] for n in spared),
+            "frozen_by_freeze_reinit": sum(sizes[n] for n in spared) if keep_frozen else 0}
+        return names if names is None or keep_frozen else names | spared
+
+    def _not_transferred_text(self) -> str | None:
+        nt = self.transfer_state.get("not_transferred") or {}
+        if not nt.get("tensors"):
+            return None
+        rules = [f"{nt['trained_in_full_by_rule']:,} would be frozen by this strategy and train in full"
+                 if nt["trained_in_full_by_rule"] else "",
+                 f"{nt['frozen_by_freeze_reinit']:,} stay frozen (freeze_reinit=true)"
+                 if nt["frozen_by_freeze_reinit"] else "",
+                 f"L2-SP anchors none of them, {nt['l2sp_beta']:,} are in its beta group" if "l2sp_beta" in nt else "",
+                 f"{nt['lora_convs_without_adapter']} convolution(s) train in full instead of carrying adapters"
+                 if nt.get("lora_convs_without_adapter") else ""]
+        return (f"{nt['parameters']:,} parameters in {nt['tensors']} tensors did not come from the source "
+                f"(re-initialised or new in the `weights adapt` report): "
+                + ("; ".join(r for r in rules if r) or "they train as every other parameter"))
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()  # calls network.train()
@@ -314,6 +368,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         p = st["parameters"]
         self.print_to_log_file(f"nnunet_transfer: trainable parameters {p['trainable']:,} of {p['total']:,}"
                                f" (frozen {p['frozen']:,})")
+        if self._not_transferred_text():
+            self.print_to_log_file("nnunet_transfer: " + self._not_transferred_text())
         if self.local_rank == 0:
             self._write_config_file()
             if not self._resumed:
@@ -451,15 +507,23 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         torch.save(checkpoint, tmp)
         os.replace(tmp, filename)
 
-    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        if not self.was_initialized:
-            self.initialize()
+    def _initialize_for_resume(self, filename_or_checkpoint: Union[dict, str]) -> dict:
+        """``initialize()`` for ``--c``, with what came from the source read back from the checkpoint first:
+        ``configure_optimizers`` decides on it (freezing, adapters, L2-SP groups) and no file is given now."""
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
             # nnU-Net 2.8's load_checkpoint fails when handed a dict (it never binds its local
             # variable), so it gets the file name again; mmap keeps this first read cheap. This read runs
             # none of the file's code and refuses a file nnU-Net's own (weights_only=False) read would run
             checkpoint = read_checkpoint(checkpoint, mmap=True)
+        if not self.was_initialized:
+            state = checkpoint.get(CHECKPOINT_KEY) or {}
+            self._resume_origin = (state.get("transfer"), state.get("heads"))
+            self.initialize()
+        return checkpoint
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        checkpoint = self._initialize_for_resume(filename_or_checkpoint)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             raise TransferError(

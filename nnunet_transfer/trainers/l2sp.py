@@ -10,7 +10,9 @@ the whole objective; see :mod:`nnunet_transfer.policies.l2sp`.
 Settings: ``l2sp_alpha``, ``l2sp_beta`` (null = nnU-Net's weight decay outside the scope),
 ``l2sp_scope`` (block spec, default ``encoder``), ``l2sp_anchor`` (``all`` parameters of the scope, or
 only the conv ``kernels`` as Li et al.'s reference implementation), ``decoder_init`` (``pretrained`` |
-``random``), ``allow_random_anchor``. Per epoch the penalty and the scope's relative distance ‖θ − θ̄‖/‖θ̄‖ go to
+``random``), ``allow_random_anchor`` (runs without any pretrained weights). Parameters that did not come from
+the source (re-initialised or new after ``weights adapt``) are never anchored: they join the β group (L2 toward 0,
+or nnU-Net's weight decay with ``l2sp_beta`` null), as Li et al. treat the layers new to the target. Per epoch the penalty and the scope's relative distance ‖θ − θ̄‖/‖θ̄‖ go to
 the training log and to ``l2sp_log.json`` in the fold folder.
 """
 from __future__ import annotations
@@ -61,7 +63,8 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
     # set in configure_optimizers; no __init__ override: nnU-Net rebuilds trainers from the fixed
     # __init__ signature (it reads the parameter names back from locals())
     l2sp: L2SPPenalty | None = None
-    _scope_names: frozenset[str] = frozenset()
+    _scope_names: frozenset[str] = frozenset()  # the scope's parameters that came from the source
+    _scope_not_transferred: frozenset[str] = frozenset()
 
     @classmethod
     def check_config(cls, cfg, configuration):
@@ -97,7 +100,11 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
 
     def _trainable_names(self, net: nn.Module) -> set[str] | None:
         model = BlockModel.from_network(net)
-        self._scope_names = self._scope(model)
+        # what did not come from the source is never anchored (nor frozen by alpha=inf): it joins the beta group,
+        # as Li et al. treat the layers new to the target
+        fresh = self.not_transferred(net)
+        self._scope_names = frozenset(self._scope(model) - fresh)
+        self._scope_not_transferred = frozenset(self._scope(model) & fresh)
         if math.isinf(self.transfer_config.l2sp_alpha):
             # α → ∞ is the frozen scope: freeze it for real (no gradient, no optimizer state)
             return set(model.all_param_names) - self._scope_names
@@ -109,9 +116,20 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
             self.l2sp = None
             return super()._param_groups(trainable)
         net = unwrap(self.network)
-        self.l2sp = L2SPPenalty.from_named_parameters(
-            trainable.items(), self._anchored(net, set(self._scope_names)) & set(trainable),
-            alpha=cfg.l2sp_alpha, beta=cfg.l2sp_beta, scope=self._scope_names)
+        anchored = self._anchored(net, set(self._scope_names)) & set(trainable)
+        if not anchored and self._scope_not_transferred:
+            raise TransferError(f"l2sp_scope={cfg.l2sp_scope!r}: none of its parameters came from the pretrained "
+                                f"weights (all {len(self._scope_not_transferred)} tensors are re-initialised or new "
+                                f"after `weights adapt`), so there is nothing to anchor; anchor blocks that were "
+                                f"transferred (see the adapt report) or use nnUNetTrainerFinetune")
+        self.l2sp = L2SPPenalty.from_named_parameters(trainable.items(), anchored, alpha=cfg.l2sp_alpha,
+                                                      beta=cfg.l2sp_beta, scope=self._scope_names)
+        nt = self.transfer_state.get("not_transferred")
+        if nt is not None:
+            sizes = {n: p.numel() for n, p in trainable.items()}
+            beta = set(self.l2sp.new_names)
+            nt["l2sp_not_anchored"] = sum(sizes[n] for n in self._scope_not_transferred if n in sizes)
+            nt["l2sp_beta"] = sum(sizes[n] for n in self.not_transferred(net) if n in beta)
         return param_groups(trainable.values(), self.l2sp, weight_decay=self.weight_decay)
 
     # ------------------------------------------------------------------ start: anchor
@@ -130,7 +148,10 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
             self.l2sp.capture()
             self.print_to_log_file(f"nnunet_transfer: L2-SP anchor captured on {len(self.l2sp.anchored_names)} "
                                    f"tensors of scope {cfg.l2sp_scope!r} ({cfg.l2sp_anchor} parameters; "
-                                   f"alpha={cfg.l2sp_alpha}, beta={cfg.l2sp_beta})")
+                                   f"alpha={cfg.l2sp_alpha}, beta={cfg.l2sp_beta})"
+                                   + (f"; {len(self._scope_not_transferred)} tensors of the scope did not come from "
+                                      f"the source and are not anchored (beta group)"
+                                      if self._scope_not_transferred else ""))
         elif math.isinf(cfg.l2sp_alpha):
             self.print_to_log_file(f"nnunet_transfer: l2sp_alpha=inf: scope {cfg.l2sp_scope!r} frozen")
 

@@ -10,7 +10,9 @@ Where it happens in nnU-Net's order of events:
 * ``__init__``: the spec must select convolutions, ``lora_rank`` must fit every one of them (1 ≤ r ≤
   min(d1, d2) of its kernel matrix) — checked on the planned network (meta device) before any folder exists.
 * ``configure_optimizers`` (after build and compile, before the DDP wrap): adapters are added in place, then
-  everything but the adapters (+ heads, + ``trainable``) is frozen as in the freezing trainers.
+  everything but the adapters (+ heads, + ``trainable``) is frozen as in the freezing trainers. Only
+  convolutions that came from the source get adapters: one re-initialised or new after ``weights adapt`` trains
+  in full, like every parameter not from the source (``freeze_reinit=true``: adapted on its frozen random base).
 * ``-pretrained_weights``: nnU-Net's own loader runs unchanged — the adapted network's ``state_dict`` is the
   plain network's (merged kernels, plain keys), and loading a plain kernel sets the base (B = 0 at start).
 * Checkpoints: ``network_weights`` holds the **merged** weights under the plain keys, so ``nnUNetv2_predict``
@@ -40,7 +42,7 @@ from nnunet_transfer.policies.lora import (PAYLOAD_FORMAT, adapter_parameter_nam
                                            lora_modules, lora_state, training_form)
 from nnunet_transfer.trainers.base import BASE_KEYS, START_FILE, nnUNetTrainerTransferBase
 
-LORA_KEYS = BASE_KEYS | frozenset(TransferConfig.keys("lora")) | {"trainable"}
+LORA_KEYS = BASE_KEYS | frozenset(TransferConfig.keys("lora")) | {"trainable", "freeze_reinit"}
 ADAPTER_FILE = "lora_adapters.pth"
 
 
@@ -86,12 +88,24 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
         net = unwrap(self.network)
         cfg = self.transfer_config
         convs = target_convs(BlockModel.from_network(net), cfg.lora_targets)
+        # adapters go on transferred convolutions only: one that did not come from the source (re-initialised or
+        # new after `weights adapt`) trains in full, unless freeze_reinit keeps it a frozen random base
+        fresh = set() if cfg.freeze_reinit else self.not_transferred(net)
+        without = [c for c in convs if f"{c}.weight" in fresh]
+        convs = [c for c in convs if f"{c}.weight" not in fresh]
+        if not convs:
+            raise TransferError(f"lora_targets={cfg.lora_targets!r}: none of its convolutions came from the "
+                                f"pretrained weights (re-initialised or new after `weights adapt`), so no adapter "
+                                f"has a pretrained base; target transferred blocks, or use nnUNetTrainerFinetune")
         inject_lora(net, convs, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(net).values())
         self.transfer_state["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "convs": len(convs),
                                        "adapter_params": adapters,
-                                       "plain_params": sum(p.numel() for p in net.parameters()) - adapters}
-        return super().configure_optimizers()
+                                       "plain_params": sum(p.numel() for p in net.parameters()) - adapters,
+                                       "convs_not_transferred": len(without)}
+        optimizer_and_scheduler = super().configure_optimizers()  # records "not_transferred"
+        self.transfer_state["not_transferred"]["lora_convs_without_adapter"] = len(without)
+        return optimizer_and_scheduler
 
     def _trainable_names(self, net: nn.Module) -> set[str]:
         names = adapter_parameter_names(net)
@@ -128,8 +142,7 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
         load_lora_state(self.network, state["lora_state"])
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if not self.was_initialized:
-            self.initialize()
+        self._initialize_for_resume(filename_or_checkpoint)
         # nnU-Net's load_checkpoint calls network.state_dict() once per key; in the training form that is
         # free (no merged kernels are computed). Loading a plain file is unaffected by the form.
         with training_form(self.network):

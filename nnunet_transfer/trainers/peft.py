@@ -2,7 +2,8 @@
 
 Both are block-spec declarations (see the kinds in :mod:`nnunet_transfer.blocks`) over the freezing machinery:
 every other parameter is frozen in ``configure_optimizers`` and left out of the optimizer; the segmentation
-heads train (nnU-Net re-initialises them). Any other kind selection is a ``trainable`` spec of
+heads train (nnU-Net re-initialises them), and so does every parameter that did not come from the source
+(re-initialised or new after ``weights adapt``) unless ``freeze_reinit``. Any other kind selection is a ``trainable`` spec of
 ``nnUNetTrainerPartialFT`` (e.g. ``--set trainable=decoder+encoder:norm``).
 
 * norm-only: the affine parameters of the normalisation layers (InstanceNorm in nnU-Net) — cheap, strong

@@ -2,7 +2,8 @@
 
 Setting ``stages`` (``[[spec, end epoch], ..., [spec, null]]``, text ``decoder+seg:50,all``): stage ``i``
 trains its block spec until the epoch at which stage ``i+1`` starts; everything else is frozen as in the
-freezing trainers (the segmentation heads train in every stage unless ``freeze_seg``). At each change the
+freezing trainers (the segmentation heads train in every stage unless ``freeze_seg``; parameters that did not
+come from the source, re-initialised or new after ``weights adapt``, train in every stage unless ``freeze_reinit``). At each change the
 parameters that start training get their own optimizer group with a linear LR warm-up over
 ``stage_warmup_epochs``; those already training keep their optimizer state. Under DDP the network is
 wrapped again at the change (see :mod:`nnunet_transfer.policies.stages` for why and how). ``--c`` in the
@@ -17,7 +18,6 @@ import json
 import os
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
-from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError
 from nnunet_transfer.fileio import write_atomic
@@ -134,11 +134,8 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
         return {**super()._transfer_checkpoint_state(), "stage": self._stage}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = read_checkpoint(checkpoint, mmap=True)  # refuses code before nnU-Net unpickles it
+        # refuses code before nnU-Net unpickles it; what came from the source is known before initialize()
+        checkpoint = self._initialize_for_resume(filename_or_checkpoint)
         state = checkpoint.get(CHECKPOINT_KEY) or {}
         if "settings" in state:
             self._check_resume_settings(state["settings"])  # same stage list, before replaying it
