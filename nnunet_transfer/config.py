@@ -183,8 +183,9 @@ class TransferConfig:
                                 "Amiri presets without block 2N-1 default to true)",
                                 group="freeze")
     freeze_reinit: bool = _setting(False, _bool,
-                                   "allow freezing blocks that hold parameters not from the checkpoint "
-                                   "(re-initialised or new after `weights adapt`)", group="freeze")
+                                   "freeze parameters not from the checkpoint (re-initialised or new after `weights "
+                                   "adapt`) where the strategy freezes; false: the freezing trainers refuse, "
+                                   "norm-only / BitFit / LoRA / stages train them in full", group="freeze")
     trainable: str | None = _setting(None, _optional_spec,
                                      "block spec of what trains; everything else is frozen", group="blockwise",
                                      spec=True)
