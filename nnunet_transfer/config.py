@@ -52,6 +52,11 @@ def _positive_float(key: str, v: Any) -> None:
         raise ConfigError(f"setting {key!r} must be a finite number > 0, got {v!r}")
 
 
+def _optional_positive_float(key: str, v: Any) -> None:
+    if v is not None:
+        _positive_float(key, v)
+
+
 def _non_negative_float_or_inf(key: str, v: Any) -> None:
     if not _is_number(v) or math.isnan(v) or v < 0:
         raise ConfigError(f"setting {key!r} must be a number >= 0 (or inf), got {v!r}")
@@ -164,6 +169,23 @@ class TransferConfig:
     # -- the run (all trainers; fixed for a run) --
     lr_scale: float = _setting(1.0, _positive_float,
                                "multiplies nnU-Net's initial_lr (1e-2); Finetune defaults to 0.5", group="run")
+    optimizer: str = _setting("sgd", _choice("sgd", "adam", "adamw"),
+                              "sgd (nnU-Net's: momentum 0.99, Nesterov), adam or adamw; weight decay is nnU-Net's "
+                              "3e-5 (L2 for sgd/adam, decoupled for adamw)", group="run")
+    initial_lr: float | None = _setting(None, _optional_positive_float,
+                                        "the initial learning rate before lr_scale (null = nnU-Net's 1e-2; Amiri et "
+                                        "al.: adam with 1e-4)", group="run")
+    lr_schedule: str = _setting("poly", _choice("poly", "constant"),
+                                "poly (nnU-Net's (1 - epoch/num_epochs)^0.9) or constant (the initial LR "
+                                "throughout, after any warm-up)", group="run")
+    early_stopping: str = _setting("none", _choice("none", "val_loss", "ema_dice"),
+                                   "stop when the monitored quantity (nnU-Net's validation loss, or its EMA pseudo "
+                                   "Dice) has not improved for `patience` epochs; num_epochs is then the maximum "
+                                   "and a run that reaches it is recorded as not converged. With val_loss, "
+                                   "checkpoint_best.pth is the lowest validation loss", group="run")
+    patience: int = _setting(20, _int_at_least(1),
+                             "epochs without improvement of the monitored quantity before early stopping "
+                             "(Amiri et al.: 20)", group="run")
     seed: int | None = _setting(None, _optional_int_at_least(0),
                                 "seeds python/numpy/torch before the network is built (nnU-Net sets none)",
                                 group="run")

@@ -2,12 +2,38 @@
 
 nnU-Net's ``PolyLRScheduler`` writes one learning rate into every parameter group; strategies that
 give groups different rates (``lr_factor`` in a group) need this one. With ``warmup_steps=0`` and no
-factors it reproduces ``PolyLRScheduler`` exactly.
+factors it reproduces ``PolyLRScheduler`` exactly; ``exponent=0`` is a constant rate (after the warm-up).
+
+:func:`make_optimizer` builds the optimizer of setting ``optimizer``: nnU-Net's SGD, or Adam / AdamW.
 """
 from __future__ import annotations
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import _LRScheduler
+
+
+#: setting ``optimizer``
+OPTIMIZERS = ("sgd", "adam", "adamw")
+#: setting ``lr_schedule`` -> the exponent of ``(1 - step / max_steps) ** exponent``
+LR_SCHEDULES = {"poly": 0.9, "constant": 0.0}
+
+
+def make_optimizer(groups: list[dict], name: str, lr: float, *, weight_decay: float) -> Optimizer:
+    """The optimizer of setting ``optimizer`` over parameter groups (a group's own ``weight_decay``, e.g.
+    L2-SP's 0 on its scope, overrides ``weight_decay``).
+
+    * ``sgd``: nnU-Net's ``nnUNetTrainer.configure_optimizers`` (momentum 0.99, Nesterov, L2 weight decay).
+    * ``adam``: ``torch.optim.Adam`` (betas 0.9/0.999, eps 1e-8), ``weight_decay`` added to the gradient (L2).
+    * ``adamw``: ``torch.optim.AdamW``, the same decay decoupled from the gradient (Loshchilov & Hutter).
+    """
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
 
 
 def poly_warmup_lr(step: int, *, initial_lr: float, max_steps: int, warmup_steps: int = 0,

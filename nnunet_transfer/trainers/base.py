@@ -46,7 +46,8 @@ from nnunet_transfer.plans.adapt import record_text, source_param_names
 from nnunet_transfer.policies.drift import group_drift
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.policies.l2sp import penalised_step
-from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
+from nnunet_transfer.policies.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
+from nnunet_transfer.policies.stopping import EarlyStopping
 from nnunet_transfer.policies.snapshots import save_snapshot, save_weights
 from nnunet_transfer.trainers.pretrained import (PretrainedFile, check_pretrained, copy_head_rows,
                                                  nnunet_train_args, redirect_nnunet_loader, target_network)
@@ -109,7 +110,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.num_iterations_per_epoch = cfg.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = cfg.num_val_iterations_per_epoch
         self.save_every = cfg.save_every
-        self.initial_lr = self.initial_lr * cfg.lr_scale
+        self.initial_lr = (cfg.initial_lr if cfg.initial_lr is not None else self.initial_lr) * cfg.lr_scale
         # what nnUNetTrainerNoDeepSupervision sets; nnU-Net reads it when it builds network, loss and loaders
         self.enable_deep_supervision = cfg.deep_supervision
         self.transfer_state: dict[str, Any] = {"pretrained_loaded": None, "pretrained_source": None,
@@ -117,6 +118,10 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self._fresh_fingerprint: torch.Tensor | None = None
         self._freeze_report = None
         self._resumed = False
+        if cfg.early_stopping != "none":
+            # in transfer_state: it travels in every checkpoint and transfer_config.json, and --c restores it
+            self.transfer_state["stopping"] = EarlyStopping(cfg.early_stopping, cfg.patience).state()
+        self._writing_best = False
 
     # ------------------------------------------------------------------ command line (before any folder)
     @classmethod
@@ -218,11 +223,15 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         # runs after build and torch.compile and before nnU-Net's DDP wrap: freezing here is what DDP
         # needs (parameters frozen later would be reported as unused by every rank)
         trainable = self._apply_trainable_spec()
-        optimizer = torch.optim.SGD(self._param_groups(trainable), self.initial_lr,
-                                    weight_decay=self.weight_decay, momentum=0.99, nesterov=True)
-        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs,
-                                          warmup_steps=self.transfer_config.warmup_epochs)
+        optimizer = make_optimizer(self._param_groups(trainable), self.transfer_config.optimizer, self.initial_lr,
+                                   weight_decay=self.weight_decay)
+        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, **self._schedule_kwargs())
         return optimizer, scheduler
+
+    def _schedule_kwargs(self) -> dict:
+        """Warm-up and exponent of the LR schedule (settings ``warmup_epochs``, ``lr_schedule``)."""
+        return {"warmup_steps": self.transfer_config.warmup_epochs,
+                "exponent": LR_SCHEDULES[self.transfer_config.lr_schedule]}
 
     def _trainable_names(self, net: nn.Module) -> set[str] | None:
         """Canonical names of the parameters that train; None = all (no block model needed)."""
@@ -404,18 +413,79 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         write_atomic(path, json.dumps(self._config_file_content(), indent=2, sort_keys=True))
 
     # ------------------------------------------------------------------ epochs
+    def run_training(self):
+        try:
+            super().run_training()
+        except _StopTraining:
+            # nnU-Net's loop runs over a fixed range(current_epoch, num_epochs): leaving it is the only way to
+            # end early; on_train_end then writes checkpoint_final.pth as after the last epoch
+            self.on_train_end()
+
+    def on_epoch_start(self):
+        stopping = self.transfer_state.get("stopping")
+        if stopping and stopping.get("stopped_epoch") is not None:
+            # --c of a run that stopped early: it is finished, nnU-Net would train on to num_epochs
+            self.print_to_log_file(f"nnunet_transfer: this run stopped early after epoch {stopping['stopped_epoch']} "
+                                   f"({stopping['monitor']}); nothing to continue")
+            raise _StopTraining
+        super().on_epoch_start()
+
     def on_epoch_end(self):
+        # the stopping state is updated before nnU-Net writes this epoch's checkpoints, so they carry it
+        stop, new_best = self._update_stopping()
         super().on_epoch_end()  # increments current_epoch: it now counts completed epochs
         every = self.transfer_config.snapshot_every
         done = self.current_epoch
-        if self.local_rank == 0 and every and (done % every == 0 or done == self.num_epochs):
+        if self.local_rank == 0 and every and (done % every == 0 or done == self.num_epochs or stop):
             save_snapshot(self.network, self.output_folder, done, trainer_name=self.__class__.__name__,
                           mean_fg_dice=self.logger.get_value("mean_fg_dice", step=-1),
                           ema_fg_dice=self.logger.get_value("ema_fg_dice", step=-1))
+        if new_best and self._best_follows_monitor():
+            self.current_epoch -= 1  # nnU-Net's own checkpoints of this epoch are written before the increment
+            self._writing_best = True
+            try:
+                self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_best.pth"))
+            finally:
+                self._writing_best = False
+                self.current_epoch += 1
+        if stop:
+            raise _StopTraining
+
+    # ------------------------------------------------------------------ early stopping
+    def _best_follows_monitor(self) -> bool:
+        """checkpoint_best.pth is the best by the monitored quantity; nnU-Net's is by EMA pseudo-Dice already."""
+        return self.transfer_config.early_stopping == "val_loss"
+
+    def _update_stopping(self) -> tuple[bool, bool]:
+        """(stop now, new best) after the epoch nnU-Net is ending (setting ``early_stopping``)."""
+        state = self.transfer_state.get("stopping")
+        if not state:
+            return False, False
+        rule = EarlyStopping.from_state(state)
+        epoch = self.current_epoch + 1  # completed epochs, this one included
+        value = float(self.logger.get_value(rule.logger_key, step=-1))
+        new_best = rule.update(value, epoch)
+        if new_best:
+            self.print_to_log_file(f"nnunet_transfer: new best {rule.monitor} {value:.6g} (epoch {epoch})")
+        stop = rule.should_stop()
+        if stop:
+            rule.finish(epoch, stopped=True)
+            self.print_to_log_file(f"nnunet_transfer: early stopping after epoch {epoch}: {rule.monitor} has not "
+                                   f"improved for {rule.patience} epochs (best {rule.best:.6g} at epoch "
+                                   f"{rule.best_epoch})")
+        elif epoch >= self.num_epochs:
+            rule.finish(epoch, stopped=False)
+            self.print_to_log_file(f"nnunet_transfer: NOT CONVERGED: no early stop within num_epochs="
+                                   f"{self.num_epochs} ({rule.monitor} last improved at epoch {rule.best_epoch}, "
+                                   f"patience {rule.patience})")
+        self.transfer_state["stopping"] = rule.state()
+        return stop, new_best
 
     def on_train_end(self):
         super().on_train_end()
         if self.local_rank == 0:
+            if self.transfer_state.get("stopping"):
+                self._write_config_file()  # converged or not, also when drift is unknown
             drift = self.drift_from_start()
             if drift is not None:
                 self.transfer_state["drift"] = drift
@@ -488,6 +558,9 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
+        if (os.path.basename(filename) == "checkpoint_best.pth" and self._best_follows_monitor()
+                and not self._writing_best):
+            return  # nnU-Net's EMA-Dice best: checkpoint_best.pth follows the monitored quantity instead
         mod = self.network.module if self.is_ddp else self.network
         if isinstance(mod, OptimizedModule):
             mod = mod._orig_mod
@@ -549,6 +622,10 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         longer = {k: (saved.get(k), now[k]) for k in RESUMABLE_KEYS if k in saved and saved[k] != now[k]}
         if longer:
             self.print_to_log_file(f"nnunet_transfer: resuming with changed schedule settings {longer}")
+
+
+class _StopTraining(Exception):
+    """Raised at the end of an epoch to leave nnU-Net's training loop (early stopping)."""
 
 
 class nnUNetTrainerFinetune(nnUNetTrainerTransferBase):

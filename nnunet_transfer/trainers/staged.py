@@ -76,9 +76,8 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
         return [{**g, GROUP_STAGE: 0} for g in super()._param_groups(trainable)]
 
     def configure_optimizers(self):
-        optimizer, _ = super().configure_optimizers()  # freezes to the first stage, SGD as nnU-Net's
-        scheduler = StagedLRScheduler(optimizer, self.initial_lr, self.num_epochs,
-                                      warmup_steps=self.transfer_config.warmup_epochs)
+        optimizer, _ = super().configure_optimizers()  # freezes to the first stage; setting optimizer
+        scheduler = StagedLRScheduler(optimizer, self.initial_lr, self.num_epochs, **self._schedule_kwargs())
         return optimizer, scheduler
 
     def _enter_stage(self, k: int) -> None:
