@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import submitit
 
 from nnunet_transfer.errors import ConfigError, TransferError
-from nnunet_transfer.study.spec import Study, load_study
+from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, Study, load_study
 from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, definition, evaluation_current,
                                          evaluation_key, file_stamp, host_pid, progress, read_json, read_state,
                                          results_folder, run_dir, update_state, write_json)
@@ -96,6 +96,8 @@ def _predict_args(study: Study, run: Run, out: Path) -> list:
             "-c", run.configuration, "-f", run.nnunet_fold, "-tr", run.trainer, "-p", study.plans,
             "-device", study.device, "-npp", study.predict_processes, "-nps", study.predict_processes,
             "--disable_progress_bar"]
+    if study.predict_checkpoint != "final":
+        args += ["-chk", PREDICT_CHECKPOINTS[study.predict_checkpoint]]
     return args + (["--disable_tta"] if study.disable_tta else [])
 
 
@@ -182,6 +184,7 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
                 raise TransferError(f"nnUNetv2_predict of {run.id} wrote no prediction for {', '.join(missing[:5])}; "
                                     f"see {log}")
             write_json(partial / PRED_MARKER, {"checkpoint": file_stamp(fold / "checkpoint_final.pth"),
+                                              "chk": PREDICT_CHECKPOINTS[study.predict_checkpoint],
                                               "cases": len(run.test)})
             shutil.rmtree(pred, ignore_errors=True)
             partial.replace(pred)  # the predictions appear complete or not at all

@@ -51,6 +51,8 @@ Layout (every table but ``[study]``, ``[splits]`` and ``[[strategy]]`` is option
     [predict]
     disable_tta = false
     processes = 3                # nnUNetv2_predict -npp and -nps; 0: no worker processes (sequential)
+    checkpoint = "final"         # or "best": nnUNetv2_predict -chk checkpoint_best.pth (the lowest validation
+                                 # loss with early_stopping = "val_loss", else nnU-Net's best EMA pseudo-Dice)
 
     [environment]                # extra environment variables of nnU-Net's programs
     nnUNet_n_proc_DA = "12"
@@ -99,7 +101,9 @@ STUDY_KEYS = ("name", "target", "configuration", "plans", "output", "baseline", 
 SPLITS_KEYS = ("n_train", "repeats", "test", "test_cases", "folds", "folds_to_run", "val", "seed")
 SCORING_KEYS = ("labels", "nsd_tolerance", "metrics", "test", "alpha", "correction", "resamples",
                 "lesion_connectivity")
-PREDICT_KEYS = ("disable_tta", "processes")
+PREDICT_KEYS = ("disable_tta", "processes", "checkpoint")
+#: [predict] checkpoint -> the file nnUNetv2_predict -chk reads
+PREDICT_CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 STRATEGY_KEYS = ("name", "trainer", "pretrained", "settings", "title", "sweep")
 #: [slurm] key -> the submitit parameter it becomes (generic ones work for every submitit cluster)
 SLURM_KEYS = {"partition": "slurm_partition", "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task",
@@ -177,6 +181,7 @@ class Study:
     scoring: Scoring
     disable_tta: bool = False
     predict_processes: int = 3
+    predict_checkpoint: str = "final"  # a key of PREDICT_CHECKPOINTS
     environment: dict[str, str] = field(default_factory=dict)
     slurm: dict[str, Any] = field(default_factory=dict)
     base_settings: dict = field(default_factory=dict)  # the base configuration's own settings
@@ -409,6 +414,10 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
     if not isinstance(disable_tta, bool):
         p.add("predict", f"disable_tta = {disable_tta!r} must be true or false")
     processes = _int(p, "predict", "processes", pr.get("processes", 3), 0)
+    checkpoint = pr.get("checkpoint", "final")
+    if checkpoint not in PREDICT_CHECKPOINTS:
+        p.add("predict", f"checkpoint = {checkpoint!r} must be one of {', '.join(map(repr, PREDICT_CHECKPOINTS))} "
+                         f"(\"best\": nnUNetv2_predict -chk checkpoint_best.pth)")
     environment = _read_environment(p, doc.get("environment", {}))
     slurm = _read_slurm(p, doc.get("slurm", {}))
     if check_data and splits is not None and dataset is not None:
@@ -418,7 +427,8 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
     return Study(path=path, name=name, dataset=dataset, configuration=configuration, plans=plans, output=output,
                  baseline=baseline, device=device, pretrained=pretrained, splits=splits, settings=settings,
                  strategies=tuple(strategies), scoring=scoring, disable_tta=disable_tta,
-                 predict_processes=processes, environment=environment, slurm=slurm, base_settings=base_settings)
+                 predict_processes=processes, predict_checkpoint=checkpoint, environment=environment, slurm=slurm,
+                 base_settings=base_settings)
 
 
 def _check_target(p: Problems, target, plans: str, configuration: str) -> tuple[str | None, dict]:

@@ -35,7 +35,7 @@ from typing import Any
 
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.study.lock import Holder, RunLock, is_locked, lock_holder
-from nnunet_transfer.study.spec import Study
+from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, Study
 from nnunet_transfer.study.table import Run
 
 RUN_FILE, STATE_FILE = "run.json", "state.json"
@@ -232,11 +232,13 @@ def epochs_done(fold: Path) -> int | None:
 
 
 def prediction_current(study: Study, run: Run) -> bool:
-    """``pred/`` is complete and made from the current ``checkpoint_final.pth``."""
+    """``pred/`` is complete and made from the current ``checkpoint_final.pth``'s run, with the file that
+    ``[predict] checkpoint`` names (a marker without ``chk`` is from ``checkpoint_final.pth``)."""
     pred = run_dir(study, run) / "pred"
     marker = read_json(pred / PRED_MARKER) if pred.is_dir() else None
     final = file_stamp(results_folder(study, run) / "checkpoint_final.pth")
-    return bool(marker) and final is not None and marker.get("checkpoint") == final
+    return (bool(marker) and final is not None and marker.get("checkpoint") == final
+            and marker.get("chk", "checkpoint_final.pth") == PREDICT_CHECKPOINTS[study.predict_checkpoint])
 
 
 def evaluation_key(study: Study, run: Run) -> dict:

@@ -275,3 +275,20 @@ def test_cli_status_and_run_exit_codes(tree, monkeypatch, capsys):
     assert lines[-1] == "4 runs: 2 done, 2 failed"
     assert main(["study", "run", str(path), "--only", "nope"]) == 2
     assert "--only 'nope' matches none of the 4 runs" in capsys.readouterr().err
+
+
+def test_predict_checkpoint_best_reaches_nnunetv2_predict_and_a_change_predicts_again(tree, monkeypatch):
+    # [predict] checkpoint = "best": the study predicts with nnUNetv2_predict -chk checkpoint_best.pth, and a
+    # file switched from final to best predicts its trained runs again (the marker names the file used)
+    path = make_tree(tree)
+    fake = FakePrograms(tree)
+    monkeypatch.setattr(pipeline, "run_step", fake)
+    run_study(path, only="scratch", say=lambda s: None)
+    first = [c for c in fake.calls if c[0] == "nnUNetv2_predict"]
+    assert first and all("-chk" not in c for c in first)
+    path.write_text(path.read_text() + '\n[predict]\ncheckpoint = "best"\n')
+    fake.calls.clear()
+    run_study(path, only="scratch", say=lambda s: None)
+    again = [c for c in fake.calls if c[0] == "nnUNetv2_predict"]
+    assert len(again) == len(first) and not any(c[0] == "nnUNetv2_train" for c in fake.calls)
+    assert all(c[c.index("-chk") + 1] == "checkpoint_best.pth" for c in again)

@@ -211,3 +211,13 @@ def test_a_bad_sweep_value_and_a_missing_checkpoint_are_listed_together(tree):
     assert problems[0].startswith("[pretrained]: source = 'nope.pth': checkpoint ") and "not found" in problems[0]
     assert problems[1] == ('[[strategy]] #3 "l2sp" sweep.l2sp_alpha: value -1: must be a number >= 0 (or inf), '
                            'got -1')
+
+
+def test_predict_checkpoint(tree):
+    assert load_study(write(tree, DEFAULT_STUDY)).predict_checkpoint == "final"  # nnU-Net's default
+    s = load_study(write(tree, DEFAULT_STUDY + '\n[predict]\ncheckpoint = "best"\n'))
+    assert s.predict_checkpoint == "best"
+    with pytest.raises(ConfigError) as e:
+        load_study(write(tree, DEFAULT_STUDY + '\n[predict]\ncheckpoint = "latest"\n'))
+    msg = str(e.value)
+    assert "\n" not in msg and "[predict]" in msg and "checkpoint = 'latest' must be one of 'final', 'best'" in msg
