@@ -305,6 +305,40 @@ def _log_of(study: Study, run: Run, p: Progress) -> str:
 
 
 # --------------------------------------------------------------------------- report.md
+def stopping_of(study: Study, run: Run) -> dict | None:
+    """The early-stopping record of a finished run (``transfer_config.json``'s ``stopping``); None without one."""
+    path = results_folder(study, run) / "transfer_config.json"
+    try:
+        return json.loads(path.read_text()).get("stopping") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _convergence_lines(study: Study, done: Sequence[Progress], strategies: Sequence[str],
+                       size_keys: Sequence[str]) -> list[str]:
+    """Runs that did not stop early within num_epochs (Amiri et al.'s "failed" runs), per strategy and size."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for p in done:
+        st = stopping_of(study, p.run)
+        if st is None or st.get("converged") is None:
+            continue
+        c = counts.setdefault((p.run.strategy.name, size_keys[p.run.size_index]), [0, 0])
+        c[0] += 1
+        c[1] += not st["converged"]
+    if not counts:
+        return []
+    lines = ["## Convergence (early stopping)", "",
+             "Runs that did not stop early within `num_epochs` are **not converged** (Amiri et al.'s failed runs) / "
+             "runs with early stopping. They are included in the tables below; the paper averaged over the "
+             "converged runs only.", "",
+             "| strategy | " + " | ".join(f"n_train {k}" for k in size_keys) + " |", "|---|" + "---|" * len(size_keys)]
+    for n in strategies:
+        if any((n, k) in counts for k in size_keys):
+            lines.append(f"| {n} | " + " | ".join(f"{counts[(n, k)][1]} / {counts[(n, k)][0]}" if (n, k) in counts
+                                                  else "–" for k in size_keys) + " |")
+    return lines + [""]
+
+
 def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, pooled: dict, labels: Sequence[int],
                     names: dict, metrics: Sequence[str], missing: dict, n_train: dict, out: Path) -> str:
     sp = study.splits
@@ -327,6 +361,7 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
         lines.append(f"| {s.name} | `{s.trainer}` | {s.pretrained or '–'} | {settings or '–'} |")
     lines.append("")
     size_keys = [str(s) for s in sp.n_train]
+    lines += _convergence_lines(study, done, strategies, size_keys)
     for lab in labels:
         lines += [f"## Dice across training-set sizes — {_label_title(lab, names)}", "",
                   "Mean ± sd over the test cases; **bold** = best at that size; `*` = differs from the baseline; "

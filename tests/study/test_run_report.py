@@ -292,3 +292,20 @@ def test_predict_checkpoint_best_reaches_nnunetv2_predict_and_a_change_predicts_
     again = [c for c in fake.calls if c[0] == "nnUNetv2_predict"]
     assert len(again) == len(first) and not any(c[0] == "nnUNetv2_train" for c in fake.calls)
     assert all(c[c.index("-chk") + 1] == "checkpoint_best.pth" for c in again)
+
+
+def test_report_counts_not_converged_runs_per_strategy_and_size(tree):
+    from nnunet_transfer.study.state import write_json
+
+    path = make_tree(tree)
+    plan = prepare(path)
+    for i, r in enumerate(plan.runs):
+        finish_run(plan.study, r, plan.definitions[r.id], seed=i)
+        # what an early-stopping trainer records in transfer_config.json: here only frozen at n_train 2 failed
+        failed = r.strategy.name == "frozen" and r.size != "all"
+        write_json(results_folder(plan.study, r) / "transfer_config.json",
+                   {"stopping": {"monitor": "val_loss", "converged": not failed, "stopped_epoch": None if failed else 3}})
+    report_study(path, tree / "rep", plots=False, say=lambda s: None)
+    md = (tree / "rep/report.md").read_text()
+    assert "## Convergence (early stopping)" in md
+    assert "| scratch | 0 / 1 | 0 / 1 |" in md and "| frozen | 1 / 1 | 0 / 1 |" in md
