@@ -41,6 +41,13 @@ def test_amiri_protocol():
     assert len(s.strategies) * 3 * 5 == 195  # the count of Amiri's runs
     # 80/50/5 % of the data: after a 20 % test fold and 20 % of the rest for validation, 64 % remain
     assert [0.64 * f for f in (1.0, 0.625, 0.0625)] == pytest.approx([0.64, 0.40, 0.04])
+    # Sec. II-D: Adam, lr 1e-4, early stopping on the validation loss after 20 epochs, failed after 200, the
+    # best-validation model tested
+    assert {k: s.settings[k] for k in ("optimizer", "initial_lr", "lr_schedule", "early_stopping", "patience",
+                                       "num_epochs")} == {"optimizer": "adam", "initial_lr": 1e-4,
+                                                          "lr_schedule": "constant", "early_stopping": "val_loss",
+                                                          "patience": 20, "num_epochs": 200}
+    assert s.predict_checkpoint == "best"
 
 
 def test_sagie_protocol():
@@ -58,3 +65,20 @@ def test_smoke_variants(paper, n_strategies):
     assert s.configuration == "tiny" and s.device == "cpu" and len(s.splits.n_train) == 2
     assert len(s.strategies) == n_strategies and s.splits.repeats == 1
     assert (s.splits.folds_to_run == (0,)) if s.splits.cross_validation else s.splits.test is not None
+
+
+def test_amiri_template_declares_the_papers_protocol():
+    import tomllib
+
+    from nnunet_transfer.study.templates import amiri
+
+    doc = tomllib.loads("\n".join(amiri("Dataset914_X", 30, n_stages=5, configuration="2d", name="amiri",
+                                        pretrained=Path("/x/fold_0"), device="cpu")))
+    assert {k: doc["settings"][k] for k in ("optimizer", "initial_lr", "lr_schedule", "early_stopping", "patience",
+                                            "num_epochs")} == {"optimizer": "adam", "initial_lr": 1e-4,
+                                                               "lr_schedule": "constant", "early_stopping": "val_loss",
+                                                               "patience": 20, "num_epochs": 200}
+    assert doc["predict"] == {"checkpoint": "best"}
+    # the shipped example is the template's protocol
+    s = load(EXAMPLES / "amiri" / "amiri.toml")
+    assert {k: s.settings[k] for k in doc["settings"]} == doc["settings"]
