@@ -247,3 +247,30 @@ def test_freezing_the_new_stage_is_refused_before_any_folder(own, monkeypatch):
                                                 rf"from {out} .* block {frozen}: .*--set freeze_reinit=true"):
             trainer(plans, "own", 0, dataset_json, torch.device("cpu"))
         assert not (ws.root / "results" / OWN_NAME / f"{trainer.__name__}__nnUNetPlans__own").exists()
+
+
+def test_l2sp_li_anchors_only_what_weights_adapt_brought(own):
+    # nnUNetTrainerL2SP_Li through nnUNetv2_train from the adapted file: its anchor (stored in the checkpoint) is
+    # exactly the kernels of encoder+decoder that the report lists as copied or mapped; the new stage's tensors are
+    # in the beta group, and the log and transfer_config.json count them (in-process, compiled: test_not_transferred)
+    ws, _, out, _ = own
+    report = json.loads(out.with_name("adapted.report.json").read_text())
+    ws.run(train_args(OWN_ID, "own", 0, "nnUNetTrainerL2SP_Li", pretrained=out), "L2-SP from the adapted weights",
+           train=True)
+    fold = ws.root / "results" / OWN_NAME / "nnUNetTrainerL2SP_Li__nnUNetPlans__own" / "fold_0"
+    ckpt = load_checkpoint(fold / "checkpoint_final.pth")
+    kernels = {t["name"] for t in report["tensors"] if t["name"].endswith(".weight") and len(t["target_shape"]) == 5}
+    transferred = {t["name"] for t in report["tensors"] if t["action"] in ("copied", "mapped")}
+    fresh = {t["name"]: t for t in report["tensors"] if t["action"] in ("reinit", "not_transferable", "new")}
+    anchored = set(ckpt["nnunet_transfer"]["l2sp_anchor"])
+    assert anchored == (transferred & kernels) - {t["name"] for t in report["tensors"] if t["action"] == "head"}
+    assert fresh and not anchored & set(fresh)
+    nt = json.loads((fold / "transfer_config.json").read_text())["not_transferred"]
+    n_fresh = sum(int(torch.Size(t["target_shape"]).numel()) for t in fresh.values())
+    assert nt["tensors"] == len(fresh) and nt["parameters"] == n_fresh == nt["l2sp_beta"]
+    assert nt["parameters"] == sum(b["reinit"] + b["not_transferable"] + b["new"] for b in report["blocks"])
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert f"L2-SP anchor captured on {len(anchored)} tensors of scope 'encoder+decoder'" in log
+    assert (f"nnunet_transfer: {n_fresh:,} parameters in {len(fresh)} tensors did not come from the source "
+            f"(re-initialised or new in the `weights adapt` report): L2-SP anchors none of them, {n_fresh:,} are in "
+            f"its beta group") in log
