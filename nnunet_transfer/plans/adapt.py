@@ -619,9 +619,10 @@ def fresh_names(record: Mapping | None) -> dict[int, list[str]]:
     return {int(b["block"]): list(b.get("fresh") or []) for b in record.get("blocks", []) if b.get("fresh")}
 
 
-def source_param_names(record: Mapping | None, network: nn.Module, *,
+def source_param_names(record: Mapping | None, network: nn.Module | Iterable[str], *,
                        heads_transferred: bool = False) -> frozenset[str] | None:
-    """Canonical names of ``network``'s parameters whose values came from the source checkpoint.
+    """Canonical names of ``network``'s parameters whose values came from the source checkpoint (``network``: the
+    network, or its canonical parameter names).
 
     The one decision every strategy uses for what was transferred (the freezing trainers' refusal, the
     parameters L2-SP anchors, what LoRA adapts and what norm-only / BitFit / a stage may freeze).
@@ -637,9 +638,9 @@ def source_param_names(record: Mapping | None, network: nn.Module, *,
     """
     if not record:
         return None
-    params = unwrap(network).named_parameters()
-    fresh = {n for names in fresh_names(record).values() for n in names}
-    return frozenset(n for n, _ in params if n not in fresh and (heads_transferred or not is_seg_key(n)))
+    names = [n for n, _ in unwrap(network).named_parameters()] if isinstance(network, nn.Module) else list(network)
+    fresh = {n for block in fresh_names(record).values() for n in block}
+    return frozenset(n for n in names if n not in fresh and (heads_transferred or not is_seg_key(n)))
 
 
 def record_text(record: Mapping) -> str:

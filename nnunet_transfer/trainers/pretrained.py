@@ -37,7 +37,7 @@ from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.checkpoints import LoadedWeights, compare, file_problems, is_seg_key, load_weights
 from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError, TransferError
 from nnunet_transfer.netutil import unwrap
-from nnunet_transfer.plans.adapt import fresh_names, transfer_record
+from nnunet_transfer.plans.adapt import source_param_names, transfer_record
 from nnunet_transfer.plans.model_folder import resolve_checkpoint  # noqa: F401 - part of this module's API
 
 #: program names under which ``sys.argv`` is nnU-Net's training command line
@@ -235,15 +235,18 @@ class PretrainedFile:
 def frozen_not_from_source(checked: PretrainedFile, trainable_spec: str | None) -> dict[int, list[str]]:
     """Blocks that ``trainable_spec`` leaves (partly) frozen and that hold parameters which did not come from
     the checkpoint (re-initialised, not transferable or new in a `weights adapt` report): ``{block: names}``."""
-    fresh = fresh_names(checked.transfer)
-    if not fresh or trainable_spec is None or checked.blocks is None:
+    if trainable_spec is None or checked.blocks is None:
+        return {}
+    # the decision every strategy uses (L2-SP's anchor, LoRA's adapters, what norm-only / BitFit / stages train)
+    source = source_param_names(checked.transfer, checked.blocks.all_param_names)
+    if source is None:
         return {}
     trainable = checked.blocks.param_names(trainable_spec)
     out = {}
-    for block, names in sorted(fresh.items()):
-        frozen = [n for n in names if n not in trainable]
+    for block in checked.blocks.blocks:
+        frozen = [n for n in block.param_names if n not in source and n not in trainable]
         if frozen:
-            out[block] = frozen
+            out[block.number] = frozen
     return out
 
 
