@@ -45,6 +45,9 @@ def check_frozen(final: dict, start: dict, is_frozen) -> None:
     assert all(not torch.equal(final[k], start[k]) for k in trainable if k.endswith("conv.weight"))
 
 
+# trainers whose heads come from the checkpoint (heads=by-name by default) and train
+HEADS_FROM_SOURCE = {"nnUNetTrainerFrozenDecoder", "nnUNetTrainerPartialFT_firstLast"}
+
 CASES = [
     # (trainer, configuration, pretrained)
     ("nnUNetTrainerFrozenEncoder", "fe_random", False),
@@ -67,6 +70,15 @@ def test_frozen_parameters_stay_bit_identical_and_survive_resume(workspace, trai
         assert all(torch.equal(start[k], v) for k, v in source.items() if ".seg_layers." not in k)
     final = load_checkpoint(fold / "checkpoint_final.pth")
     check_frozen(final["network_weights"], start, FROZEN_RULES[trainer])
+    if trainer in HEADS_FROM_SOURCE:
+        # Karimi's "last layer" / Amiri's block 2N-1 (= 5) with its 1x1 output conv: the heads start as the
+        # source's (by name: 901 and 902 share their labels) and train
+        heads = [k for k in source if ".seg_layers." in k]
+        assert heads and all(torch.equal(start[k], source[k]) for k in heads)
+        assert any(not torch.equal(final["network_weights"][k], start[k]) for k in heads)
+        assert json.loads((fold / "transfer_config.json").read_text())["heads"]["new"] == []
+    if trainer == "nnUNetTrainerFrozenDecoder":  # Karimi halves the initial LR of every transfer run
+        assert final["logging"]["lrs"][0] == pytest.approx(0.005)
 
     info = json.loads((fold / "transfer_config.json").read_text())
     p = info["parameters"]
@@ -123,6 +135,15 @@ BAD = [  # configuration, its settings, trainer, the message
     ("badspec2", {"trainable": "middle"}, "nnUNetTrainerPartialFT", "setting 'trainable': unknown term 'middle'"),
     ("badspec3", {}, "nnUNetTrainerPartialFT_outer",
      "setting 'trainable': preset 'outer' ({1,2,2N-2,2N-1}) needs a network with at least 4 stages"),
+    # Amiri without block 2N-1 keeps the PRETRAINED output layer frozen: no checkpoint, or random heads, is refused
+    ("amiri_nopre", {}, "nnUNetTrainerPartialFT_first",
+     "nnUNetTrainerPartialFT_first keeps the segmentation heads frozen at the PRETRAINED weights, but no "
+     "-pretrained_weights was given; add -pretrained_weights SOURCE_CHECKPOINT (or train new heads: --set "
+     "freeze_seg=false heads=new, which is not the paper's strategy)"),
+    ("amiri_new", {"heads": "new"}, "nnUNetTrainerPartialFT_bottleneck",
+     "nnUNetTrainerPartialFT_bottleneck freezes the segmentation heads at the pretrained weights (Amiri et al.: the "
+     "output layer belongs to block 2N-1, which this strategy leaves out), so they must come from the checkpoint, "
+     "but heads=new would freeze random heads"),
 ]
 
 

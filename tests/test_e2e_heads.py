@@ -1,5 +1,6 @@
 """Pretrained segmentation heads through the real ``nnUNetv2_train`` (setting ``heads``; Karimi's second
-frozen-decoder variant, ``nnUNetTrainerFrozenDecoderAndHeads``).
+frozen-decoder variant, ``nnUNetTrainerFrozenDecoderAndHeads``; Amiri's presets without block 2N−1, which keep
+the pretrained output layer frozen).
 
 Target 903 has the source's images style and labels plus one the source never saw (``cyst``): a
 fine-tune with ``heads=by-name`` keeps background, organ and lesion from the source model and gives the
@@ -9,14 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from nnunet_transfer.pipeline import TRAIN_ENV, train_args
 from nnunet_transfer.trainers import nnUNetTrainerFinetune
 from nnunet_transfer.trainers.pretrained import target_network
 
 from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
+from test_e2e_freezing import parameters
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +89,41 @@ def test_encoder_only_variant_keeps_decoder_and_heads_bit_identical(workspace, t
     assert len(list(out.glob("*.nii.gz"))) == 2
 
 
+def train_compiled(ws, dataset, configuration: str, trainer: str, pretrained) -> Path:
+    """``nnUNetv2_train`` with nnU-Net's torch.compile path forced on the CPU (tests/train_compiled.py says how)."""
+    args = train_args(dataset, configuration, 0, trainer, pretrained=pretrained)[1:]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("train_compiled.py")), *args],
+                          env={**ws.env, **TRAIN_ENV}, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return ws.fold_folder(dataset, configuration, trainer)
+
+
+def test_amiri_preset_without_block_2n_minus_1_keeps_the_pretrained_heads_frozen_compiled(workspace):
+    # Amiri's "block 1" strategy: the 1x1 output layer is part of block 2N-1 (= 5 here), which it leaves out, so
+    # the heads are the source's and stay so -- through nnU-Net's torch.compile path, with one output (no deep
+    # supervision: the paper's network has one)
+    ws = workspace
+    ws.configure(TARGET_ID, TINY, "amiri_first", {**SETTINGS, "deep_supervision": False})
+    fold = train_compiled(ws, TARGET_ID, "amiri_first", "nnUNetTrainerPartialFT_first", ws.source_checkpoint)
+    source = parameters(load_checkpoint(ws.source_checkpoint)["network_weights"])
+    final = parameters(load_checkpoint(fold / "checkpoint_final.pth")["network_weights"])
+    assert final.keys() == source.keys()
+    heads = [k for k in source if ".seg_layers." in k]
+    assert len(heads) == 4 and all(torch.equal(final[k], source[k]) for k in heads)  # bit for bit
+    block1 = [k for k in source if k.startswith("encoder.stages.0.")]
+    assert all(not torch.equal(final[k], source[k]) for k in block1 if k.endswith("conv.weight"))
+    assert all(torch.equal(final[k], source[k]) for k in source if k not in block1)  # blocks 2-5 frozen too
+    info = json.loads((fold / "transfer_config.json").read_text())
+    assert info["settings"]["freeze_seg"] is True and info["settings"]["heads"] == "by-name"
+    assert info["parameters"]["seg_trainable"] is False and info["parameters"]["trainable_blocks"] == [1]
+    assert [c["target"] for c in info["heads"]["copied"]] == ["background", "organ", "lesion"]
+    assert info["drift"]["seg"] == 0.0 and info["drift"]["decoder"] == 0.0
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "Using torch.compile..." in log
+    assert "heads (by-name): copied background <- background, organ <- organ, lesion <- lesion; new: none" in log
+    assert json.loads((fold / "debug.json").read_text())["enable_deep_supervision"] == "False"
+
+
 def test_drift_figures_equal_an_independent_computation(workspace):
     ws = workspace
     fold = ws.fold_folder(TARGET_ID, "fdh", "nnUNetTrainerFrozenDecoderAndHeads")
@@ -109,6 +150,10 @@ BAD = [  # dataset, configuration, trainer, settings, -pretrained_weights ("bare
     (TARGET_ID, "badheads3", "nnUNetTrainerFinetune", {"heads": "by-name"}, "bare",
      "heads=by-name needs the source's label names, but {bare} holds no dataset.json (nnU-Net stores it in the "
      "checkpoint's init_args['dataset_json'])"),
+    # Amiri without block 2N-1: the frozen output layer has no row for cyst
+    (PLUS_ID, "amiri_cyst", "nnUNetTrainerPartialFT_contracting", {}, "source",
+     "nnUNetTrainerPartialFT_contracting freezes the segmentation heads at the pretrained weights (Amiri et al.: the "
+     "output layer belongs to block 2N-1, which this strategy leaves out), but target label(s) cyst have no row in "),
 ]
 
 
@@ -132,4 +177,8 @@ def test_bad_head_settings_stop_before_any_folder(plus, refused, i):
     dataset, configuration, trainer, _, _, message = BAD[i]
     printed, bare = refused
     assert_one_line_error(printed[i], message.format(bare=bare))
+    if "Amiri" in message:  # the way out: a mapping, or new heads that train
+        assert printed[i].rstrip().endswith("Fix: map them (nnunet_transfer configure ... --set heads=TARGET:SOURCE,"
+                                            "...), or train new heads with --set freeze_seg=false (not the paper's "
+                                            "strategy)"), printed[i]
     assert not plus.fold_folder(dataset, configuration, trainer).parent.exists()
