@@ -280,6 +280,7 @@ def trained_by(trainer_class, net: nn.Module) -> set[str]:
     trainer = object.__new__(trainer_class)
     trainer.transfer_config = TransferConfig.from_mapping({}, defaults=trainer_class.transfer_defaults)
     trainer.network, trainer.transfer_state, trainer._freeze_report = net, {}, None
+    trainer.pretrained_file = None  # no checkpoint file: every parameter counts as transferred
     trainable = trainer._apply_trainable_spec()
     assert set(trainable) == {n for n, p in net.named_parameters() if p.requires_grad}
     return set(trainable)
