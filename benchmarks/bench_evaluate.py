@@ -168,9 +168,9 @@ def worker_evaluate(data: Path, cases: int | None, num_processes: int) -> dict:
             "import_mb": import_mb, "values": values}
 
 
-def worker_medpy(data: Path) -> dict:
-    from medpy.metric import binary as mb
-
+def _time_reference(data: Path, label_values) -> dict:
+    """Read every case of DATA and time LABEL_VALUES(pred_mask, ref_mask, spacing) -> {metric: value} per label
+    (a reference implementation, called the way its users call it)."""
     from nnunet_transfer.experiments.evaluate import read_label_map, reader_class
 
     import nnunetv2.imageio.reader_writer_registry  # noqa: F401
@@ -188,12 +188,17 @@ def worker_medpy(data: Path) -> dict:
         t_read += time.perf_counter() - t
         t = time.perf_counter()
         for lab in LABELS:
-            pl, rl = p == lab, r == lab
-            values[f"{case}/{lab}"] = {"hd95": float(mb.hd95(pl, rl, voxelspacing=sp)),
-                                       "assd": float(mb.assd(pl, rl, voxelspacing=sp))}
+            values[f"{case}/{lab}"] = label_values(p == lab, r == lab, sp)
         t_metrics += time.perf_counter() - t
     return {"n": len(files), "total_s": t_read + t_metrics, "read_s": t_read, "metrics_s": t_metrics,
             "peak_mb": _peak_mb(), "import_mb": import_mb, "values": values}
+
+
+def worker_medpy(data: Path) -> dict:
+    from medpy.metric import binary as mb
+
+    return _time_reference(data, lambda pl, rl, sp: {"hd95": float(mb.hd95(pl, rl, voxelspacing=sp)),
+                                                    "assd": float(mb.assd(pl, rl, voxelspacing=sp))})
 
 
 def worker_deepmind(data: Path) -> dict:
@@ -201,30 +206,14 @@ def worker_deepmind(data: Path) -> dict:
 
     import surface_distance as sd
 
-    from nnunet_transfer.experiments.evaluate import read_label_map, reader_class
-
-    import nnunetv2.imageio.reader_writer_registry  # noqa: F401
-
     warnings.filterwarnings("ignore", "Please import", DeprecationWarning)  # its scipy.ndimage.filters imports
-    files = sorted((data / "ref").glob("*.nii.gz"))
-    import_mb = _peak_mb()
-    reader = reader_class(".nii.gz", files[0])
-    t_read = t_metrics = 0.0
-    values = {}
-    for f in files:
-        case = f.name[: -len(".nii.gz")]
-        t = time.perf_counter()
-        p, sp = read_label_map(data / "pred" / f.name, reader)
-        r, _ = read_label_map(f, reader)
-        t_read += time.perf_counter() - t
-        t = time.perf_counter()
-        for lab in LABELS:
-            dist = sd.compute_surface_distances(r == lab, p == lab, sp)
-            values[f"{case}/{lab}"] = {"nsd": float(sd.compute_surface_dice_at_tolerance(dist, 1.0)),
-                                       "hd95_max": float(sd.compute_robust_hausdorff(dist, 95))}
-        t_metrics += time.perf_counter() - t
-    return {"n": len(files), "total_s": t_read + t_metrics, "read_s": t_read, "metrics_s": t_metrics,
-            "peak_mb": _peak_mb(), "import_mb": import_mb, "values": values}
+
+    def label_values(pl, rl, sp):
+        dist = sd.compute_surface_distances(rl, pl, sp)
+        return {"nsd": float(sd.compute_surface_dice_at_tolerance(dist, 1.0)),
+                "hd95_max": float(sd.compute_robust_hausdorff(dist, 95))}
+
+    return _time_reference(data, label_values)
 
 
 def run_worker(args: list[str]) -> dict:

@@ -142,6 +142,18 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask ^ binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1), iterations=1)
 
 
+def _two_masks(pred, ref, spacing) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """PRED and REF as boolean arrays of one shape, both non-empty, and the spacing for their dimensions."""
+    pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
+    if pred.shape != ref.shape:
+        raise DataError(f"prediction and reference differ in shape: {pred.shape} vs {ref.shape}")
+    s = _spacing(spacing, pred.ndim)
+    if not pred.any() or not ref.any():
+        raise DataError("surface distances need two non-empty masks "
+                        f"(prediction {int(pred.sum())} voxels, reference {int(ref.sum())} voxels)")
+    return pred, ref, s
+
+
 def surface_distances(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float] | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
     """``(D_PR, D_RP)``: distances in mm from each surface voxel of P to ∂R, and of R to ∂P.
@@ -151,13 +163,7 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[fl
     """
     from scipy.ndimage import distance_transform_edt
 
-    pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
-    if pred.shape != ref.shape:
-        raise DataError(f"prediction and reference differ in shape: {pred.shape} vs {ref.shape}")
-    s = _spacing(spacing, pred.ndim)
-    if not pred.any() or not ref.any():
-        raise DataError("surface distances need two non-empty masks "
-                        f"(prediction {int(pred.sum())} voxels, reference {int(ref.sum())} voxels)")
+    pred, ref, s = _two_masks(pred, ref, spacing)
     box = bounding_box(pred | ref, margin=1)
     p, r = pred[box], ref[box]
     sp, sr = surface(p), surface(r)
@@ -213,13 +219,7 @@ def surfel_distances(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[flo
     """
     from scipy.ndimage import distance_transform_edt
 
-    pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
-    if pred.shape != ref.shape:
-        raise DataError(f"prediction and reference differ in shape: {pred.shape} vs {ref.shape}")
-    s = _spacing(spacing, pred.ndim)
-    if not pred.any() or not ref.any():
-        raise DataError("surface distances need two non-empty masks "
-                        f"(prediction {int(pred.sum())} voxels, reference {int(ref.sum())} voxels)")
+    pred, ref, s = _two_masks(pred, ref, spacing)
     box = bounding_box(pred | ref)
     bp, ap = surfels(pred[box], spacing=s)
     br, ar = surfels(ref[box], spacing=s)
