@@ -273,7 +273,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         None without pretrained weights (or in-process use without the file): the network counts as a whole."""
         if self._resume_origin is not None:
             record, heads = self._resume_origin
-        elif self.pretrained_file is not None:
+        elif getattr(self, "pretrained_file", None) is not None:  # a trainer built without __init__ has none
             record, heads = self.pretrained_file.transfer, self.pretrained_file.heads
             heads = heads.to_dict() if heads is not None else None
         else:
