@@ -17,25 +17,14 @@ from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError
 from nnunet_transfer.netutil import unwrap
-from nnunet_transfer.plans.configure import add_configuration
 from nnunet_transfer.policies.lora import lora_modules, lora_state
 from nnunet_transfer.trainers.base import planned_network
 
-DATA = Path(__file__).parent / "data"
-DATASET_JSON = json.loads((DATA / "dataset_ct2labels.json").read_text())
+from inprocess import DATASET_JSON, build, plans_with  # noqa: F401 (build: a fixture)
 _spec = importlib.util.spec_from_file_location("bench_freezing", Path(__file__).parents[1] / "benchmarks" /
                                                "bench_freezing.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
-
-
-def plans_with(settings: dict) -> dict:
-    plans = json.loads((DATA / "nnUNetPlans_3d_32.json").read_text())
-    plans = add_configuration(plans, base="3d_fullres", new="tiny", features="8,16,32", patch="32,32,32",
-                              batch_size=2)
-    plans["configurations"]["run"] = {"inherits_from": "tiny", "nnunet_transfer": settings}
-    plans["continue_training"] = False  # as nnUNetv2_train passes it
-    return plans
 
 
 def check(trainer, settings):
@@ -94,23 +83,6 @@ def test_lora_with_norms_trained_in_full_is_allowed():
 
 
 # ---- in-process runs -----------------------------------------------------------------------------------
-
-@pytest.fixture
-def build(tmp_path, monkeypatch):
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    data = tmp_path / "pre" / "Dataset901_TransferSource" / "nnUNetPlans_3d_fullres"
-    data.mkdir(parents=True)
-    (data / "case.b2nd").touch()  # nnU-Net infers the dataset class from the file endings in initialize()
-
-    def make(cls, settings):
-        torch.manual_seed(0)
-        trainer = cls(plans=plans_with({"seed": 0, **settings}), configuration="run", fold=0,
-                      dataset_json=DATASET_JSON, device=torch.device("cpu"))
-        trainer.initialize()
-        return trainer
-    return make
 
 
 def steps(trainer, n, seed=0):

@@ -14,12 +14,10 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 import nnunet_transfer.trainers as T
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError
-from nnunet_transfer.plans.configure import add_configuration
 from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler, make_optimizer
 from nnunet_transfer.policies.stopping import EarlyStopping
 
-DATA = Path(__file__).parent / "data"
-DATASET_JSON = json.loads((DATA / "dataset_ct2labels.json").read_text())
+from inprocess import DATASET_JSON, build, plans_with  # noqa: F401 (build: a fixture)
 
 
 # ---- the stopping rule ----------------------------------------------------------------------------------
@@ -146,31 +144,6 @@ def test_protocol_settings_are_fixed_for_a_run():
 
 
 # ---- in a trainer ----------------------------------------------------------------------------------------
-
-def plans_with(settings: dict) -> dict:
-    plans = json.loads((DATA / "nnUNetPlans_3d_32.json").read_text())
-    plans = add_configuration(plans, base="3d_fullres", new="tiny", features="8,16,32", patch="32,32,32",
-                              batch_size=2)
-    plans["configurations"]["run"] = {"inherits_from": "tiny", "nnunet_transfer": settings}
-    plans["continue_training"] = False
-    return plans
-
-
-@pytest.fixture
-def build(tmp_path, monkeypatch):
-    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    data = tmp_path / "pre" / "Dataset901_TransferSource" / "nnUNetPlans_3d_fullres"
-    data.mkdir(parents=True)
-    (data / "case.b2nd").touch()  # nnU-Net infers the dataset class from the file endings in initialize()
-
-    def make(cls, settings):
-        trainer = cls(plans=plans_with({"seed": 0, **settings}), configuration="run", fold=0,
-                      dataset_json=DATASET_JSON, device=torch.device("cpu"))
-        trainer.initialize()
-        return trainer
-    return make
 
 
 def test_trainer_builds_the_configured_optimizer_and_schedule(build):
