@@ -96,6 +96,18 @@ def plot_bars(path: str | Path, layers: Sequence[str], bars: Mapping[str, tuple[
     return Path(path)
 
 
+def _image_cell(p, rows: int, cols: int, index: int, *, row: str | None, column: str | None):
+    """One image panel of a grid, without ticks; the row's name on the first column, the column's on the top row."""
+    ax = p.fig.add_subplot(rows, cols, index)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if column is not None:
+        p.title(ax, column, fontsize=7)
+    if row is not None:
+        ax.set_ylabel(row, fontsize=8)
+    return ax
+
+
 def plot_kernels(path: str | Path, start: np.ndarray, end: np.ndarray, labels: Sequence[str], *, title: str) -> Path:
     """Karimi et al. Fig. 8–9: filters (K, h, w) at start, end and their difference (rows)."""
     k = start.shape[0]
@@ -105,14 +117,9 @@ def plot_kernels(path: str | Path, start: np.ndarray, end: np.ndarray, labels: S
     with figure(path, size=(1.3 * k + 1, 4.3)) as p:
         for r, (name, arr, m) in enumerate(rows):
             for i in range(k):
-                ax = p.fig.add_subplot(3, k, r * k + i + 1)
+                ax = _image_cell(p, 3, k, r * k + i + 1, row=name if i == 0 else None,
+                                 column=labels[i] if r == 0 else None)
                 ax.imshow(arr[i], cmap="RdBu_r", vmin=-m, vmax=m, interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if r == 0:
-                    p.title(ax, labels[i], fontsize=7)
-                if i == 0:
-                    ax.set_ylabel(name, fontsize=8)
         p.suptitle(title, fontsize=10)
     return Path(path)
 
@@ -130,18 +137,13 @@ def plot_feature_maps(path: str | Path, image: np.ndarray, start: np.ndarray, en
         ax.axis("off")
         for r, (name, arr) in enumerate((("start", start), ("end", end), ("end - start", diff))):
             for i in range(k):
-                ax = p.fig.add_subplot(3, k + 1, r * (k + 1) + i + 2)
+                ax = _image_cell(p, 3, k + 1, r * (k + 1) + i + 2, row=name if i == 0 else None,
+                                 column=labels[i] if r == 0 else None)
                 if r < 2:
                     lo = float(min(start[i].min(), end[i].min()))
                     hi = float(max(start[i].max(), end[i].max(), lo + 1e-12))
                     ax.imshow(arr[i], cmap="viridis", vmin=lo, vmax=hi)
                 else:
                     ax.imshow(arr[i], cmap="RdBu_r", vmin=-dlim, vmax=dlim)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if r == 0:
-                    p.title(ax, labels[i], fontsize=7)
-                if i == 0:
-                    ax.set_ylabel(name, fontsize=8)
         p.suptitle(title, fontsize=10)
     return Path(path)
