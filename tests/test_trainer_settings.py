@@ -11,6 +11,8 @@ import nnunet_transfer.trainers as T
 from nnunet_transfer.errors import ConfigError
 from nnunet_transfer.plans.configure import add_configuration
 
+from inprocess import build  # noqa: F401 (a fixture)
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -30,6 +32,9 @@ def plans_with(settings: dict) -> dict:
     (T.nnUNetTrainerL2SP, "l2sp_scope", "encoder"),
     (T.nnUNetTrainerL2SP_Sagie, "decoder_init", "random"),
     (T.nnUNetTrainerL2SP_Sagie, "l2sp_alpha", 8.0),
+    # Sagie et al. 2021 change the objective only, no learning rate: nnU-Net's, not L2SP's halved one
+    (T.nnUNetTrainerL2SP, "lr_scale", 0.5),
+    (T.nnUNetTrainerL2SP_Sagie, "lr_scale", 1.0),
     (T.nnUNetTrainerL2SP_Li, "l2sp_beta", 0.005),
     # Karimi: the last layer from the checkpoint, the halved LR of every transfer run
     (T.nnUNetTrainerFrozenDecoder, "heads", "by-name"),
@@ -139,3 +144,12 @@ def test_frozen_heads_that_nothing_transfers_are_refused_with_the_way_out():
         if cls is T.nnUNetTrainerPartialFT_first:
             assert str(e.value).endswith("Fix: map them (nnunet_transfer configure ... --set heads=TARGET:SOURCE,...), "
                                          "or train new heads with --set freeze_seg=false (not the paper's strategy)")
+
+
+def test_sagie_trains_at_nnunets_learning_rate(build):
+    # Sagie et al. 2021 add the penalty and change no learning rate: every group starts at nnU-Net's 1e-2
+    # (nnUNetTrainerL2SP keeps Finetune's halved rate so that its alpha = 0 reproduces Finetune)
+    sagie, l2sp = (build(cls, {"allow_random_anchor": True})
+                   for cls in (T.nnUNetTrainerL2SP_Sagie, T.nnUNetTrainerL2SP))
+    assert sagie.initial_lr == 1e-2 and {g["lr"] for g in sagie.optimizer.param_groups} == {1e-2}
+    assert l2sp.initial_lr == 5e-3 and {g["lr"] for g in l2sp.optimizer.param_groups} == {5e-3}

@@ -194,10 +194,14 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
 
 class nnUNetTrainerL2SP_Sagie(nnUNetTrainerL2SP):
     """Sagie et al. 2021: λ‖θ_enc − θ̄_enc‖² on the encoder, decoder trained from scratch; λ = 8 was best
-    with a medically pretrained encoder in the paper (sweep it: ``configure ... --set l2sp_alpha=…``)."""
+    with a medically pretrained encoder in the paper (sweep it: ``configure ... --set l2sp_alpha=…``).
+
+    nnU-Net's initial LR as it is (``lr_scale=1``, not the halved LR of ``nnUNetTrainerL2SP``): the paper
+    changes the objective only, it scales no learning rate. Under nnU-Net's SGD (momentum 0.99) and Dice + CE
+    loss λ has another scale than in the paper: examples/sagie/README.md measures where it matters."""
 
     transfer_defaults = {**nnUNetTrainerL2SP.transfer_defaults, "l2sp_alpha": 8.0,
-                         "decoder_init": "random"}
+                         "decoder_init": "random", "lr_scale": 1.0}
 
 
 class nnUNetTrainerL2SP_Li(nnUNetTrainerL2SP):
