@@ -54,6 +54,14 @@ Layout (every table but ``[study]``, ``[splits]`` and ``[[strategy]]`` is option
     checkpoint = "final"         # or "best": nnUNetv2_predict -chk checkpoint_best.pth (the lowest validation
                                  # loss with early_stopping = "val_loss", else nnU-Net's best EMA pseudo-Dice)
 
+    [analysis]                   # Karimi et al.'s analyses of the study's own runs, by `study report`
+    analyses = ["evolution", "groups", "reuse", "weights"]   # default: all four
+    snapshot_every = 50          # required: `study plan` sets it on every run (weights-only snapshots)
+    layers = "blocks:1,3,5,7,9,11"  # a block spec, as `analyze --layers` (default: analyze's)
+    tl = ["finetune"]            # the T.L. strategies (default: every pretrained one); R.I. is the baseline
+    groups_by = "size"           # groups per training-set size, or "all": every R.I. run vs every T.L. run
+    patches = 64                 # analyze --patches, --voxels-per-patch, --measure (default: analyze's)
+
     [environment]                # extra environment variables of nnU-Net's programs
     nnUNet_n_proc_DA = "12"
 
@@ -96,7 +104,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 (pyproject depends
     import tomli as tomllib
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-TOP_LEVEL = ("study", "pretrained", "splits", "settings", "scoring", "predict", "environment", "slurm", "strategy")
+TOP_LEVEL = ("study", "pretrained", "splits", "settings", "scoring", "predict", "analysis", "environment", "slurm",
+             "strategy")
 STUDY_KEYS = ("name", "target", "configuration", "plans", "output", "baseline", "device")
 SPLITS_KEYS = ("n_train", "repeats", "test", "test_cases", "folds", "folds_to_run", "val", "seed")
 SCORING_KEYS = ("labels", "nsd_tolerance", "metrics", "test", "alpha", "correction", "resamples",
@@ -105,6 +114,10 @@ PREDICT_KEYS = ("disable_tta", "processes", "checkpoint")
 #: [predict] checkpoint -> the file nnUNetv2_predict -chk reads
 PREDICT_CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 STRATEGY_KEYS = ("name", "trainer", "pretrained", "settings", "title", "sweep")
+ANALYSIS_KEYS = ("analyses", "snapshot_every", "layers", "tl", "groups_by", "patches", "voxels_per_patch", "measure")
+#: [analysis] analyses: the ``analyze`` studies `study report` runs over the study's runs
+ANALYSES = ("evolution", "groups", "reuse", "weights")
+GROUPS_BY = ("size", "all")
 #: [slurm] key -> the submitit parameter it becomes (generic ones work for every submitit cluster)
 SLURM_KEYS = {"partition": "slurm_partition", "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task",
               "mem_gb": "mem_gb", "timeout_min": "timeout_min", "array_parallelism": "slurm_array_parallelism",
@@ -165,6 +178,28 @@ class Scoring:
 
 
 @dataclass(frozen=True)
+class AnalysisSpec:
+    """[analysis]: which of Karimi et al.'s analyses `study report` runs, on which strategies, with which options.
+
+    R.I. is the study's baseline (trained from scratch), T.L. the strategies of ``tl``; evolution and filter change
+    run on every run of both, groups and feature reuse compare them (per size, or over all sizes)."""
+
+    snapshot_every: int
+    analyses: tuple[str, ...] = ANALYSES
+    layers: str | None = None      # analyze --layers (None: its default)
+    ri: tuple[str, ...] = ()
+    tl: tuple[str, ...] = ()
+    groups_by: str = "size"
+    patches: int | None = None     # analyze --patches (None: enough samples for every layer)
+    voxels_per_patch: int | None = None  # None: analyze's default
+    measure: str = "pwcca"
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return self.ri + self.tl
+
+
+@dataclass(frozen=True)
 class Study:
     path: Path
     name: str
@@ -185,6 +220,7 @@ class Study:
     environment: dict[str, str] = field(default_factory=dict)
     slurm: dict[str, Any] = field(default_factory=dict)
     base_settings: dict = field(default_factory=dict)  # the base configuration's own settings
+    analysis: AnalysisSpec | None = None  # [analysis]; its snapshot_every is in ``settings``
 
     def strategy(self, name: str) -> Strategy:
         return next(s for s in self.strategies if s.name == name)
@@ -399,6 +435,17 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
     pretrained = _read_pretrained(p, doc.get("pretrained"), path.parent, check_data)
     splits = _read_splits(p, doc["splits"], path.parent) if "splits" in doc else None
     settings = _read_settings(p, "settings", doc.get("settings", {}))
+    an = _table(p, "analysis", doc["analysis"], ANALYSIS_KEYS) if "analysis" in doc else None
+    every = None
+    if an is not None:
+        every = _int(p, "analysis", "snapshot_every", an["snapshot_every"], 1) if "snapshot_every" in an else \
+            p.add("analysis", "snapshot_every is missing: the epochs between the weights-only snapshots the analyses "
+                              "read, e.g. snapshot_every = 50 (`study plan` sets it on every run)")
+        if "snapshot_every" in settings:
+            p.add("analysis", f"snapshot_every is set in [analysis] and in [settings] "
+                              f"({settings['snapshot_every']!r}); keep the one in [analysis]")
+        elif every is not None:
+            settings = {**settings, "snapshot_every": every}  # the runs get it as every other setting
     strategies, names = ([], [])
     if "strategy" in doc:
         strategies, names = _read_strategies(p, doc["strategy"], pretrained, settings, base_settings,
@@ -408,6 +455,8 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
     elif names and baseline not in names:
         p.add("study", f"baseline = {baseline!r} is not a strategy{_suggest(baseline, names)}; "
                        f"strategies: {', '.join(map(str, names))}")
+    analysis = _read_analysis(p, an, every, strategies, names, baseline, configuration,
+                              check_data and dataset is not None, dataset, plans) if an is not None else None
     scoring = _read_scoring(p, doc.get("scoring", {}))
     pr = _table(p, "predict", doc.get("predict", {}), PREDICT_KEYS) or {}
     disable_tta = pr.get("disable_tta", False)
@@ -428,7 +477,7 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
                  baseline=baseline, device=device, pretrained=pretrained, splits=splits, settings=settings,
                  strategies=tuple(strategies), scoring=scoring, disable_tta=disable_tta,
                  predict_processes=processes, predict_checkpoint=checkpoint, environment=environment, slurm=slurm,
-                 base_settings=base_settings)
+                 base_settings=base_settings, analysis=analysis)
 
 
 def _check_target(p: Problems, target, plans: str, configuration: str) -> tuple[str | None, dict]:
@@ -817,6 +866,83 @@ def _read_scoring(p: Problems, content: Any) -> Scoring | None:
                    resamples=resamples, lesion_connectivity=conn, correction=correction)
 
 
+def _read_analysis(p: Problems, an: dict, every: int | None, strategies: Sequence[Strategy], declared: Sequence[str],
+                   baseline: str | None, configuration: str | None, check_data: bool, dataset: str | None,
+                   plans: str | None) -> AnalysisSpec | None:
+    """[analysis] (its snapshot_every was read with [settings]); ``strategies``: those without problems,
+    ``declared``: every strategy name of the file (those with problems too: they are reported once, there)."""
+    from nnunet_transfer.analysis.report import MEASURES
+
+    before = len(p)
+    analyses = an.get("analyses", list(ANALYSES))
+    if not isinstance(analyses, list) or not analyses or not all(isinstance(a, str) for a in analyses):
+        p.add("analysis", f"analyses = {analyses!r} must be a non-empty list of {', '.join(map(repr, ANALYSES))}")
+        analyses = []
+    for a in analyses:
+        if a not in ANALYSES:
+            p.add("analysis", f"unknown analysis {a!r}{_suggest(a, ANALYSES)}; analyses: {', '.join(ANALYSES)}")
+    layers = an.get("layers")
+    if layers is not None:
+        layers = _str(p, "analysis", "layers", layers)
+        if layers is not None and check_data:
+            problem = _layers_problem(layers, dataset, plans, configuration)
+            if problem:
+                p.add("analysis", f"layers = {layers!r}: {problem}")
+    groups_by = an.get("groups_by", "size")
+    if groups_by not in GROUPS_BY:
+        p.add("analysis", f"groups_by = {groups_by!r} must be \"size\" (groups per training-set size) or \"all\" "
+                          f"(every R.I. run against every T.L. run, all sizes together)")
+    patches = _int(p, "analysis", "patches", an["patches"], 1) if "patches" in an else None
+    voxels = _int(p, "analysis", "voxels_per_patch", an["voxels_per_patch"], 1) if "voxels_per_patch" in an else None
+    measure = an.get("measure", "pwcca")
+    if measure not in MEASURES:
+        p.add("analysis", f"measure = {measure!r} is not one of {', '.join(MEASURES)}{_suggest(measure, MEASURES)}")
+    names = {s.name: s for s in strategies}
+    tl = an.get("tl")
+    if tl is None:
+        tl = [s.name for s in strategies if s.pretrained is not None]
+    elif not isinstance(tl, list) or not tl or not all(isinstance(t, str) for t in tl):
+        p.add("analysis", f"tl = {tl!r} must be a non-empty list of strategy names (the transfer strategies)")
+        tl = []
+    else:
+        for t in tl:
+            if t not in declared:
+                p.add("analysis", f"tl: {t!r} is not a strategy{_suggest(t, declared)}; strategies: "
+                                  f"{', '.join(declared)}")
+            elif t in names and names[t].pretrained is None:
+                p.add("analysis", f"tl: strategy {t!r} starts from no pretrained weights; T.L. strategies name a "
+                                  f"checkpoint (pretrained = \"NAME\")")
+    if baseline in names and names[baseline].pretrained is not None:
+        p.add("analysis", f"the baseline {baseline!r} starts from pretrained weights; the analyses compare with "
+                          f"training from scratch (R.I.): make [study] baseline a strategy without pretrained weights")
+    if strategies and not tl and len(p) == before:
+        p.add("analysis", "no T.L. strategy: no strategy names pretrained weights; add one, or drop [analysis]")
+    if len(p) > before or every is None:
+        return None
+    return AnalysisSpec(snapshot_every=every, analyses=tuple(dict.fromkeys(analyses)), layers=layers,
+                        ri=(baseline,), tl=tuple(dict.fromkeys(tl)), groups_by=groups_by, patches=patches,
+                        voxels_per_patch=voxels, measure=measure)
+
+
+def _layers_problem(layers: str, dataset: str, plans: str | None, configuration: str | None) -> str | None:
+    """Why the block spec ``layers`` selects nothing on the base configuration's network (None: it is fine)."""
+    from nnunet_transfer.blocks import parse_spec
+    from nnunet_transfer.errors import SpecError
+    from nnunet_transfer.nnunet_io import load_json, plans_path
+    from nnunet_transfer.plans.configure import resolved_configuration
+
+    try:
+        arch = resolved_configuration(load_json(plans_path(dataset, plans)), configuration)["architecture"]
+        n_stages = int(arch["arch_kwargs"]["n_stages"])
+    except (TransferError, KeyError, TypeError, ValueError):
+        return None  # an architecture this reader does not know: analyze checks the spec when it runs
+    try:
+        parse_spec(layers, n_stages)
+    except SpecError as e:
+        return str(e)
+    return None
+
+
 def _read_environment(p: Problems, content: Any) -> dict[str, str]:
     if not isinstance(content, dict):
         p.add("environment", f"must be a table of NAME = \"value\", got {content!r}")
@@ -858,5 +984,5 @@ def _read_slurm(p: Problems, content: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Study", "Strategy", "SplitSpec", "Scoring", "Problems", "StudyFileError", "load_study", "read_toml",
+__all__ = ["Study", "Strategy", "AnalysisSpec", "ANALYSES", "SplitSpec", "Scoring", "Problems", "StudyFileError", "load_study", "read_toml",
            "sweep_label", "plans_value", "output_problem", "SLURM_KEYS", "MARKER"]

@@ -221,3 +221,81 @@ def test_predict_checkpoint(tree):
         load_study(write(tree, DEFAULT_STUDY + '\n[predict]\ncheckpoint = "latest"\n'))
     msg = str(e.value)
     assert "\n" not in msg and "[predict]" in msg and "checkpoint = 'latest' must be one of 'final', 'best'" in msg
+
+
+# --------------------------------------------------------------------------- [analysis]
+ANALYSIS_STUDY = edit('trainer = "nnUNetTrainerFrozenEncoder"',
+                      'trainer = "nnUNetTrainerFinetune"\npretrained = "source"').replace(
+    "[splits]", '[pretrained]\nsource = "source.pth"\n\n[splits]')
+
+
+def analysis_study(tree, analysis: str) -> str:
+    import torch
+
+    torch.save({"network_weights": {}}, tree / "source.pth")
+    return ANALYSIS_STUDY + "\n[analysis]\n" + textwrap.dedent(analysis)
+
+
+def test_analysis_defaults_and_snapshot_every_reaches_every_strategys_settings(tree):
+    s = load_study(write(tree, analysis_study(tree, "snapshot_every = 5\n")), check_data=False)
+    a = s.analysis
+    assert a.analyses == ("evolution", "groups", "reuse", "weights") and a.snapshot_every == 5
+    assert a.ri == ("scratch",) and a.tl == ("frozen",) and a.groups_by == "size" and a.measure == "pwcca"
+    assert a.layers is None and a.patches is None and a.voxels_per_patch is None
+    assert all(s.effective_settings(x)["snapshot_every"] == 5 for x in s.strategies)
+    assert load_study(write(tree, DEFAULT_STUDY)).analysis is None  # no [analysis]: nothing analysed, no snapshots
+    s = load_study(write(tree, analysis_study(tree, 'snapshot_every = 1\nanalyses = ["weights", "groups"]\n'
+                                                    'layers = "blocks:1,5"\ngroups_by = "all"\npatches = 2\n'
+                                                    'voxels_per_patch = 64\nmeasure = "linear_cka"\n'
+                                                    'tl = ["frozen"]\n')))
+    a = s.analysis
+    assert (a.analyses, a.layers, a.groups_by, a.patches, a.voxels_per_patch, a.measure) == (
+        ("weights", "groups"), "blocks:1,5", "all", 2, 64, "linear_cka")
+
+
+ANALYSIS_BAD = [
+    ("snapshot_every = 5\nanalysis = []\n", ["unknown key 'analysis'", "did you mean 'analyses'"]),
+    ('layers = "encoder"\n', ["snapshot_every is missing", "study plan"]),
+    ("snapshot_every = 0\n", ["snapshot_every = 0 must be an integer >= 1"]),
+    ('snapshot_every = "5"\n', ["snapshot_every = '5' must be an integer >= 1"]),
+    ('snapshot_every = 5\nanalyses = ["evolution", "reuze"]\n', ["unknown analysis 'reuze'", "did you mean 'reuse'"]),
+    ('snapshot_every = 5\nanalyses = "weights"\n', ["analyses = 'weights' must be a non-empty list"]),
+    ('snapshot_every = 5\nlayers = "blocks:1,99"\n', ["layers = 'blocks:1,99'", "99"]),
+    ("snapshot_every = 5\nlayers = 3\n", ["layers = 3 must be a non-empty string"]),
+    ('snapshot_every = 5\ngroups_by = "sizes"\n', ["groups_by = 'sizes' must be \"size\"", "\"all\""]),
+    ("snapshot_every = 5\npatches = 0\n", ["patches = 0 must be an integer >= 1"]),
+    ("snapshot_every = 5\nvoxels_per_patch = 1.5\n", ["voxels_per_patch = 1.5 must be an integer >= 1"]),
+    ('snapshot_every = 5\nmeasure = "pwcc"\n', ["measure = 'pwcc' is not one of", "did you mean 'pwcca'"]),
+    ('snapshot_every = 5\ntl = ["frozn"]\n', ["tl: 'frozn' is not a strategy", "did you mean 'frozen'"]),
+    ('snapshot_every = 5\ntl = ["scratch"]\n', ["tl: strategy 'scratch' starts from no pretrained weights"]),
+    ('snapshot_every = 5\ntl = "frozen"\n', ["tl = 'frozen' must be a non-empty list of strategy names"]),
+]
+
+
+@pytest.mark.parametrize("analysis,words", ANALYSIS_BAD, ids=[b[0].splitlines()[-1][:30] for b in ANALYSIS_BAD])
+def test_analysis_bad_input_is_one_clear_error(tree, analysis, words):
+    path = write(tree, analysis_study(tree, analysis))
+    with pytest.raises(ConfigError) as e:
+        load_study(path, check_data="99" in analysis)  # the block range needs the plans (check_data)
+    msg = str(e.value)
+    assert msg.startswith(f"study file {path.resolve()} [analysis]: ") and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_analysis_problems_are_listed_with_the_others_and_snapshot_every_only_once(tree):
+    text = analysis_study(tree, 'snapshot_every = 5\nmeasure = "x"\n').replace("num_epochs = 4",
+                                                                             "num_epochs = 4\nsnapshot_every = 2")
+    problems = problems_of(write(tree, text.replace("resamples = 200", "resamples = 1")))
+    assert problems == ["[analysis]: snapshot_every is set in [analysis] and in [settings] (2); keep the one in "
+                        "[analysis]",
+                        "[analysis]: measure = 'x' is not one of pwcca, mean_cca, svcca, linear_cka",
+                        "[scoring]: resamples = 1 must be an integer >= 100"]
+
+
+def test_analysis_needs_a_scratch_baseline_and_a_transfer_strategy(tree):
+    with pytest.raises(ConfigError, match=r"\[analysis\]: no T.L. strategy: no strategy names pretrained weights"):
+        load_study(write(tree, DEFAULT_STUDY + "\n[analysis]\nsnapshot_every = 1\n"))
+    text = analysis_study(tree, "snapshot_every = 1\n").replace('baseline = "scratch"', 'baseline = "frozen"')
+    with pytest.raises(ConfigError, match=r"the baseline 'frozen' starts from pretrained weights; .* \(R.I.\)"):
+        load_study(write(tree, text), check_data=False)
