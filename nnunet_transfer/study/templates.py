@@ -75,7 +75,7 @@ def _strategy(name: str, trainer: str, title: str, *, pretrained: bool, extra: l
     return lines + [""]
 
 
-def karimi(dataset: str, n: int, **kw) -> list[str]:
+def karimi(dataset: str, n: int, *, n_stages: int | None = None, **kw) -> list[str]:
     test = max(2, round(0.2 * n))
     pool = n - test
     val = max(1, round(0.2 * pool))
@@ -107,6 +107,7 @@ def karimi(dataset: str, n: int, **kw) -> list[str]:
         'test = "ttest"              # paired t-tests, as the paper',
         'correction = "none"         # uncorrected, as the paper\'s tables (Tables 3-6, p = 0.05); "holm" corrects',
         "nsd_tolerance = 1.0", "",
+        *_karimi_analysis(n_stages),
         *_strategy("scratch", "nnUNetTrainerTransferBase", "random initialisation (R.I.)", pretrained=False),
         *_strategy("finetune", "nnUNetTrainerFinetune", "transfer learning (T.L.): every layer, initial LR halved",
                    pretrained=True),
@@ -119,6 +120,25 @@ def karimi(dataset: str, n: int, **kw) -> list[str]:
                    comment="the frozen output layer is copied from the source by label name, so every target label\n"
                            "# needs one in the source; else map them, background included: settings = { heads =\n"
                            "# \"background:background,pancreas:liver,cancer:cancer\" }"),
+    ]
+
+
+def _karimi_analysis(n_stages: int | None) -> list[str]:
+    """[analysis] as the paper: its six layers (Fig. 1), the convergence epoch from the validation Dice."""
+    from nnunet_transfer.analysis.activations import default_layer_spec
+
+    layers = (f"layers = {_q(default_layer_spec(n_stages))}   # the paper's six layers (Fig. 1): encoder blocks 1, "
+              f"ceil(N/2), N-1 and their decoder mirrors (N = {n_stages})") if n_stages else \
+        "# layers: analyze's default, the paper's six layers (Fig. 1): encoder blocks 1, ceil(N/2), N-1 and mirrors"
+    return [
+        "[analysis]                  # `study report` runs Karimi et al.'s analyses on the runs (Figs. 6-10, Tables 8-9)",
+        'analyses = ["evolution", "groups", "reuse", "weights"]',
+        "snapshot_every = 50         # weights-only snapshots every 50 of nnU-Net's 1000 epochs (21 per run); the",
+        "                            # convergence epoch (validation Dice within 0.5 % of its maximum) is one of them",
+        layers,
+        'tl = ["finetune"]           # T.L. = fine-tuning every layer, as the paper; R.I. = the baseline (scratch)',
+        'groups_by = "all"           # groups pool the sizes (one run per size and strategy); Table 8 compares 10 R.I.',
+        '                            # and 10 T.L. runs at one size: repeats = 10 and groups_by = "size"', "",
     ]
 
 
@@ -212,7 +232,7 @@ def init_study(template: str, dataset: str | int, pretrained: str | Path, out: s
     ckpt = Path(pretrained).expanduser().resolve()
     kw = {"configuration": configuration, "name": name, "pretrained": ckpt, "device": device}
     if template == "karimi":
-        lines = karimi(ds, n, **kw)
+        lines = karimi(ds, n, n_stages=_n_stages(ds, plans, configuration), **kw)
     elif template == "amiri":
         lines = amiri(ds, n, n_stages=_n_stages(ds, plans, configuration), **kw)
     else:

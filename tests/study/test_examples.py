@@ -82,3 +82,21 @@ def test_amiri_template_declares_the_papers_protocol():
     # the shipped example is the template's protocol
     s = load(EXAMPLES / "amiri" / "amiri.toml")
     assert {k: s.settings[k] for k in doc["settings"]} == doc["settings"]
+
+
+def test_karimi_declares_the_papers_analysis_and_the_template_the_same():
+    import tomllib
+
+    from nnunet_transfer.study.templates import karimi
+
+    a = load(EXAMPLES / "karimi" / "karimi.toml").analysis
+    # Figs. 6-10 and Tables 8-9; the six layers of Fig. 1 on nnU-Net's 6-stage network; T.L. = fine-tuning
+    assert a.analyses == ("evolution", "groups", "reuse", "weights") and a.layers == "blocks:1,3,5,7,9,11"
+    assert a.ri == ("scratch",) and a.tl == ("finetune",) and a.snapshot_every == 50 and a.patches is None
+    doc = tomllib.loads("\n".join(karimi("Dataset907_X", 281, n_stages=6, configuration="3d_fullres",
+                                         name="karimi", pretrained=Path("/x/fold_0"), device="cpu")))
+    assert doc["analysis"] == {"analyses": list(a.analyses), "snapshot_every": 50, "layers": a.layers,
+                               "tl": ["finetune"], "groups_by": a.groups_by}
+    smoke = load(EXAMPLES / "karimi" / "smoke.toml")
+    assert smoke.analysis.snapshot_every == 1 and smoke.analysis.patches == 4  # cheap: seconds in the test suite
+    assert smoke.effective_settings(smoke.strategies[0])["snapshot_every"] == 1
