@@ -17,6 +17,8 @@ sizes, and write one ``report.md`` that reads like the papers' results sections.
    ``<metric>_vs_<setting>.png`` (Dice and precision against the swept value, one line per size: Sagie
    et al. Fig. 1), ``runs.csv`` (every run: state, epochs, seconds, its own test Dice per label), and
    ``report.md``.
+5. **Analysis** — with ``[analysis]``, Karimi et al.'s evolution, groups, feature reuse and filter change of the
+   runs (``OUT/analysis/<study>/``, :mod:`nnunet_transfer.study.analysis`), linked from ``report.md``.
 
 Cost: evaluation is per case (distance transforms on each case's bounding box), pooling and comparing are
 per case and strategy; nothing else grows with the data — the time is linear in the number of cases.
@@ -270,11 +272,20 @@ def report_study(study: Study | str | Path, out: str | Path, *, plots: bool = Tr
                 files.append(plot_sweep(out / f"dice_vs_{key_name}.png", key_name, [s.sweep_value for s in members],
                                         series, labels, names, ("dice", "precision")))
     files.append(_write_runs_csv(out / "runs.csv", study, prog, labels))
-    text = report_markdown(study, prog, comparisons, pooled, labels, names, metrics, missing, n_train, out)
+    analysis = None
+    if study.analysis is not None:  # [analysis]: Karimi's analyses of the runs (nnunet_transfer.study.analysis)
+        from nnunet_transfer.study.analysis import analyse_study
+
+        analysis = analyse_study(study, prog, out, say=say)
+    text = report_markdown(study, prog, comparisons, pooled, labels, names, metrics, missing, n_train, out,
+                           extra=analysis.markdown(out) if analysis is not None else ())
     (out / REPORT).write_text(text)
     files.append(out / REPORT)
     write_json(out / "report.json", {"study": str(study.path), "compared": compared, "missing": missing,
-                                     "evaluated_now": evaluated, "labels": labels})
+                                     "evaluated_now": evaluated, "labels": labels,
+                                     "analysis": None if analysis is None else
+                                     [{"analysis": o.job.kind, "folder": str(o.out.relative_to(out)), "state": o.state,
+                                       "error": o.error} for o in analysis.outcomes]})
     return ReportResult(out=out, files=files, evaluated=evaluated, compared=compared, missing=missing, progress=prog)
 
 
@@ -340,7 +351,8 @@ def _convergence_lines(study: Study, done: Sequence[Progress], strategies: Seque
 
 
 def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, pooled: dict, labels: Sequence[int],
-                    names: dict, metrics: Sequence[str], missing: dict, n_train: dict, out: Path) -> str:
+                    names: dict, metrics: Sequence[str], missing: dict, n_train: dict, out: Path,
+                    extra: Sequence[str] = ()) -> str:
     sp = study.splits
     done = [p for p in prog if p.done]
     strategies = [s.name for s in study.strategies]
@@ -431,6 +443,7 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
         if missing.get(k):
             lines.append(f"Left out at this size (runs not done): {', '.join(missing[k])}.")
         lines.append("")
+    lines += list(extra)
     lines += ["## Runs", "", "Every run's state, epochs, seconds and own test Dice: `runs.csv`."]
     failed = [p for p in prog if p.state == "failed"]
     pending = [p for p in prog if not p.done and p.state != "failed"]

@@ -309,3 +309,33 @@ def test_report_counts_not_converged_runs_per_strategy_and_size(tree):
     md = (tree / "rep/report.md").read_text()
     assert "## Convergence (early stopping)" in md
     assert "| scratch | 0 / 1 | 0 / 1 |" in md and "| frozen | 1 / 1 | 0 / 1 |" in md
+
+
+def test_analysis_of_runs_without_snapshots_is_one_line_each_not_a_crash(tree):
+    """[analysis] declared after the runs trained: the report says per run how to get snapshots, and per size why
+    groups and reuse have nothing to compare; nothing is analysed, nothing crashes."""
+    ckpt = tree / "source.pth"
+    torch.save({"network_weights": {}}, ckpt)
+    text = DEFAULT_STUDY.replace("[splits]", f'[pretrained]\nsource = "{ckpt}"\n\n[splits]').replace(
+        'trainer = "nnUNetTrainerFrozenEncoder"', 'trainer = "nnUNetTrainerFinetune"\npretrained = "source"')
+    path = make_tree(tree, study_text=text)
+    plan = prepare(path, check_weights=False)  # the fake checkpoint is no network
+    for i, r in enumerate(plan.runs):
+        finish_run(plan.study, r, plan.definitions[r.id], seed=i)
+    path.write_text(text + "\n[analysis]\nsnapshot_every = 2\n")  # snapshot_every may change after runs started
+    report_study(path, tree / "rep", plots=False, say=lambda s: None)
+    md = (tree / "rep/report.md").read_text()
+    assert "## Analysis of the runs (Karimi et al.)" in md
+    for r in plan.runs:
+        fold = results_folder(plan.study, r)
+        assert (f"- Run {r.id} has no snapshots ({fold}/snapshots): it was trained before [analysis] set "
+                f"snapshot_every, so its evolution, reuse, weights cannot be computed. Fix: delete {fold} and "
+                f"{run_dir(plan.study, r)}, then `nnunet_transfer study run {path.resolve()} --only {r.id}` trains it "
+                f"again with snapshots.") in md
+    for size in ("2", "all"):
+        assert (f"- Groups at n_train {size}: 1 R.I. and 1 T.L. finished run(s); within-group similarity needs at "
+                f"least 2 per group: set [splits] repeats >= 2") in md
+        assert (f"- Feature reuse at n_train {size}: 0 R.I. and 0 T.L. finished run(s) with snapshots; it needs at "
+                f"least one of each.") in md
+    assert json.loads((tree / "rep/report.json").read_text())["analysis"] == []
+    assert not (tree / "rep/analysis").exists()
