@@ -119,7 +119,7 @@ def karimi(smoke_data, tmp_path_factory):
     assert killed is not None, f"study run ended before a run could be killed mid-run: {path.parent / 'study_run.log'}"
     fold = results_folder(study, killed)
     latest = load_checkpoint(fold / "checkpoint_latest.pth")
-    facts = {"path": path, "study": study, "runs": runs, "killed": killed,
+    facts = {"path": path, "study": study, "runs": runs, "killed": killed, "env": ws.env,
              "latest_epoch": latest["current_epoch"], "latest_log": latest["logging"],
              "before": final_facts(study, runs), "status_after_kill": {p.run.id: p for p in study_status(path).progress}}
     # 1. rerun the killed run here (--executor local, the default)
@@ -206,9 +206,107 @@ def test_report_tables_and_plots(karimi):
         assert imread(rep / png).shape[0] > 200, png
 
 
-# --------------------------------------------------------------------------- Amiri: cross-validation
+def _same_tables(mine: dict, theirs: dict, where: str) -> int:
+    """Every cell equal (numbers to 1e-9, NaN to NaN); returns how many numbers were compared."""
+    import math
+
+    assert mine.keys() == theirs.keys(), where
+    n = 0
+    for name in mine:
+        assert len(mine[name]) == len(theirs[name]) > 0, (where, name)
+        for a, b in zip(mine[name], theirs[name]):
+            assert a.keys() == b.keys(), (where, name)
+            for k in a:
+                if isinstance(a[k], float) and isinstance(b[k], float):
+                    assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], abs=1e-9), \
+                        (where, name, k, a[k], b[k])
+                    n += 1
+                else:
+                    assert a[k] == b[k], (where, name, k)
+    return n
+
+
+def test_report_analysis_is_the_runs_own_and_equals_analyze_by_hand(karimi, tmp_path):
+    """[analysis] of smoke.toml: `study report` ran evolution, groups, feature reuse and filter change on the
+    study's own runs and snapshots; `nnunet_transfer analyze` on the same fold folders with the same options gives
+    the same numbers; a second report recomputes nothing."""
+    study, rep, runs = karimi["study"], karimi["report"], karimi["runs"]
+    a, root = study.analysis, karimi["report"] / "analysis" / study.name
+    fold = {(r.strategy.name, str(r.size)): str(results_folder(study, r)) for r in runs}
+    run_id = {(r.strategy.name, str(r.size)): r.id for r in runs}
+    for r in runs:  # study plan gave every run snapshot_every = 1: epochs 0, 1, 2
+        assert [e["epoch"] for e in json.loads((results_folder(study, r) / "snapshots" / "index.json")
+                                               .read_text())] == [0, 1, 2], r.id
+    md = (rep / "report.md").read_text()
+    for title in ("### Evolution", "### Groups", "### Feature reuse", "### Weights (filter change)"):
+        assert title in md, title
+    assert sorted(p.name for p in (root / "evolution").iterdir()) == sorted(r.id for r in runs)
+    assert sorted(p.name for p in (root / "weights").iterdir()) == sorted(r.id for r in runs)
+    assert [p.name for p in (root / "groups").iterdir()] == ["all"]
+    assert sorted(p.name for p in (root / "reuse").iterdir()) == ["n2", "nall"]
+    common = ["-d", study.dataset, "-c", study.configuration, "--layers", a.layers, "--device", "cpu", "--no-progress"]
+    data = ["--patches", str(a.patches), "--voxels-per-patch", str(a.voxels_per_patch), "--measure", a.measure]
+    conv = ["--convergence-from", "validation"]
+    ri = ",".join(fold[("scratch", s)] for s in ("2", "all"))
+    tl = ",".join(fold[("finetune", s)] for s in ("2", "all"))
+    by_hand = {f"evolution/{run_id[('finetune', 'all')]}": ["evolution", fold[("finetune", "all")], *conv, *data],
+               "groups/all": ["groups", "--group", f"RI={ri}", "--group", f"TL={tl}", *data],
+               "reuse/nall": ["reuse", "--ri", fold[("scratch", "all")], "--tl", fold[("finetune", "all")], *conv,
+                              *data],
+               f"weights/{run_id[('scratch', '2')]}": ["weights", fold[("scratch", "2")], *conv]}
+    compared = 0
+    for key, args in by_hand.items():
+        kind, out = key.split("/")[0], tmp_path / key.replace("/", "_")
+        proc = subprocess.run([executable("nnunet_transfer"), "analyze", *args, *common, "-o", str(out)],
+                              env=karimi["env"], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        mine = json.loads((root / key / f"{kind}.json").read_text())
+        theirs = json.loads((out / f"{kind}.json").read_text())
+        compared += _same_tables(mine["tables"], theirs["tables"], key)
+        assert mine["meta"]["patches_from"] == theirs["meta"]["patches_from"]
+        if kind != "groups":  # Karimi's convergence epoch: the runs' validation Dice, not nnU-Net's EMA
+            assert {c["source"] for c in mine["meta"]["convergence"]} == {"validation"}
+            assert mine["meta"]["convergence"] == theirs["meta"]["convergence"]
+        assert f"](analysis/{study.name}/{key}/{kind}.png)" in md  # report.md links its outputs
+        assert (root / key / f"{kind}.png").is_file()
+    assert compared > 50
+    evo = json.loads((root / "evolution" / run_id[("finetune", "all")] / "evolution.json").read_text())
+    assert evo["meta"]["patches_from"]["from"] == "test"  # the study's held-out test cases
+    assert sorted(evo["meta"]["patches_from"]["cases"]) == sorted(runs[0].test)
+    # a second report: the analyses' inputs are unchanged, nothing is computed again
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.json")}
+    assert main(["study", "report", str(karimi["path"]), "-o", str(rep)]) == 0
+    states = [x["state"] for x in json.loads((rep / "report.json").read_text())["analysis"]]
+    assert states == ["unchanged"] * (2 * len(runs) + 1 + 2)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.json")} == stamps
+
+
+# --------------------------------------------------------------------------- Amiri: cross-validation, in 2-D
+TINY2D = "tiny2d"  # examples/amiri/smoke.toml's configuration
+
+
 @pytest.fixture(scope="module")
-def amiri(smoke_data, tmp_path_factory):
+def source_2d(smoke_data):
+    """Amiri's network is 2-D: nnU-Net's planned 2d configuration made tiny as ``tiny`` is in 3-D (features
+    8-16-32, patch 32², batch 2), a source model trained in it for seconds (3 epochs of 5 iterations), and the
+    Amiri target preprocessed for it. Only the Amiri smoke study uses it, so the rest of the suite pays nothing."""
+    from conftest import QUICK_SETTINGS, SOURCE_ID
+
+    ws = smoke_data
+    tiny2d = {"features": "8,16,32", "patch": "32,32", "batch_size": 2}
+    ws.run(["nnUNetv2_preprocess", "-d", SOURCE_ID, "-plans_name", "nnUNetPlans", "-c", "2d", "-np", 1],
+           "preprocess source 2d")
+    ws.configure(SOURCE_ID, "2d", TINY2D, {**QUICK_SETTINGS, "num_epochs": 3, "num_iterations_per_epoch": 5},
+                 **tiny2d)
+    ws.train(SOURCE_ID, TINY2D, "nnUNetTrainerTransferBase")
+    ws.run(["nnUNetv2_preprocess", "-d", CV, "-plans_name", "nnUNetPlans", "-c", "2d", "-np", 1],
+           "preprocess target 2d")
+    ws.configure(CV, "2d", TINY2D, {}, **tiny2d)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def amiri(source_2d, tmp_path_factory):
     return run_and_report("amiri", tmp_path_factory)
 
 
@@ -227,6 +325,55 @@ def test_amiri_smoke_cross_validation_fold(amiri):
     assert frozen["trainer"] == "nnUNetTrainerPartialFT_exceptBottleneck" and frozen["drift"]["encoder"] > 0
     md = (amiri.parent / "report" / "report.md").read_text()
     assert "5-fold cross-validation" in md and "## n_train 6.25%" in md
+
+
+def test_amiri_smoke_trains_2d_and_predicts_with_the_best_checkpoint(amiri, source_2d, tmp_path):
+    """The paper's protocol in small through nnUNetv2_train / nnUNetv2_predict, in 2-D: every run trains with Adam
+    and stops early on the validation loss; with [predict] checkpoint = "best" the study's predictions are
+    ``nnUNetv2_predict -chk checkpoint_best.pth`` run by hand, voxel for voxel, and not checkpoint_final's (with
+    seed 0 the transfer run on all the data stops after epoch 2 with its best at epoch 1, and the two differ)."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from nnunet_transfer.study.table import test_folder
+
+    plan = prepare(amiri, write=False)
+    study = plan.study
+    for r in plan.runs:
+        fold = results_folder(study, r)
+        cfg = json.loads((fold / "transfer_config.json").read_text())
+        assert (cfg["settings"]["optimizer"], cfg["stopping"]["monitor"]) == ("adam", "val_loss"), r.id
+        first_conv = load_checkpoint(fold / "checkpoint_final.pth")["network_weights"][
+            "encoder.stages.0.0.convs.0.conv.weight"]
+        assert first_conv.shape == (8, 1, 3, 3), r.id  # Conv2d of the tiny 2d network
+    run = next(r for r in plan.runs if r.strategy.name == "exceptBottleneck" and r.n_train == 6)
+    fold = results_folder(study, run)
+    best, final = load_checkpoint(fold / "checkpoint_best.pth"), load_checkpoint(fold / "checkpoint_final.pth")
+    stopping = final["nnunet_transfer"]["stopping"]
+    assert stopping["converged"] and stopping["stopped_epoch"] == final["current_epoch"]
+    assert best["current_epoch"] == stopping["best_epoch"] < final["current_epoch"]
+    w_best, w_final = best["network_weights"], final["network_weights"]
+    assert any(not torch.equal(w_best[k], w_final[k]) for k in w_final)
+    by_hand = {}
+    for chk in ("checkpoint_best.pth", "checkpoint_final.pth"):
+        by_hand[chk] = tmp_path / chk
+        source_2d.run(["nnUNetv2_predict", "-i", test_folder(study, run.fold) / "imagesTs", "-o", by_hand[chk],
+                       "-d", study.dataset, "-c", run.configuration, "-f", run.nnunet_fold, "-tr", run.trainer,
+                       "-p", study.plans, "-chk", chk, "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta",
+                       "--disable_progress_bar"], f"predict {run.id} -chk {chk} by hand")
+
+    def seg(path: Path) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+    pred = run_dir(study, run) / "pred"
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in run.test)
+    differ = 0
+    for case in run.test:
+        mine = seg(pred / f"{case}.nii.gz")
+        assert np.array_equal(mine, seg(by_hand["checkpoint_best.pth"] / f"{case}.nii.gz")), case
+        differ += int((mine != seg(by_hand["checkpoint_final.pth"] / f"{case}.nii.gz")).sum())
+    assert differ > 0  # checkpoint_final.pth predicts otherwise: the comparison tells the two apart
 
 
 # --------------------------------------------------------------------------- Sagie: the lambda sweep
