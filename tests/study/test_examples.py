@@ -62,9 +62,18 @@ def test_sagie_protocol():
 @pytest.mark.parametrize("paper,n_strategies", [("karimi", 2), ("amiri", 2), ("sagie", 2)])
 def test_smoke_variants(paper, n_strategies):
     s = load(EXAMPLES / paper / "smoke.toml")
-    assert s.configuration == "tiny" and s.device == "cpu" and len(s.splits.n_train) == 2
-    assert len(s.strategies) == n_strategies and s.splits.repeats == 1
+    # Amiri's network is 2-D: its smoke study trains the tiny 2d configuration tests/test_e2e_study.py writes
+    assert s.configuration == ("tiny2d" if paper == "amiri" else "tiny") and s.device == "cpu"
+    assert len(s.strategies) == n_strategies and s.splits.repeats == 1 and len(s.splits.n_train) == 2
     assert (s.splits.folds_to_run == (0,)) if s.splits.cross_validation else s.splits.test is not None
+
+
+def test_amiri_smoke_is_the_papers_protocol_in_small():
+    s = load(EXAMPLES / "amiri" / "smoke.toml")
+    assert {k: s.settings[k] for k in ("optimizer", "initial_lr", "lr_schedule", "early_stopping", "patience")} == \
+        {"optimizer": "adam", "initial_lr": 1e-4, "lr_schedule": "constant", "early_stopping": "val_loss",
+         "patience": 1}
+    assert s.settings["num_epochs"] <= 5 and s.predict_checkpoint == "best"
 
 
 def test_amiri_template_declares_the_papers_protocol():
