@@ -1,12 +1,14 @@
-"""Early stopping end to end through nnUNetv2_train (issue 21, item 2): two training processes in all.
+"""Early stopping end to end through nnUNetv2_train (issue 21, item 2): three training processes in all.
 
 Adam at a negligible learning rate leaves the network as it starts, so the validation loss only moves with the
 validation batches and the patience-1 rule stops the run early (the run is seeded: the same epoch every time).
 The rule, the best checkpoint and the --c behaviour are checked against nnU-Net's own logged validation losses.
+Early stopping on nnU-Net's EMA pseudo-Dice is checked the same way against its logged ``ema_fg_dice``.
 """
 from __future__ import annotations
 
 import json
+import operator
 
 import numpy as np
 import pytest
@@ -23,11 +25,12 @@ SETTINGS = {**QUICK_SETTINGS, "num_epochs": MAX_EPOCHS, "optimizer": "adam", "in
 TRAINER = "nnUNetTrainerTransferBase"
 
 
-def expected_stop(val_losses, patience):
-    """The paper's rule by hand: (stop epoch, best epoch), 1-based; None if it never fires."""
+def expected_stop(values, patience, better=operator.lt):
+    """The paper's rule by hand: (stop epoch, best epoch), 1-based; None if it never fires. ``better(v, best)``:
+    v improves on the best (lower validation loss; ``operator.gt`` for the EMA pseudo-Dice)."""
     best, best_epoch = None, None
-    for e, v in enumerate(val_losses, 1):
-        if best is None or v < best:
+    for e, v in enumerate(values, 1):
+        if best is None or better(v, best):
             best, best_epoch = v, e
         if e - best_epoch >= patience:
             return e, best_epoch
@@ -82,3 +85,31 @@ def test_resume_keeps_the_stopping_state(stopped):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "nothing to continue" in log
+
+
+# --------------------------------------------------------------------------- on nnU-Net's EMA pseudo-Dice
+EMA_CONF = "stop_ema"
+# from the source model at Adam's 1e-4 (seed 0): the EMA pseudo-Dice falls after epoch 1 while the validation
+# loss still improves, so a run that read the loss instead would neither stop there nor keep epoch 1 as its best
+EMA_SETTINGS = {**SETTINGS, "initial_lr": 1e-4, "early_stopping": "ema_dice"}
+
+
+def test_early_stopping_on_the_ema_pseudo_dice(workspace):
+    workspace.configure(TARGET_ID, TINY, EMA_CONF, EMA_SETTINGS)
+    fold = workspace.train(TARGET_ID, EMA_CONF, TRAINER, pretrained=workspace.source_checkpoint)
+    final, best = load_checkpoint(fold / "checkpoint_final.pth"), load_checkpoint(fold / "checkpoint_best.pth")
+    ema = [float(v) for v in final["logging"]["ema_fg_dice"]]
+    stop, best_epoch = expected_stop(ema, 1, better=operator.gt)
+    assert stop is not None and stop < MAX_EPOCHS, ema
+    assert final["current_epoch"] == stop == len(ema)
+    state = final["nnunet_transfer"]["stopping"]
+    assert (state["monitor"], state["stopped_epoch"], state["best_epoch"], state["converged"]) == \
+        ("ema_dice", stop, best_epoch, True)
+    assert state["best"] == pytest.approx(max(ema), rel=1e-12)
+    # checkpoint_best.pth is nnU-Net's own, by the same EMA pseudo-Dice: the best epoch's, with its value
+    assert best["current_epoch"] == best_epoch and len(best["logging"]["ema_fg_dice"]) == best_epoch
+    assert best["_best_ema"] == pytest.approx(max(ema), rel=1e-12)
+    # the validation losses of the same epochs would have decided otherwise: the rule read the EMA pseudo-Dice
+    assert expected_stop([float(v) for v in final["logging"]["val_losses"]], 1) != (stop, best_epoch)
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert f"early stopping after epoch {stop}: ema_dice has not improved for 1 epochs" in log
