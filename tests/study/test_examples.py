@@ -53,7 +53,10 @@ def test_amiri_protocol():
 def test_sagie_protocol():
     s = load(EXAMPLES / "sagie" / "sagie.toml")
     swept = s.sweeps["l2sp"]
-    assert [x.sweep_value for x in swept][:-1] == [0, 1, 2, 4, 8, 16, 50] and math.isinf(swept[-1].sweep_value)
+    # where the encoder's drift goes from fine-tuning's to near zero under nnU-Net's optimiser (examples/sagie/
+    # README.md, benchmarks/sagie_lambda.py), log-spaced, with 0 and inf
+    assert [x.sweep_value for x in swept][:-1] == [0, 1e-4, 1e-3, 1e-2, 0.1, 1, 10] and math.isinf(swept[-1].sweep_value)
+    assert [x.name for x in swept][1:3] == ["l2sp-0.0001", "l2sp-0.001"]
     assert all(x.trainer == "nnUNetTrainerL2SP_Sagie" for x in swept) and s.baseline == "l2sp-0"
     assert s.splits.n_train == ("all",) and (s.splits.test, s.splits.val) == (11, 7)  # 5/29 and 3/29 of 63
     assert s.scoring.correction == "none"  # the paper's p-values against λ = 0 are uncorrected
@@ -109,3 +112,18 @@ def test_karimi_declares_the_papers_analysis_and_the_template_the_same():
     smoke = load(EXAMPLES / "karimi" / "smoke.toml")
     assert smoke.analysis.snapshot_every == 1 and smoke.analysis.patches == 4  # cheap: seconds in the test suite
     assert smoke.effective_settings(smoke.strategies[0])["snapshot_every"] == 1
+
+
+def test_sagie_keeps_the_papers_grid_as_written_and_the_template_the_example_grid():
+    import tomllib
+
+    from nnunet_transfer.study.templates import sagie
+
+    text = "\n".join(sagie("Dataset906_X", 63, configuration="3d_fullres", name="sagie", pretrained=Path("/x/fold_0"),
+                           device="cpu"))
+    grid = [0, 1e-4, 1e-3, 1e-2, 0.1, 1, 10, math.inf]
+    assert tomllib.loads(text)["strategy"][0]["sweep"] == {"l2sp_alpha": grid}
+    example = (EXAMPLES / "sagie" / "sagie.toml").read_text()
+    for t in (text, example):  # Fig. 1's grid, one uncommented '#' away
+        paper = [ln[2:] for ln in t.splitlines() if ln.startswith("# sweep = ")]
+        assert [tomllib.loads(ln)["sweep"] for ln in paper] == [{"l2sp_alpha": [0, 1, 2, 4, 8, 16, 50, math.inf]}]
