@@ -1,7 +1,7 @@
 """Benchmark: how far Sagie's λ lets the encoder move under nnU-Net's optimiser (issue 21, item 8).
 
-Sagie et al. 2021 sweep λ ∈ {0, 1, 2, 4, 8, 16, 50, ∞} for Cost = Loss + λ‖θ_enc − θ̄_enc‖² under their own
-loss (weighted cross-entropy) and optimiser. Under nnU-Net's SGD (momentum 0.99, Nesterov, poly LR from 1e-2)
+Sagie et al. 2021 sweep λ ∈ {0, 1, 2, 4, 8, 16, 50, ∞} for Cost = Loss + λ‖θ_enc − θ̄_enc‖² under their
+own loss (weighted cross-entropy) and optimiser. Under nnU-Net's SGD (momentum 0.99, Nesterov, poly LR from 1e-2)
 and Dice + CE with deep supervision the same λ means something else. This script measures it: on the test
 suite's workspace (``tests/conftest.py``'s ``Workspace``: source Dataset901 pretrained in the ``tiny``
 configuration, target Dataset902 preprocessed with its plans), one ``nnUNetv2_train -tr

@@ -220,7 +220,8 @@ def sagie(dataset: str, n: int, **kw) -> list[str]:
                        "# λ where the encoder's drift goes from fine-tuning's to near zero under nnU-Net's SGD and",
                        "# Dice + CE (measured: benchmarks/sagie_lambda.py, examples/sagie/README.md)",
                        f"sweep = {{ l2sp_alpha = {SAGIE_LAMBDAS} }}",
-                       "# the paper's grid as written (Fig. 1); here λ ≥ 1 holds the encoder to under a sixth of fine-tuning's drift:",
+                       "# the paper's grid as written (Fig. 1); here λ ≥ 1 holds the encoder to under a sixth of",
+                       "# fine-tuning's drift:",
                        f"# sweep = {{ l2sp_alpha = {SAGIE_PAPER_LAMBDAS} }}"]),
     ]
 

@@ -55,7 +55,8 @@ def test_sagie_protocol():
     swept = s.sweeps["l2sp"]
     # where the encoder's drift goes from fine-tuning's to near zero under nnU-Net's optimiser (examples/sagie/
     # README.md, benchmarks/sagie_lambda.py), log-spaced, with 0 and inf
-    assert [x.sweep_value for x in swept][:-1] == [0, 1e-4, 1e-3, 1e-2, 0.1, 1, 10] and math.isinf(swept[-1].sweep_value)
+    assert [x.sweep_value for x in swept][:-1] == [0, 1e-4, 1e-3, 1e-2, 0.1, 1, 10]
+    assert math.isinf(swept[-1].sweep_value)
     assert [x.name for x in swept][1:3] == ["l2sp-0.0001", "l2sp-0.001"]
     assert all(x.trainer == "nnUNetTrainerL2SP_Sagie" for x in swept) and s.baseline == "l2sp-0"
     assert s.splits.n_train == ("all",) and (s.splits.test, s.splits.val) == (11, 7)  # 5/29 and 3/29 of 63
