@@ -12,6 +12,8 @@ behind:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -60,6 +62,10 @@ from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.errors import ConfigError, DataError
 
 CONVERGENCE_FILE = "convergence.json"
+#: validated convergence epochs already computed in this process, by everything that decides them
+#: (:meth:`Analysis._validation_key`): ``study report`` asks for the same run's epoch in evolution, feature
+#: reuse and filter change, and each validation predicts every snapshot on every validation case
+_VALIDATED: dict[tuple, Convergence] = {}
 #: how summary.md names each --pwcca-side
 PWCCA_SIDE_TEXT = {"fewer": "weighted by the network with fewer live channels, the first on a tie, as google/svcca's "
                             "compute_pwcca (--pwcca-side fewer)",
@@ -192,7 +198,10 @@ class Analysis:
             if c.run == str(fold) and c.source == source and c.tolerance == tolerance:
                 return c
         if source == "validation":
-            conv = self._validated(fold, tolerance)
+            key = self._validation_key(fold, tolerance)
+            if key not in _VALIDATED:
+                _VALIDATED[key] = self._validated(fold, tolerance)
+            conv = copy.deepcopy(_VALIDATED[key])
         else:
             conv = index_convergence(fold, source=source, tolerance=tolerance)
         self.convergences.append(conv)
@@ -209,6 +218,23 @@ class Analysis:
                            details={"curve_key": "ema_fg_dice"})
         self.convergences.append(conv)
         return conv
+
+    def _validation_key(self, fold: Path, tolerance: float) -> tuple:
+        """What a validated convergence epoch depends on: the run and its snapshot index, the split file that
+        names its validation cases, the plans and configuration they are predicted with, and the tolerance."""
+        from nnunet_transfer.nnunet_io import env_folder
+
+        def stamp(path: Path) -> tuple | None:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                return None
+            return st.st_size, st.st_mtime_ns
+
+        splits = env_folder("nnUNet_preprocessed") / self.dataset / "splits_final.json"
+        plans = hashlib.sha256(json.dumps(self.plans, sort_keys=True).encode()).hexdigest()
+        return (str(fold.resolve()), stamp(fold / "snapshots" / "index.json"), stamp(splits), self.dataset,
+                plans, self.configuration, str(self.device), float(tolerance))
 
     def _validated(self, fold: Path, tolerance: float) -> Convergence:
         from tqdm.auto import tqdm
