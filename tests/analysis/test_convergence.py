@@ -247,38 +247,36 @@ def test_validation_mode_predicts_every_snapshot(patch_tree, capsys, tmp_path):
 
 def test_a_validated_convergence_is_computed_once_per_process_until_its_inputs_change(patch_tree, monkeypatch,
                                                                                       tmp_path):
-    # study report asks evolution, reuse and filter change for the same run's epoch: one validation each time
-    # the run's snapshots, split, plans or tolerance are the same, a new one as soon as any of them changed
+    # study report asks evolution, reuse and filter change for the same run's epoch: one validation while the
+    # run's snapshots, split, plans and tolerance are the same, a new one as soon as any of them changed
     from nnunet_transfer.analysis import session, studies
     from nnunet_transfer.analysis.validation import SnapshotValidator
 
     fold = ema_run(patch_tree["nnUNet_results"] / TOY / "T__nnUNetPlans__tiny" / "fold_0", tiny_network(2),
-                   [None, 0.1, 0.2, 0.3], step=0.3)
+                   [None, 0.1, 0.2], step=0.3)
     opened = []
     real_open = SnapshotValidator.open.__func__
     monkeypatch.setattr(SnapshotValidator, "open",
                         classmethod(lambda cls, **kw: opened.append(kw["run"]) or real_open(cls, **kw)))
     monkeypatch.setattr(session, "_VALIDATED", {})
-    where = {"dataset": TOY, "configuration": "tiny", "convergence_from": "validation", "progress": False}
-    studies.run_weights(fold, out=tmp_path / "w1", feature_maps=False, **where)
-    first = json.loads((tmp_path / "w1" / "convergence.json").read_text())["runs"][0]
-    studies.run_weights(fold, out=tmp_path / "w2", feature_maps=False, **where)
-    studies.run_evolution(fold, out=tmp_path / "e", **where, patches=2, voxels_per_patch=8, layers="blocks:1")
-    assert len(opened) == 1
-    again = json.loads((tmp_path / "w2" / "convergence.json").read_text())["runs"][0]
-    assert again == first and json.loads((tmp_path / "e" / "convergence.json").read_text())["runs"][0] == first
-    studies.run_weights(fold, out=tmp_path / "w3", feature_maps=False, **{**where, "tolerance": 0.2})
+    where = {"dataset": TOY, "configuration": "tiny", "convergence_from": "validation", "progress": False,
+             "feature_maps": False}
+
+    def convergence(out: str, **change) -> dict:
+        studies.run_weights(fold, out=tmp_path / out, **{**where, **change})
+        return json.loads((tmp_path / out / "convergence.json").read_text())["runs"][0]
+
+    first = convergence("w1")
+    assert convergence("w2") == first and len(opened) == 1
+    convergence("w3", tolerance=0.2)
     assert len(opened) == 2  # another tolerance
-    index = fold / "snapshots" / "index.json"
-    index.write_text(index.read_text() + " ")  # the snapshot index rewritten (a snapshot added)
-    studies.run_weights(fold, out=tmp_path / "w4", feature_maps=False, **where)
-    assert len(opened) == 3
     split = patch_tree["nnUNet_preprocessed"] / TOY / "splits_final.json"
     split.write_text(json.dumps([{"train": ["case_000", "case_001"], "val": ["case_002", "case_003"]}]))
-    studies.run_weights(fold, out=tmp_path / "w5", feature_maps=False, **where)
+    assert convergence("w4")["validation"]["cases"] == ["case_002", "case_003"] and len(opened) == 3
+    index = fold / "snapshots" / "index.json"
+    index.write_text(index.read_text() + " ")  # the snapshot index rewritten (as when a snapshot is added)
+    convergence("w5")
     assert len(opened) == 4
-    assert json.loads((tmp_path / "w5" / "convergence.json").read_text())["runs"][0]["validation"]["cases"] == \
-        ["case_002", "case_003"]
 
 
 # --------------------------------------------------------------------------------------------------
