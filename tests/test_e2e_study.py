@@ -340,13 +340,19 @@ def test_amiri_smoke_trains_2d_and_predicts_with_the_best_checkpoint(amiri, sour
 
     plan = prepare(amiri, write=False)
     study = plan.study
+    failed = {}  # (strategy, size) -> not converged, from each run's own stopping record
     for r in plan.runs:
         fold = results_folder(study, r)
         cfg = json.loads((fold / "transfer_config.json").read_text())
         assert (cfg["settings"]["optimizer"], cfg["stopping"]["monitor"]) == ("adam", "val_loss"), r.id
+        failed[(r.strategy.name, r.n_train)] = int(not cfg["stopping"]["converged"])
         first_conv = load_checkpoint(fold / "checkpoint_final.pth")["network_weights"][
             "encoder.stages.0.0.convs.0.conv.weight"]
         assert first_conv.shape == (8, 1, 3, 3), r.id  # Conv2d of the tiny 2d network
+    assert set(failed.values()) == {0, 1}  # some runs stopped early within num_epochs = 3, some did not
+    md = (amiri.parent / "report" / "report.md").read_text()
+    for name in ("scratch", "exceptBottleneck"):  # the report counts the paper's failed runs per strategy and size
+        assert f"| {name} | {failed[(name, 6)]} / 1 | {failed[(name, 1)]} / 1 |" in md
     run = next(r for r in plan.runs if r.strategy.name == "exceptBottleneck" and r.n_train == 6)
     fold = results_folder(study, run)
     best, final = load_checkpoint(fold / "checkpoint_best.pth"), load_checkpoint(fold / "checkpoint_final.pth")
