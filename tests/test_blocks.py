@@ -544,7 +544,27 @@ def test_cli_json_matches_an_independently_built_network(nnunet_env, monkeypatch
     assert_same_names(names, set(dict(ref.named_parameters())))
 
 
+@pytest.mark.parametrize("trainer,expected,seg", [
+    # Amiri's output layer is part of block 2N-1: a preset with it trains the heads, one without keeps them frozen
+    ("nnUNetTrainerPartialFT_exceptBottleneck", ["yes"] * 3 + ["-"] + ["yes"] * 3, "yes"),
+    ("nnUNetTrainerPartialFT_contracting", ["yes"] * 3 + ["4a"] + ["-"] * 3, "-"),
+    ("nnUNetTrainerFrozenDecoderAndHeads", ["yes"] * 4 + ["-"] * 3, "-"),
+])
+def test_cli_table_of_a_trainer_marks_the_heads_as_it_trains_them(nnunet_env, monkeypatch, capsys, trainer,
+                                                                 expected, seg):
+    assert _main(monkeypatch, ["blocks", "-d", "901", "-c", "3d_fullres", "-tr", trainer]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[5:] if not line.startswith("-")}
+    assert [rows[str(k)][-1] for k in range(1, 8)] == expected
+    assert rows["seg"][-1] == seg
+    assert out.splitlines()[1].startswith(f"{trainer} trains ")
+
+
 @pytest.mark.parametrize("argv,pattern", [
+    (["-tr", "nnUNetTrainerL2SP"], r"^nnunet_transfer blocks: error: -tr nnUNetTrainerL2SP: this trainer freezes no "
+                                   r"blocks by default .*--spec instead"),
+    (["-tr", "nnUNetTrainerNope"], r"^nnunet_transfer blocks: error: -tr nnUNetTrainerNope: not a trainer of "
+                                   r"nnunet_transfer"),
     (["--spec", "outer+blocks:99"], r"^nnunet_transfer blocks: error: block 99 .*valid range 1\.\.7"),
     (["--spec", "nope"], r"^nnunet_transfer blocks: error: unknown term 'nope'"),
 ])
