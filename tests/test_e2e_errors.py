@@ -7,6 +7,7 @@ constructs the trainer (``get_trainer_from_args`` only finds the class and reads
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -54,18 +55,21 @@ def _train(ws, trainer: str, *extra):
                                  train=True)
 
 
+#: the kind whose refusal runs through the real ``nnUNetv2_train`` program; the others are built in one process
+#: by nnU-Net's own ``get_trainer_from_args`` (tests/refuse_many.py), which saves ~8 s of start-up each
+REAL_PROGRAM = "wrong_shape"
+
+
 @pytest.fixture(scope="module")
 def train_with(bad_files):
-    """``nnUNetv2_train ... -pretrained_weights <the bad file of KIND>``, run once per kind in this module."""
+    """``nnUNetv2_train ... -pretrained_weights <the bad file of KIND>``: what it printed, once per kind."""
     ws, files, _ = bad_files
-    done = {}
-
-    def run(kind: str):
-        if kind not in done:
-            done[kind] = _train(ws, "nnUNetTrainerFinetune", "-pretrained_weights", files[kind])
-        return done[kind]
-
-    return run
+    done = {REAL_PROGRAM: _train(ws, "nnUNetTrainerFinetune", "-pretrained_weights", files[REAL_PROGRAM])}
+    kinds = [k for k in files if k != REAL_PROGRAM]
+    printed = ws.refusals([["nnUNetv2_train", TARGET_ID, CFG, 0, "-tr", "nnUNetTrainerFinetune", "-device", "cpu",
+                            "-pretrained_weights", files[k]] for k in kinds])
+    done |= {k: subprocess.CompletedProcess([], 1, "", err) for k, err in zip(kinds, printed)}
+    return done.__getitem__
 
 
 def _clean_failure(ws, proc, trainer: str) -> str:

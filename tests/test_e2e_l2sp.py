@@ -44,14 +44,20 @@ def runs(workspace):
 
 def test_alpha_zero_reproduces_finetune(runs):
     # Same seed, same data order (augmentation in the main process), same LR: with α = 0 the penalty adds
-    # nothing and the anchored parameter group keeps nnU-Net's weight decay, so SGD performs the very
-    # same float operations per element. Tolerance: 0 (bit-identical); the CPU kernels are deterministic.
+    # nothing and the anchored parameter group keeps nnU-Net's weight decay, so SGD performs the same float
+    # operations per element. Tolerance 5e-7, not 0: two trainings on a loaded 2-core machine once differed by
+    # 6e-8 (a CPU kernel's reduction order); the smallest real penalty, α = 0.01, moves them 3e-6 in these six
+    # steps, and the test checks that it stays above the tolerance (else it could not tell α = 0 from α > 0).
+    tolerance = 5e-7
     _, out = runs
     a = params(load_checkpoint(out["cmp_ft"] / "checkpoint_final.pth")["network_weights"])
     b = params(load_checkpoint(out["l2sp_0"] / "checkpoint_final.pth")["network_weights"])
-    assert a.keys() == b.keys()
+    c = params(load_checkpoint(out["l2sp_small"] / "checkpoint_final.pth")["network_weights"])
+    assert a.keys() == b.keys() == c.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst == 0.0, f"max |Finetune - L2SP(alpha=0)| = {worst}"
+    assert worst <= tolerance, f"max |Finetune - L2SP(alpha=0)| = {worst}"
+    penalised = max(float((a[k] - c[k]).abs().max()) for k in a)
+    assert penalised > 4 * tolerance, f"max |Finetune - L2SP(alpha=0.01)| = {penalised}: the tolerance cannot tell"
 
 
 def test_anchor_is_the_pretrained_encoder(runs):
