@@ -23,22 +23,8 @@ import sys
 from pathlib import Path
 
 from nnunet_transfer.errors import TransferError
-
-_NOT_FOUND = re.compile(r"Could not find requested nnunet trainer (\S+) in")
-
-
-def nnunet_trainer_names() -> list[str]:
-    """Class names of nnU-Net's own trainers (read from its source files, nothing imported)."""
-    import nnunetv2
-
-    root = Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
-    names: set[str] = set()
-    for path in root.rglob("*.py"):
-        try:
-            names |= set(re.findall(r"^class (nnUNetTrainer\w*)\s*[(:]", path.read_text(errors="replace"), re.M))
-        except OSError:
-            continue
-    return sorted(names)
+# what these messages know of nnU-Net (its trainer names, its not-found error) is guarded there
+from nnunet_transfer.nnunet_compat import TRAINER_NOT_FOUND as _NOT_FOUND, nnunet_trainer_names
 
 
 def unknown_trainer_message(name: str, *, ours: list[str] | None = None, nnunet: list[str] | None = None,

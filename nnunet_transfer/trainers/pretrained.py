@@ -37,6 +37,7 @@ from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.checkpoints import LoadedWeights, compare, file_problems, is_seg_key, load_weights
 from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError, TransferError
 from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.nnunet_compat import TRAIN_FLAGS
 from nnunet_transfer.plans.adapt import source_param_names, transfer_record
 from nnunet_transfer.plans.model_folder import resolve_checkpoint  # noqa: F401 - part of this module's API
 
@@ -60,9 +61,9 @@ def nnunet_train_args(argv: list[str] | None = None) -> TrainArgs | None:
         return None
     pretrained = None
     for i, a in enumerate(argv[:-1]):
-        if a in ("-pretrained_weights", "--pretrained_weights"):
+        if a in TRAIN_FLAGS["pretrained"]:
             pretrained = argv[i + 1]
-    return TrainArgs(pretrained, "--c" in argv, "--val" in argv)
+    return TrainArgs(pretrained, TRAIN_FLAGS["continue"] in argv, TRAIN_FLAGS["validate"] in argv)
 
 
 # --------------------------------------------------------------------------- the file
