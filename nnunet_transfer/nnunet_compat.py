@@ -650,7 +650,7 @@ TRAIN_FLAGS = {"pretrained": ("-pretrained_weights", "--pretrained_weights"), "c
 def check_train_command_line() -> None:
     """``nnUNetv2_train`` still has the options :data:`TRAIN_FLAGS` reads from ``sys.argv``, and
     ``maybe_load_checkpoint`` still calls ``load_pretrained_weights`` through its module globals (which
-    :func:`nnunet_transfer.trainers.pretrained.redirect_nnunet_loader` replaces). Source text: nothing of
+    :func:`nnunet_transfer.runtime.redirect_nnunet_loader` replaces). Source text: nothing of
     it can run without a dataset."""
     import inspect
 

@@ -23,7 +23,6 @@ import functools
 import json
 import os
 import random
-import sys
 from typing import Any, Union
 
 import numpy as np
@@ -39,15 +38,15 @@ from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
-from nnunet_transfer.nnunet_compat import TRAIN_FLAGS, checkpoint_dict, train_step as nnunet_train_step
+from nnunet_transfer.nnunet_compat import checkpoint_dict, train_step as nnunet_train_step
 from nnunet_transfer.plans.adapt import record_text, source_param_names
 from nnunet_transfer.policies.drift import group_drift
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.policies.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
 from nnunet_transfer.policies.stopping import EarlyStopping
 from nnunet_transfer.policies.snapshots import save_snapshot, save_weights
-from nnunet_transfer.trainers.pretrained import (PretrainedFile, check_pretrained, copy_head_rows,
-                                                 nnunet_train_args, redirect_nnunet_loader, target_network)
+from nnunet_transfer.runtime import nnunet_train_args, pretrained_weights_argument, redirect_nnunet_loader
+from nnunet_transfer.trainers.pretrained import PretrainedFile, check_pretrained, copy_head_rows, target_network
 
 CHECKPOINT_KEY = "nnunet_transfer"
 CONFIG_FILE = "transfer_config.json"
@@ -66,15 +65,6 @@ def planned_network(trainer_class, plans: dict, configuration: str, dataset_json
     """The network ``trainer_class`` builds for these plans, on the meta device: structure and shapes only."""
     with torch.device("meta"):
         return target_network(trainer_class, plans, configuration, dataset_json)
-
-
-def _pretrained_weights_argument() -> str | None:
-    """The file given to ``nnUNetv2_train -pretrained_weights`` (absolute; None if not given / not run so)."""
-    argv = sys.argv
-    for i, a in enumerate(argv[:-1]):
-        if a in TRAIN_FLAGS["pretrained"]:
-            return os.path.abspath(argv[i + 1])
-    return None
 
 
 class nnUNetTrainerTransferBase(nnUNetTrainer):
@@ -345,7 +335,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             loaded = self._detect_pretrained()
             st = self.transfer_state
             st["pretrained_loaded"] = loaded
-            source = self.pretrained_file.path if self.pretrained_file else _pretrained_weights_argument()
+            source = self.pretrained_file.path if self.pretrained_file else pretrained_weights_argument()
             st["pretrained_source"] = str(source) if loaded and source else None
             # what the file brought: a `weights adapt` report (per block) or a plain same-plans load
             st["transfer"] = self.pretrained_file.transfer if loaded and self.pretrained_file else None
