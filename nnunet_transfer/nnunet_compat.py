@@ -21,6 +21,10 @@ copy                        mirrors (nnunetv2 2.8.1)                            
 :func:`mask_for_norm`       ``experiment_planning/experiment_planners/``                    :func:`check_mask_for_norm`
                             ``default_experiment_planner.ExperimentPlanner.``
                             ``determine_normalization_scheme_and_whether_mask_is_used_for_norm``
+:data:`USES_PROPERTIES`    ``preprocessing/normalization/default_normalization_schemes``    :func:`check_uses_properties`
+                            (which schemes read the intensity properties)                  (same image, two statistics)
+:func:`list_training_cases` ``utilities/utils.get_filenames_of_train_images_and_targets``   :func:`check_training_cases`
+                            (``imagesTr`` / ``labelsTr`` without a ``dataset`` entry)       (same raw folder)
 :func:`pretrained_refusals` ``run/load_pretrained_weights.load_pretrained_weights``         :func:`check_load_pretrained_weights`
 :data:`SEG_KEY`             (its ``skip_strings_in_pretrained`` and assertions)             (same networks / files)
 :func:`reinitialise`        dynamic-network-architectures ``PlainConvUNet.initialize``     :func:`check_reinitialise`
@@ -439,6 +443,84 @@ def check_mask_for_norm() -> None:
                            "--allow-channel-change sets the target channels with it)")
 
 
+#: nnU-Net's normalisation schemes that read ``foreground_intensity_properties_per_channel`` (the plans'
+#: intensity statistics); every other scheme normalises each image by itself
+USES_PROPERTIES = {"CTNormalization"}
+
+
+def check_uses_properties() -> None:
+    """Of nnU-Net's normalisation schemes (``preprocessing/normalization/default_normalization_schemes.py``),
+    exactly :data:`USES_PROPERTIES` change their output when the intensity properties change."""
+    import inspect
+
+    import numpy as np
+    from nnunetv2.preprocessing.normalization import default_normalization_schemes as schemes
+
+    image = np.linspace(0, 200, 64, dtype=np.float32).reshape(4, 4, 4)
+    seg = np.ones((4, 4, 4), dtype=np.int8)
+    props = [{"mean": 10.0, "std": 5.0, "percentile_00_5": 0.0, "percentile_99_5": 100.0},
+             {"mean": 50.0, "std": 20.0, "percentile_00_5": 20.0, "percentile_99_5": 150.0}]
+    uses = set()
+    for name, cls in vars(schemes).items():
+        if not (inspect.isclass(cls) and issubclass(cls, schemes.ImageNormalization)) or inspect.isabstract(cls):
+            continue
+        outs = [cls(use_mask_for_norm=False, intensityproperties=p).run(image.copy(), seg) for p in props]
+        if not np.array_equal(outs[0], outs[1]):
+            uses.add(name)
+    if uses != set(USES_PROPERTIES):
+        raise _differs("default_normalization_schemes", "USES_PROPERTIES",
+                       f"the schemes that read the intensity properties are {sorted(uses)}, ours "
+                       f"{sorted(USES_PROPERTIES)}",
+                       "which normalisations read foreground_intensity_properties_per_channel and update "
+                       "USES_PROPERTIES (plans transfer --normalization decides with it)")
+
+
+def list_training_cases(raw: str | Path, dataset_json: Mapping[str, Any]) -> dict[str, dict]:
+    """``{case: {"images": [...], "label": ...}}`` of a raw dataset without a ``dataset`` entry in
+    ``dataset.json``: nnU-Net's ``utilities/utils.get_filenames_of_train_images_and_targets`` for
+    ``imagesTr`` / ``labelsTr``, without the ``Pool(12)`` it lists the files with (it forks this torch-laden
+    process twelve times and ends the pool with SIGTERM, which the workers of a submitit job ignore, so a
+    job would wait for them forever)."""
+    from batchgenerators.utilities.file_and_folder_operations import subfiles
+    from nnunetv2.utilities.utils import create_paths_fn, get_identifiers_from_splitted_dataset_folder
+
+    raw = Path(raw)
+    images = raw / "imagesTr"
+    ending = dataset_json["file_ending"]
+    identifiers = get_identifiers_from_splitted_dataset_folder(str(images), ending)
+    names = subfiles(str(images), suffix=ending, join=False, sort=True)
+    return {str(i): {"images": create_paths_fn(str(images), names, ending, i),
+                     "label": str(raw / "labelsTr" / f"{i}{ending}")} for i in identifiers}
+
+
+def check_training_cases() -> None:
+    """nnU-Net's ``get_filenames_of_train_images_and_targets`` and :func:`list_training_cases` list the same
+    cases, images (in channel order) and labels for a raw folder with several cases and channels."""
+    import tempfile
+
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    dataset_json = {"channel_names": {"0": "CT", "1": "T2"}, "labels": {"background": 0, "a": 1},
+                    "numTraining": 3, "file_ending": ".nii.gz"}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "Dataset993_CompatRaw"
+        (raw / "imagesTr").mkdir(parents=True)
+        (raw / "labelsTr").mkdir()
+        for case in ("case_b", "case_a", "case_10"):
+            for channel in (1, 0):
+                (raw / "imagesTr" / f"{case}_{channel:04d}.nii.gz").touch()
+            (raw / "labelsTr" / f"{case}.nii.gz").touch()
+        (raw / "imagesTr" / "notes.txt").touch()
+        theirs = get_filenames_of_train_images_and_targets(str(raw), dict(dataset_json))
+        ours = list_training_cases(raw, dataset_json)
+    theirs = {k: {"images": list(v["images"]), "label": v["label"]} for k, v in theirs.items()}
+    if theirs != ours:
+        raise _differs("get_filenames_of_train_images_and_targets", "list_training_cases",
+                       f"nnU-Net lists {theirs}, ours {ours}",
+                       "how nnunetv2/utilities/utils.py lists imagesTr/labelsTr and copy it into "
+                       "list_training_cases (splits and study tables read the cases with it)")
+
+
 # =========================================================================== load_pretrained_weights
 #: nnU-Net's ``skip_strings_in_pretrained``: keys of the segmentation heads, never loaded by it.
 SEG_KEY = ".seg_layers."
@@ -672,7 +754,7 @@ def check_train_command_line() -> None:
 
 #: every guard, in the order of the table above
 CHECKS = (check_save_checkpoint, check_train_step, check_sgd, check_poly_lr, check_move_plans,
-          check_mask_for_norm, check_load_pretrained_weights, check_reinitialise, check_trainer_names,
+          check_mask_for_norm, check_uses_properties, check_training_cases, check_load_pretrained_weights, check_reinitialise, check_trainer_names,
           check_train_command_line)
 
 
@@ -694,6 +776,7 @@ if __name__ == "__main__":  # pragma: no cover - by hand, after installing anoth
 
 
 __all__ = ["NNUNET_VERSION", "CompatError", "checkpoint_dict", "MAX_GRAD_NORM", "penalised_step", "train_step",
-           "nnunet_sgd", "poly_lr", "move_plans", "MASK_RELATIVE_SIZE", "mask_for_norm", "SEG_KEY", "is_seg_key",
+           "nnunet_sgd", "poly_lr", "move_plans", "MASK_RELATIVE_SIZE", "mask_for_norm",
+           "USES_PROPERTIES", "list_training_cases", "SEG_KEY", "is_seg_key",
            "pretrained_refusals", "reinitialise", "TRAINER_NOT_FOUND", "nnunet_trainer_names", "TRAIN_FLAGS",
            "CHECKS", "check_all", *[c.__name__ for c in CHECKS]]

@@ -33,14 +33,12 @@ from typing import Callable
 import numpy as np
 
 from nnunet_transfer.errors import ConfigError, DataError
-from nnunet_transfer.nnunet_compat import mask_for_norm, move_plans
+from nnunet_transfer.nnunet_compat import USES_PROPERTIES, mask_for_norm, move_plans
 from nnunet_transfer.nnunet_io import dataset_name, env_folder, load_dataset_json, load_json, plans_path
 from nnunet_transfer.plans.configure import write_plans
 from nnunet_transfer.plans.model_folder import is_path_argument, load_model_folder
 
 NORMALIZATION = ("target", "source")
-# the only normalisation of nnU-Net 2.8 that reads foreground_intensity_properties_per_channel
-USES_PROPERTIES = {"CTNormalization"}
 
 
 @dataclass
