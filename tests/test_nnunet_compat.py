@@ -122,6 +122,23 @@ def test_mask_guard_fails_when_the_threshold_moves(monkeypatch):
     assert "0.75" in _fails(compat.check_mask_for_norm, "use_mask_for_norm", "mask_for_norm")
 
 
+def test_uses_properties_guard_fails_when_the_set_differs(monkeypatch):
+    monkeypatch.setattr(compat, "USES_PROPERTIES", {"CTNormalization", "ZScoreNormalization"})
+    assert "ZScoreNormalization" in _fails(compat.check_uses_properties, "default_normalization_schemes")
+
+
+def test_training_cases_guard_fails_when_nnunet_lists_otherwise(monkeypatch):
+    from nnunetv2.utilities import utils
+
+    real = utils.get_filenames_of_train_images_and_targets
+
+    def listing(raw, dataset_json=None):  # a future nnU-Net that sorts the channels the other way
+        return {k: {**v, "images": v["images"][::-1]} for k, v in real(raw, dataset_json).items()}
+
+    monkeypatch.setattr(utils, "get_filenames_of_train_images_and_targets", listing)
+    _fails(compat.check_training_cases, "get_filenames_of_train_images_and_targets", "list_training_cases")
+
+
 def test_load_pretrained_weights_guard_fails_when_nnunet_loads_the_heads(monkeypatch):
     from nnunetv2.run import load_pretrained_weights as mod
 
