@@ -7,34 +7,38 @@ re-check when they differ (``tests/test_nnunet_compat.py`` runs every guard; ``p
 nnunet_transfer.nnunet_compat`` runs them by hand). Where nothing can be run, a guard compares the source
 text it depends on.
 
-==========================  ==============================================================  =======================
-copy                        mirrors (nnunetv2 2.8.1)                                        guard
-==========================  ==============================================================  =======================
-:func:`checkpoint_dict`     ``training/nnUNetTrainer/nnUNetTrainer.py``                     :func:`check_save_checkpoint`
-                            ``nnUNetTrainer.save_checkpoint`` (~l.1195)                     (same state, dicts equal)
-:func:`train_step`,         ``nnUNetTrainer.train_step`` (~l.1019)                          :func:`check_train_step`
-:func:`penalised_step`                                                                      (same batch, bit for bit)
-:func:`nnunet_sgd`          ``nnUNetTrainer.configure_optimizers`` (~l.552), SGD part       :func:`check_sgd`
-:func:`poly_lr`             ``training/lr_scheduler/polylr.py`` ``PolyLRScheduler.step``    :func:`check_poly_lr`
-:func:`move_plans`          ``experiment_planning/plans_for_pretraining/``                  :func:`check_move_plans`
-                            ``move_plans_between_datasets.move_plans_between_datasets``     (same plans file)
-:func:`mask_for_norm`       ``experiment_planning/experiment_planners/``                    :func:`check_mask_for_norm`
-                            ``default_experiment_planner.ExperimentPlanner.``
-                            ``determine_normalization_scheme_and_whether_mask_is_used_for_norm``
-:data:`USES_PROPERTIES`    ``preprocessing/normalization/default_normalization_schemes``    :func:`check_uses_properties`
-                            (which schemes read the intensity properties)                  (same image, two statistics)
-:func:`list_training_cases` ``utilities/utils.get_filenames_of_train_images_and_targets``   :func:`check_training_cases`
-                            (``imagesTr`` / ``labelsTr`` without a ``dataset`` entry)       (same raw folder)
-:func:`pretrained_refusals` ``run/load_pretrained_weights.load_pretrained_weights``         :func:`check_load_pretrained_weights`
-:data:`SEG_KEY`             (its ``skip_strings_in_pretrained`` and assertions)             (same networks / files)
-:func:`reinitialise`        dynamic-network-architectures ``PlainConvUNet.initialize``     :func:`check_reinitialise`
-                            as ``utilities/get_network_from_plans.py`` applies it
-:func:`nnunet_trainer_names` ``utilities/find_objects.recursive_find_trainer_class_by_name`` :func:`check_trainer_names`
-:data:`TRAINER_NOT_FOUND`   (where it searches; its "Could not find" message)
-:data:`TRAIN_FLAGS`         ``run/run_training.run_training_entry`` (argument names) and    :func:`check_train_command_line`
-                            ``maybe_load_checkpoint`` (looks ``load_pretrained_weights`` up  (source text)
-                            in its module globals at call time)
-==========================  ==============================================================  =======================
+Copy → the nnU-Net 2.8.1 code it mirrors (paths under ``nnunetv2/``) → guard (how it compares):
+
+* :func:`checkpoint_dict` → ``training/nnUNetTrainer/nnUNetTrainer.py`` ``nnUNetTrainer.save_checkpoint``
+  (~l.1195) → :func:`check_save_checkpoint` (the same trainer state: the same keys and values).
+* :func:`train_step`, :func:`penalised_step` → ``nnUNetTrainer.train_step`` (~l.1019) → :func:`check_train_step`
+  (the same batch, two steps, with and without a grad scaler: loss, gradients and weights bit for bit).
+* :func:`nnunet_sgd` → ``nnUNetTrainer.configure_optimizers`` (~l.552) → :func:`check_sgd` (optimizer class and
+  settings).
+* :func:`poly_lr` → ``training/lr_scheduler/polylr.py`` ``PolyLRScheduler.step`` → :func:`check_poly_lr` (the rate
+  at every epoch).
+* :func:`move_plans` → ``experiment_planning/plans_for_pretraining/move_plans_between_datasets.py``
+  ``move_plans_between_datasets`` → :func:`check_move_plans` (the same generated plans file and raw target; a
+  kept and a new plans identifier).
+* :func:`mask_for_norm`, :data:`MASK_RELATIVE_SIZE` → ``experiment_planning/experiment_planners/
+  default_experiment_planner.py`` ``ExperimentPlanner.determine_normalization_scheme_and_whether_mask_is_used_for_norm``
+  (the 3/4 rule) → :func:`check_mask_for_norm` (every scheme, below, at and above 3/4).
+* :data:`USES_PROPERTIES` → ``preprocessing/normalization/default_normalization_schemes.py`` (which schemes
+  read the plans' intensity statistics) → :func:`check_uses_properties` (every scheme, one image, two statistics).
+* :func:`list_training_cases` → ``utilities/utils.py`` ``get_filenames_of_train_images_and_targets`` (without
+  a ``dataset`` entry) → :func:`check_training_cases` (the same generated raw folder).
+* :func:`pretrained_refusals`, :data:`SEG_KEY` (also :func:`nnunet_transfer.checkpoints.compare`) →
+  ``run/load_pretrained_weights.py`` ``load_pretrained_weights`` → :func:`check_load_pretrained_weights` (the same
+  files: refused exactly when we list a refusal; loaded values).
+* :func:`reinitialise` → dynamic-network-architectures ``PlainConvUNet.initialize`` as
+  ``utilities/get_network_from_plans.py`` applies it → :func:`check_reinitialise` (every layer kind, same seed).
+* :func:`nnunet_trainer_names`, :data:`TRAINER_NOT_FOUND` → ``utilities/find_objects.py``
+  ``recursive_find_trainer_class_by_name`` → :func:`check_trainer_names` (its error for an unknown name; every
+  trainer class it imports is among the names read from the source).
+* :data:`TRAIN_FLAGS` → ``run/run_training.py`` ``run_training_entry`` (option names) and
+  ``maybe_load_checkpoint`` (looks ``load_pretrained_weights`` up in its module globals, which
+  :func:`nnunet_transfer.runtime.redirect_nnunet_loader` relies on) → :func:`check_train_command_line` (source
+  text: nothing of it runs without a dataset).
 
 nnU-Net itself is imported inside the functions that need it, not here: the commands that only read
 checkpoints or plans import this module and should start without loading nnU-Net's trainer.
@@ -64,7 +68,8 @@ def _differs(nnunet_function: str, ours: str, detail: str, recheck: str) -> Comp
 
 # =========================================================================== save_checkpoint
 def checkpoint_dict(trainer) -> dict[str, Any]:
-    """The dictionary nnU-Net's ``nnUNetTrainer.save_checkpoint`` writes (``nnUNetTrainer.py`` ~l.1195).
+    """The dictionary nnU-Net's ``nnUNetTrainer.save_checkpoint`` writes (nnunetv2 2.8.1,
+    ``nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py`` ~l.1195).
 
     nnU-Net builds and writes it inside that one method, with no hook for extra entries; our trainers
     write this dict plus their own key. ``trainer`` needs the attributes nnU-Net's method reads.
@@ -171,7 +176,8 @@ MAX_GRAD_NORM = 12.0
 def penalised_step(loss: torch.Tensor, *, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter],
                    penalty, grad_scaler: torch.amp.GradScaler | None = None,
                    max_norm: float = MAX_GRAD_NORM) -> torch.Tensor:
-    """nnU-Net's backward/clip/step (``nnUNetTrainer.train_step`` ~l.1037) with a penalty gradient added
+    """nnU-Net's backward/clip/step (nnunetv2 2.8.1, ``nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py``
+    ``nnUNetTrainer.train_step`` ~l.1037) with a penalty gradient added
     after unscaling, before clipping.
 
     Replaces the block after the loss in ``nnUNetTrainer.train_step`` (``optimizer.zero_grad`` and the
@@ -198,7 +204,8 @@ def penalised_step(loss: torch.Tensor, *, optimizer: torch.optim.Optimizer, para
 
 
 def train_step(trainer, batch: dict, *, penalty=None) -> dict:
-    """nnU-Net's ``nnUNetTrainer.train_step`` (~l.1019) with :func:`penalised_step` as its backward/clip/step.
+    """nnU-Net's ``nnUNetTrainer.train_step`` (nnunetv2 2.8.1, ``nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py``
+    ~l.1019) with :func:`penalised_step` as its backward/clip/step.
 
     nnU-Net's method is one block with no hook between backward and clipping, where L2-SP's gradient must
     enter; ``trainer`` needs the attributes it reads (device, network, loss, optimizer, grad_scaler).
@@ -276,13 +283,15 @@ def check_train_step() -> None:
 
 # =========================================================================== optimizer and LR
 def nnunet_sgd(params, lr: float, *, weight_decay: float) -> torch.optim.SGD:
-    """nnU-Net's optimizer (``nnUNetTrainer.configure_optimizers`` ~l.552): SGD, momentum 0.99, Nesterov,
+    """nnU-Net's optimizer (nnunetv2 2.8.1, ``nnunetv2/training/nnUNetTrainer/nnUNetTrainer.py``
+    ``nnUNetTrainer.configure_optimizers`` ~l.552): SGD, momentum 0.99, Nesterov,
     L2 weight decay. ``params`` may be parameter groups (a group's own ``weight_decay`` wins)."""
     return torch.optim.SGD(params, lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
 
 
 def poly_lr(step: int, *, initial_lr: float, max_steps: int, exponent: float = 0.9) -> float:
-    """nnU-Net's poly decay (``PolyLRScheduler.step``): ``initial_lr · (1 − step / max_steps) ^ exponent``."""
+    """nnU-Net's poly decay (nnunetv2 2.8.1, ``nnunetv2/training/lr_scheduler/polylr.py``
+    ``PolyLRScheduler.step``): ``initial_lr · (1 − step / max_steps) ^ exponent``."""
     return initial_lr * (1 - step / max_steps) ** exponent
 
 
@@ -335,7 +344,8 @@ def move_plans(plans: Mapping[str, Any], *, target_dataset: str, source_plans: s
                reader_writer: str) -> dict[str, Any]:
     """What nnU-Net's ``move_plans_between_datasets`` writes for the target, as a new dict.
 
-    Mirrors ``experiment_planning/plans_for_pretraining/move_plans_between_datasets.py``: the source plans
+    Mirrors nnunetv2 2.8.1 ``nnunetv2/experiment_planning/plans_for_pretraining/move_plans_between_datasets.py``
+    ``move_plans_between_datasets``: the source plans
     with ``dataset_name`` set to the target, every ``data_identifier`` renamed for a new plans identifier,
     the target's image reader (``reader_writer``, a class name) and ``plans_name``.
     """
@@ -411,7 +421,9 @@ MASK_RELATIVE_SIZE = 3 / 4.
 
 def mask_for_norm(scheme_classes: list[type], median_relative_size_after_cropping: float) -> list[bool]:
     """``use_mask_for_norm`` as nnU-Net's planner sets it for these normalisation classes (from
-    ``get_normalization_scheme``): ``ExperimentPlanner.determine_normalization_scheme_and_whether_mask_is_used_for_norm``."""
+    ``get_normalization_scheme``): nnunetv2 2.8.1
+    ``nnunetv2/experiment_planning/experiment_planners/default_experiment_planner.py``
+    ``ExperimentPlanner.determine_normalization_scheme_and_whether_mask_is_used_for_norm``."""
     if median_relative_size_after_cropping < MASK_RELATIVE_SIZE:
         return [bool(c.leaves_pixels_outside_mask_at_zero_if_use_mask_for_norm_is_true) for c in scheme_classes]
     return [False] * len(scheme_classes)
@@ -444,7 +456,8 @@ def check_mask_for_norm() -> None:
 
 
 #: nnU-Net's normalisation schemes that read ``foreground_intensity_properties_per_channel`` (the plans'
-#: intensity statistics); every other scheme normalises each image by itself
+#: intensity statistics); every other scheme normalises each image by itself (nnunetv2 2.8.1,
+#: ``nnunetv2/preprocessing/normalization/default_normalization_schemes.py``)
 USES_PROPERTIES = {"CTNormalization"}
 
 
@@ -477,7 +490,7 @@ def check_uses_properties() -> None:
 
 def list_training_cases(raw: str | Path, dataset_json: Mapping[str, Any]) -> dict[str, dict]:
     """``{case: {"images": [...], "label": ...}}`` of a raw dataset without a ``dataset`` entry in
-    ``dataset.json``: nnU-Net's ``utilities/utils.get_filenames_of_train_images_and_targets`` for
+    ``dataset.json``: nnunetv2 2.8.1 ``nnunetv2/utilities/utils.py`` ``get_filenames_of_train_images_and_targets`` for
     ``imagesTr`` / ``labelsTr``, without the ``Pool(12)`` it lists the files with (it forks this torch-laden
     process twelve times and ends the pool with SIGTERM, which the workers of a submitit job ignore, so a
     job would wait for them forever)."""
@@ -522,7 +535,8 @@ def check_training_cases() -> None:
 
 
 # =========================================================================== load_pretrained_weights
-#: nnU-Net's ``skip_strings_in_pretrained``: keys of the segmentation heads, never loaded by it.
+#: nnU-Net's ``skip_strings_in_pretrained`` (nnunetv2 2.8.1, ``nnunetv2/run/load_pretrained_weights.py``
+#: ``load_pretrained_weights``): keys of the segmentation heads, never loaded by it.
 SEG_KEY = ".seg_layers."
 
 
@@ -532,7 +546,8 @@ def is_seg_key(key: str) -> bool:
 
 
 def pretrained_refusals(state: Mapping[str, torch.Tensor], network_state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The network keys on which nnU-Net's ``load_pretrained_weights`` asserts (it stops at the first): every
+    """The network keys on which nnU-Net's ``load_pretrained_weights`` (nnunetv2 2.8.1,
+    ``nnunetv2/run/load_pretrained_weights.py``) asserts (it stops at the first): every
     key of the network's state dict that is not a segmentation head must be in ``state`` with an equal shape.
     Keys only ``state`` has are ignored. :func:`nnunet_transfer.checkpoints.compare` applies the same rule
     and groups the result by tensor."""
@@ -602,8 +617,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 
 def reinitialise(modules: list[nn.Module]) -> int:
     """nnU-Net's initialisation for the given modules (He-normal convs, zero biases, fresh norms), as
-    ``get_network_from_plans`` applies ``PlainConvUNet.initialize`` (``InitWeights_He(1e-2)``) to a new
-    network. Returns the number of layers it set."""
+    ``get_network_from_plans`` (nnunetv2 2.8.1, ``nnunetv2/utilities/get_network_from_plans.py``) applies
+    dynamic-network-architectures' ``PlainConvUNet.initialize`` (``InitWeights_He(1e-2)``) to a new network.
+    Returns the number of layers it set."""
     from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
     init = InitWeights_He(1e-2)
@@ -633,7 +649,8 @@ def check_reinitialise() -> None:
         raise _differs("get_network_from_plans", "reinitialise",
                        "it no longer applies network.initialize to a new network",
                        "how nnU-Net initialises a network and copy it into reinitialise")
-    layers = {"Conv3d": lambda: nn.Conv3d(2, 4, 3, bias=True), "ConvTranspose3d": lambda: nn.ConvTranspose3d(4, 2, 2, 2),
+    layers = {"Conv3d": lambda: nn.Conv3d(2, 4, 3, bias=True),
+              "ConvTranspose3d": lambda: nn.ConvTranspose3d(4, 2, 2, 2),
               "Conv2d": lambda: nn.Conv2d(2, 4, 3), "InstanceNorm3d": lambda: nn.InstanceNorm3d(4, affine=True)}
     for kind, make in layers.items():
         torch.manual_seed(3)
@@ -659,13 +676,15 @@ def check_reinitialise() -> None:
 
 
 # =========================================================================== trainer lookup
-#: nnU-Net's error for a ``-tr`` it cannot find (``utilities/find_objects.py``); group 1 is the name
+#: nnU-Net's error for a ``-tr`` it cannot find (nnunetv2 2.8.1, ``nnunetv2/utilities/find_objects.py``
+#: ``recursive_find_trainer_class_by_name``); group 1 is the name
 TRAINER_NOT_FOUND = re.compile(r"Could not find requested nnunet trainer (\S+) in")
 
 
 def nnunet_trainer_names() -> list[str]:
-    """Class names ``nnUNetTrainer*`` of nnU-Net's own trainers, read from the source files of the folder nnU-Net's
-    ``recursive_find_trainer_class_by_name`` searches (``training/nnUNetTrainer``); nothing imported."""
+    """Class names ``nnUNetTrainer*`` of nnU-Net's own trainers, read from the source files of the folder that
+    nnunetv2 2.8.1 ``nnunetv2/utilities/find_objects.py`` ``recursive_find_trainer_class_by_name`` searches
+    (``training/nnUNetTrainer``); nothing imported."""
     import nnunetv2
 
     root = Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
@@ -725,7 +744,8 @@ def check_trainer_names() -> None:
 
 
 # =========================================================================== nnUNetv2_train's command line
-#: ``nnUNetv2_train``'s options that decide what a trainer starts from (``run_training_entry``)
+#: ``nnUNetv2_train``'s options that decide what a trainer starts from (nnunetv2 2.8.1,
+#: ``nnunetv2/run/run_training.py`` ``run_training_entry``)
 TRAIN_FLAGS = {"pretrained": ("-pretrained_weights", "--pretrained_weights"), "continue": "--c", "validate": "--val"}
 
 
@@ -754,8 +774,8 @@ def check_train_command_line() -> None:
 
 #: every guard, in the order of the table above
 CHECKS = (check_save_checkpoint, check_train_step, check_sgd, check_poly_lr, check_move_plans,
-          check_mask_for_norm, check_uses_properties, check_training_cases, check_load_pretrained_weights, check_reinitialise, check_trainer_names,
-          check_train_command_line)
+          check_mask_for_norm, check_uses_properties, check_training_cases, check_load_pretrained_weights,
+          check_reinitialise, check_trainer_names, check_train_command_line)
 
 
 def check_all() -> list[str]:

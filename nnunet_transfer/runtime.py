@@ -4,22 +4,22 @@ Our trainers run inside nnU-Net's own programs (``nnUNetv2_train``, ``nnUNetv2_p
 hook for what they need before nnU-Net acts; these are the places where the package reaches into the process
 instead. Each is legitimate; all of them are here, so that none is a surprise.
 
-==================================================  ==========================================  ===========================================
-effect on the process                               installed / done by                         when
-==================================================  ==========================================  ===========================================
-reads ``sys.argv`` of ``nnUNetv2_train``            :func:`nnunet_train_args`,                  a trainer's ``__init__`` (to check
-(``-pretrained_weights``, ``--c``, ``--val``)       :func:`pretrained_weights_argument`         ``-pretrained_weights`` before nnU-Net creates
-                                                                                                folders; nnU-Net never tells the trainer)
-replaces ``nnunetv2.run.run_training.``             :func:`redirect_nnunet_loader`              a trainer's ``__init__``, when
-``load_pretrained_weights`` (a wrapper that swaps                                               ``-pretrained_weights`` names a folder or
-the file name, then calls nnU-Net's own)                                                        model, not the file itself
-replaces ``sys.excepthook`` (one-line errors for    :func:`install_excepthook`                  when nnU-Net imports the ``nnUNet_extTrainer``
-our ``TransferError`` and misspelt trainers)                                                    shim (``_ext/``), or at start-up (below)
-writes ``nnunet_transfer_hints.pth`` into           :func:`install_startup_hint`,               ``nnunet_transfer doctor --install-hints`` /
-site-packages; at every Python start-up it runs     :func:`remove_startup_hint`;                ``--remove-hints`` (opt-in);
-:func:`install_hint_hook`, which installs the       :func:`install_hint_hook`                   the hook only in ``nnUNetv2_train`` /
-excepthook in nnU-Net's two programs only                                                       ``nnUNetv2_predict`` processes
-==================================================  ==========================================  ===========================================
+Effect on the process → the function that does it → when:
+
+* reads ``sys.argv`` of ``nnUNetv2_train`` (``-pretrained_weights``, ``--c``, ``--val``) →
+  :func:`nnunet_train_args`, :func:`pretrained_weights_argument` → a trainer's ``__init__`` and
+  ``on_train_start``: ``-pretrained_weights`` is checked before nnU-Net creates folders (nnU-Net never tells
+  the trainer which file it loads).
+* replaces ``nnunetv2.run.run_training.load_pretrained_weights`` with a wrapper that swaps the file name and
+  calls nnU-Net's own → :func:`redirect_nnunet_loader` → a trainer's ``__init__``, when ``-pretrained_weights``
+  names a fold or model folder rather than the file.
+* replaces ``sys.excepthook`` (our ``TransferError`` and a misspelt trainer or model folder print as one line)
+  → :func:`install_excepthook` → when nnU-Net imports the ``nnUNet_extTrainer`` shim (``_ext/``), or at
+  start-up (next item).
+* writes ``nnunet_transfer_hints.pth`` into site-packages, whose line runs :func:`install_hint_hook` at every
+  Python start-up; that installs the excepthook in ``nnUNetv2_train`` / ``nnUNetv2_predict`` only →
+  :func:`install_startup_hint`, :func:`remove_startup_hint` → ``nnunet_transfer doctor --install-hints`` /
+  ``--remove-hints`` (opt-in).
 
 What these functions know of nnU-Net (its option names, that ``maybe_load_checkpoint`` looks the loader up in
 its module globals) is guarded in :mod:`nnunet_transfer.nnunet_compat`.
