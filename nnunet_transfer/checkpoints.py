@@ -39,17 +39,12 @@ from torch import nn
 
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.netutil import strip_prefixes, unwrap
-
-#: nnU-Net's ``skip_strings_in_pretrained``: keys of the segmentation heads, never loaded by it.
-SEG_KEY = ".seg_layers."
+# nnU-Net's skip rule lives (and is guarded against nnU-Net's loader) in nnunet_compat
+from nnunet_transfer.nnunet_compat import SEG_KEY, is_seg_key
 #: where a dict may hold its state dict
 CONTAINER_KEYS = ("network_weights", "state_dict", "model")
 #: where a file written by ``weights adapt`` keeps its report (what came from the source, per block)
 ADAPTED_KEY = "nnunet_transfer_adapted"
-
-
-def is_seg_key(key: str) -> bool:
-    return SEG_KEY in key
 
 
 # --------------------------------------------------------------------------- reading files safely
@@ -368,7 +363,9 @@ def compare(state: Mapping[str, torch.Tensor], network: nn.Module | Mapping[str,
     """Apply nnU-Net's ``load_pretrained_weights`` rules to every key of ``network``; report all differences.
 
     ``state`` is a checkpoint's (prefix-stripped) state dict, ``network`` the target network or its
-    state dict. Keys containing :data:`SEG_KEY` may differ without blocking (nnU-Net skips them).
+    state dict. Keys containing :data:`SEG_KEY` may differ without blocking (nnU-Net skips them). The
+    blocking keys are :func:`nnunet_transfer.nnunet_compat.pretrained_refusals`, whose guard runs nnU-Net's
+    loader (``tests/test_nnunet_compat.py`` checks that the two agree).
     """
     model = _state_of(network)
     mismatches: list[Mismatch] = []

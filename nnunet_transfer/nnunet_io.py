@@ -110,9 +110,10 @@ def build_network(plans: dict, configuration: str, dataset_json: dict, *,
 
 def raw_training_cases(dataset: str) -> tuple[dict, str]:
     """nnU-Net's training cases of the raw dataset (``{case: {"images", "label"}}``) and the file ending."""
-    from batchgenerators.utilities.file_and_folder_operations import subfiles
-    from nnunetv2.utilities.utils import (create_paths_fn, get_filenames_of_train_images_and_targets,
-                                          get_identifiers_from_splitted_dataset_folder)
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    # here, not at the top: this module stays light for the commands that only read paths and JSON
+    from nnunet_transfer.nnunet_compat import list_training_cases
 
     raw = env_folder("nnUNet_raw") / dataset
     if not (raw / "dataset.json").is_file():
@@ -124,16 +125,11 @@ def raw_training_cases(dataset: str) -> tuple[dict, str]:
     if "dataset" in dataset_json:  # files listed in dataset.json: nnU-Net's own reading
         files = get_filenames_of_train_images_and_targets(str(raw), dataset_json)
     else:
-        # nnU-Net's rules for imagesTr/labelsTr, without the Pool(12) nnU-Net lists them with: it forks this
-        # (torch-laden) process twelve times and ends the pool with SIGTERM, which the workers of a submitit
-        # job ignore (submitit handles SIGTERM), so the job would wait for them forever
+        # nnU-Net's rules without its Pool(12), which a submitit job would wait on forever (see there)
         images = raw / "imagesTr"
         if not images.is_dir():
             raise DataError(f"{images} not found: the raw dataset's training images")
-        identifiers = get_identifiers_from_splitted_dataset_folder(str(images), ending)
-        names = subfiles(str(images), suffix=ending, join=False, sort=True)
-        files = {str(i): {"images": create_paths_fn(str(images), names, ending, i),
-                          "label": str(raw / "labelsTr" / f"{i}{ending}")} for i in identifiers}
+        files = list_training_cases(raw, dataset_json)
     if not files:
         raise DataError(f"{dataset} has no training cases in {raw}")
     return files, ending

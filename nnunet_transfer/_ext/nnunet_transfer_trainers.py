@@ -6,7 +6,7 @@ this single, uniquely named file: relative imports fail there, and a second modu
 """
 from nnunet_transfer.trainers import *  # noqa: F401,F403
 from nnunet_transfer.trainers import __all__  # noqa: F401
-from nnunet_transfer.trainers.cli_errors import install_excepthook
+from nnunet_transfer.runtime import install_excepthook
 
 # nnUNetv2_train is nnU-Net's program: a bad setting found by one of our trainers would otherwise end
 # in a traceback. Print such errors as one line (the process still exits non-zero).

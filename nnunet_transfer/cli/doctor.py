@@ -9,9 +9,8 @@ import contextlib
 import io
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from nnunet_transfer.errors import DataError
+from nnunet_transfer.runtime import install_startup_hint, remove_startup_hint
 
 
 @dataclass
@@ -127,30 +126,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def hints_file(site_dir: str | None = None) -> Path:
-    import sysconfig
-
-    from nnunet_transfer._hints import PTH_NAME
-
-    return Path(site_dir or sysconfig.get_paths()["purelib"]) / PTH_NAME
-
-
 def run(args) -> int:
-    if args.install_hints or args.remove_hints:
-        from nnunet_transfer._hints import PTH_LINE
-
-        path = hints_file(args.site_dir)
-        if args.remove_hints:
-            existed = path.exists()
-            path.unlink(missing_ok=True)
-            print(f"removed {path}" if existed else f"{path} was not installed")
-            return 0
-        if not path.parent.is_dir():
-            raise DataError(f"site-packages folder {path.parent} does not exist")
-        try:
-            path.write_text(PTH_LINE)
-        except OSError as e:
-            raise DataError(f"cannot write {path}: {e.strerror}; run it in an environment you may write to") from None
+    if args.remove_hints:
+        path, existed = remove_startup_hint(args.site_dir)
+        print(f"removed {path}" if existed else f"{path} was not installed")
+        return 0
+    if args.install_hints:
+        path = install_startup_hint(args.site_dir)
         print(f"wrote {path}: nnUNetv2_train and nnUNetv2_predict now print misspelt trainer names as one line")
         return 0
     checks = run_checks()

@@ -33,13 +33,12 @@ from typing import Callable
 import numpy as np
 
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.nnunet_compat import USES_PROPERTIES, mask_for_norm, move_plans
 from nnunet_transfer.nnunet_io import dataset_name, env_folder, load_dataset_json, load_json, plans_path
 from nnunet_transfer.plans.configure import write_plans
 from nnunet_transfer.plans.model_folder import is_path_argument, load_model_folder
 
 NORMALIZATION = ("target", "source")
-# the only normalisation of nnU-Net 2.8 that reads foreground_intensity_properties_per_channel
-USES_PROPERTIES = {"CTNormalization"}
 
 
 @dataclass
@@ -254,17 +253,9 @@ def transfer_plans(source: str | int | Path, target: str | int, *, source_plans:
                         f"{list(t_ch)}; delete the file and run again to extract it anew")
     reader = _reader_writer(raw, tgt_json)
 
-    # ---- what nnU-Net's move_plans_between_datasets does
-    new = copy.deepcopy(plans)
-    new["dataset_name"] = tgt
-    if target_plans != source_plans:
-        for c in new["configurations"].values():
-            if "data_identifier" in c:
-                old = c["data_identifier"]
-                c["data_identifier"] = (target_plans + old[len(source_plans):] if old.startswith(source_plans)
-                                        else f"{target_plans}_{old}")
-    new["image_reader_writer"] = reader
-    new["plans_name"] = target_plans
+    # ---- what nnU-Net's move_plans_between_datasets does (its copy is guarded in nnunet_compat)
+    new = move_plans(plans, target_dataset=tgt, source_plans=source_plans, target_plans=target_plans,
+                     reader_writer=reader)
 
     # ---- channels that change: schemes and mask use as nnU-Net's planner would set them
     if allow_channel_change and (count_differs or changed):
@@ -272,10 +263,7 @@ def transfer_plans(source: str | int | Path, target: str | int, *, source_plans:
             get_normalization_scheme
 
         classes = [get_normalization_scheme(n) for n in t_ch.values()]
-        if fingerprint["median_relative_size_after_cropping"] < 3 / 4.:
-            mask = [bool(c.leaves_pixels_outside_mask_at_zero_if_use_mask_for_norm_is_true) for c in classes]
-        else:
-            mask = [False] * len(classes)
+        mask = mask_for_norm(classes, fingerprint["median_relative_size_after_cropping"])
         for c in new["configurations"].values():
             if "normalization_schemes" in c:
                 c["normalization_schemes"] = [k.__name__ for k in classes]

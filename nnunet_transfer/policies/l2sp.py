@@ -35,7 +35,8 @@ gradient of loss + penalty *exactly*, nnU-Net's gradient clipping and AMP grad s
     clip_grad_norm_(network.parameters(), 12)   # clips the gradient of the full Cost
     scaler.step(optimizer); scaler.update()     # or optimizer.step()
 
-:func:`penalised_step` is exactly this sequence. Adding the penalty gradient *before* clipping makes
+:func:`nnunet_transfer.nnunet_compat.penalised_step` (beside its guarded copy of nnU-Net's ``train_step``) is
+exactly this sequence. Adding the penalty gradient *before* clipping makes
 clipping act on the gradient of the whole objective, which is what autograd on ``loss + penalty``
 followed by the same clipping computes. Adding it *after* ``unscale_`` keeps it out of the loss
 scale (autograd on the scaled sum would scale and unscale it by a power of two: the same numbers);
@@ -370,30 +371,3 @@ def param_groups(parameters: Iterable[nn.Parameter], penalty: L2SPPenalty | None
         if members:
             groups.append({"params": members, "weight_decay": decay[name], "name": name})
     return groups
-
-
-def penalised_step(loss: torch.Tensor, *, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter],
-                   penalty: L2SPPenalty | None, grad_scaler: torch.amp.GradScaler | None = None,
-                   max_norm: float = 12.0) -> torch.Tensor:
-    """nnU-Net's backward/clip/step with the penalty gradient added after unscaling, before clipping.
-
-    Replaces the block after the loss in ``nnUNetTrainer.train_step`` (``optimizer.zero_grad`` and the
-    forward stay the caller's). ``parameters`` are the ones nnU-Net clips (``network.parameters()``),
-    ``max_norm`` its clipping threshold (12). Returns the total gradient norm before clipping, as
-    ``clip_grad_norm_`` does (of loss + penalty). ``penalty=None`` is nnU-Net's step unchanged.
-    """
-    parameters = list(parameters)
-    if grad_scaler is not None:
-        grad_scaler.scale(loss).backward()
-        grad_scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if penalty is not None:
-        penalty.add_to_grads()
-    total_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-    if grad_scaler is not None:
-        grad_scaler.step(optimizer)
-        grad_scaler.update()
-    else:
-        optimizer.step()
-    return total_norm

@@ -12,6 +12,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import _LRScheduler
 
+from nnunet_transfer.nnunet_compat import nnunet_sgd, poly_lr
+
 
 #: setting ``optimizer``
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -28,7 +30,7 @@ def make_optimizer(groups: list[dict], name: str, lr: float, *, weight_decay: fl
     * ``adamw``: ``torch.optim.AdamW``, the same decay decoupled from the gradient (Loshchilov & Hutter).
     """
     if name == "sgd":
-        return torch.optim.SGD(groups, lr, weight_decay=weight_decay, momentum=0.99, nesterov=True)
+        return nnunet_sgd(groups, lr, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(groups, lr, weight_decay=weight_decay)
     if name == "adamw":
@@ -41,7 +43,7 @@ def poly_warmup_lr(step: int, *, initial_lr: float, max_steps: int, warmup_steps
     """lr(step) = initial_lr · (step+1)/warmup for step < warmup, else initial_lr · (1 − step/max)^0.9."""
     if step < warmup_steps:
         return initial_lr * (step + 1) / warmup_steps
-    return initial_lr * (1 - step / max_steps) ** exponent
+    return poly_lr(step, initial_lr=initial_lr, max_steps=max_steps, exponent=exponent)
 
 
 class WarmupPolyLRScheduler(_LRScheduler):

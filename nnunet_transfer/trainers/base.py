@@ -23,17 +23,13 @@ import functools
 import json
 import os
 import random
-import sys
 from typing import Any, Union
 
 import numpy as np
 import torch
 from torch import nn
-from torch import autocast
-from torch._dynamo import OptimizedModule
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
@@ -42,15 +38,15 @@ from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
+from nnunet_transfer.nnunet_compat import checkpoint_dict, train_step as nnunet_train_step
 from nnunet_transfer.plans.adapt import record_text, source_param_names
 from nnunet_transfer.policies.drift import group_drift
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
-from nnunet_transfer.policies.l2sp import penalised_step
 from nnunet_transfer.policies.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
 from nnunet_transfer.policies.stopping import EarlyStopping
 from nnunet_transfer.policies.snapshots import save_snapshot, save_weights
-from nnunet_transfer.trainers.pretrained import (PretrainedFile, check_pretrained, copy_head_rows,
-                                                 nnunet_train_args, redirect_nnunet_loader, target_network)
+from nnunet_transfer.runtime import nnunet_train_args, pretrained_weights_argument, redirect_nnunet_loader
+from nnunet_transfer.trainers.pretrained import PretrainedFile, check_pretrained, copy_head_rows, target_network
 
 CHECKPOINT_KEY = "nnunet_transfer"
 CONFIG_FILE = "transfer_config.json"
@@ -69,15 +65,6 @@ def planned_network(trainer_class, plans: dict, configuration: str, dataset_json
     """The network ``trainer_class`` builds for these plans, on the meta device: structure and shapes only."""
     with torch.device("meta"):
         return target_network(trainer_class, plans, configuration, dataset_json)
-
-
-def _pretrained_weights_argument() -> str | None:
-    """The file given to ``nnUNetv2_train -pretrained_weights`` (absolute; None if not given / not run so)."""
-    argv = sys.argv
-    for i, a in enumerate(argv[:-1]):
-        if a in ("-pretrained_weights", "--pretrained_weights"):
-            return os.path.abspath(argv[i + 1])
-    return None
 
 
 class nnUNetTrainerTransferBase(nnUNetTrainer):
@@ -348,7 +335,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             loaded = self._detect_pretrained()
             st = self.transfer_state
             st["pretrained_loaded"] = loaded
-            source = self.pretrained_file.path if self.pretrained_file else _pretrained_weights_argument()
+            source = self.pretrained_file.path if self.pretrained_file else pretrained_weights_argument()
             st["pretrained_source"] = str(source) if loaded and source else None
             # what the file brought: a `weights adapt` report (per block) or a plain same-plans load
             st["transfer"] = self.pretrained_file.transfer if loaded and self.pretrained_file else None
@@ -517,21 +504,10 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         penalty = self._gradient_penalty()
         if penalty is None:
             return super().train_step(batch)
-        # nnU-Net's train_step, with the backward/clip/step block replaced by penalised_step: the
-        # penalty gradient enters after (unscaled) backward and before clipping, so clipping and the
-        # optimizer see the gradient of the whole objective (tested against autograd in
-        # tests/policies/test_l2sp.py)
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
-            loss = self.loss(output, target)
-        penalised_step(loss, optimizer=self.optimizer, parameters=self.network.parameters(), penalty=penalty,
-                       grad_scaler=self.grad_scaler, max_norm=12)
-        return {"loss": loss.detach().cpu().numpy()}
+        # nnU-Net's train_step (copied in nnunet_compat, guarded there) with the penalty gradient entering
+        # after (unscaled) backward and before clipping, so clipping and the optimizer see the gradient of
+        # the whole objective (tested against autograd in tests/policies/test_l2sp.py)
+        return nnunet_train_step(self, batch, penalty=penalty)
 
     # ------------------------------------------------------------------ checkpoints
     def _transfer_checkpoint_state(self) -> dict:
@@ -551,8 +527,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         # nnU-Net 2.8 builds and writes its checkpoint dict inside this one method with no hook for
-        # extra entries. We write the same dict plus our key, so one file holds everything that
-        # resume, prediction and analysis need (the dependency pin <2.9 guards this copy).
+        # extra entries. We write the same dict (nnunet_compat.checkpoint_dict, guarded against nnU-Net's
+        # own method) plus our key, so one file holds everything that resume, prediction and analysis need.
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -561,21 +537,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         if (os.path.basename(filename) == "checkpoint_best.pth" and self._best_follows_monitor()
                 and not self._writing_best):
             return  # nnU-Net's EMA-Dice best: checkpoint_best.pth follows the monitored quantity instead
-        mod = self.network.module if self.is_ddp else self.network
-        if isinstance(mod, OptimizedModule):
-            mod = mod._orig_mod
-        checkpoint = {
-            "network_weights": mod.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": self.logger.get_checkpoint(),
-            "_best_ema": self._best_ema,
-            "current_epoch": self.current_epoch + 1,
-            "init_args": self.my_init_kwargs,
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            CHECKPOINT_KEY: self._transfer_checkpoint_state(),
-        }
+        checkpoint = {**checkpoint_dict(self), CHECKPOINT_KEY: self._transfer_checkpoint_state()}
         tmp = filename + ".tmp"
         torch.save(checkpoint, tmp)
         os.replace(tmp, filename)

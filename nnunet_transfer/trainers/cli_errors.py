@@ -1,7 +1,7 @@
-"""One-line errors for our trainers when they run inside nnU-Net's own command line.
+"""One-line errors for our trainers when they run inside nnU-Net's own command line: the messages.
 
-The ``nnUNet_extTrainer`` shim installs :func:`install_excepthook` when nnU-Net imports it, which
-``nnUNetv2_train`` does while it searches for a trainer class. From then on
+The ``nnUNet_extTrainer`` shim installs :func:`nnunet_transfer.runtime.install_excepthook` when nnU-Net
+imports it, which ``nnUNetv2_train`` does while it searches for a trainer class. From then on
 
 * a :class:`~nnunet_transfer.errors.TransferError` (a bad setting, an incompatible
   ``-pretrained_weights`` file, a refused strategy) prints as ``nnunet_transfer: error: …``;
@@ -10,7 +10,7 @@ The ``nnUNet_extTrainer`` shim installs :func:`install_excepthook` when nnU-Net 
 * in ``nnUNetv2_predict`` a model folder ``TRAINER__PLANS__CONFIG`` that does not exist prints as one line
   naming the models the dataset has and the closest trainers. ``nnUNetv2_predict`` looks for the folder
   before it imports any external trainer, so there the hook is installed at start-up by the opt-in
-  ``nnunet_transfer doctor --install-hints`` (see :mod:`nnunet_transfer._hints`).
+  ``nnunet_transfer doctor --install-hints`` (see :mod:`nnunet_transfer.runtime`).
 
 The process still exits non-zero (Python exits with 1 after an uncaught exception).
 """
@@ -19,26 +19,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import sys
 from pathlib import Path
 
-from nnunet_transfer.errors import TransferError
-
-_NOT_FOUND = re.compile(r"Could not find requested nnunet trainer (\S+) in")
-
-
-def nnunet_trainer_names() -> list[str]:
-    """Class names of nnU-Net's own trainers (read from its source files, nothing imported)."""
-    import nnunetv2
-
-    root = Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
-    names: set[str] = set()
-    for path in root.rglob("*.py"):
-        try:
-            names |= set(re.findall(r"^class (nnUNetTrainer\w*)\s*[(:]", path.read_text(errors="replace"), re.M))
-        except OSError:
-            continue
-    return sorted(names)
+# what these messages know of nnU-Net's trainers is guarded there
+from nnunet_transfer.nnunet_compat import nnunet_trainer_names
 
 
 def unknown_trainer_message(name: str, *, ours: list[str] | None = None, nnunet: list[str] | None = None,
@@ -80,34 +64,3 @@ def missing_model_message(path: str) -> str | None:
         return (f"no trained model {folder}: {dataset.name} has {have}; "
                 + unknown_trainer_message(m.group("trainer")).replace("no trainer", "for the trainer", 1))
     return None
-
-
-def install_excepthook() -> None:
-    previous = sys.excepthook
-    if getattr(previous, "_nnunet_transfer", False):
-        return
-
-    def hook(exc_type, exc, tb):
-        if issubclass(exc_type, TransferError):
-            print(f"nnunet_transfer: error: {exc}", file=sys.stderr)
-            return
-        if issubclass(exc_type, RuntimeError):
-            m = _NOT_FOUND.search(str(exc))
-            if m:
-                try:
-                    print(f"nnunet_transfer: error: {unknown_trainer_message(m.group(1))}", file=sys.stderr)
-                    return
-                except Exception:  # noqa: BLE001 - never hide nnU-Net's own error behind a failing hint
-                    pass
-        if issubclass(exc_type, FileNotFoundError) and getattr(exc, "filename", None):
-            try:
-                message = missing_model_message(str(exc.filename))
-            except Exception:  # noqa: BLE001 - as above
-                message = None
-            if message:
-                print(f"nnunet_transfer: error: {message}", file=sys.stderr)
-                return
-        previous(exc_type, exc, tb)
-
-    hook._nnunet_transfer = True
-    sys.excepthook = hook

@@ -28,29 +28,12 @@ from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, TransferError
 from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.netutil import kernel_names, unwrap
+from nnunet_transfer.nnunet_compat import reinitialise
 from nnunet_transfer.policies.l2sp import L2SPPenalty, param_groups
 from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase
 
 L2SP_KEYS = BASE_KEYS | frozenset(TransferConfig.keys("l2sp"))
 LOG_FILE = "l2sp_log.json"
-
-
-def reinitialise(modules: list[nn.Module]) -> int:
-    """nnU-Net's initialisation for the given modules (He-normal convs, zero biases, fresh norms)."""
-    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-
-    init = InitWeights_He(1e-2)
-    n = 0
-    for root in modules:
-        for m in root.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                              nn.ConvTranspose3d)):
-                init(m)
-                n += 1
-            elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
-                m.reset_parameters()
-                n += 1
-    return n
 
 
 class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):

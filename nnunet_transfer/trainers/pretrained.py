@@ -3,7 +3,8 @@
 nnU-Net never tells a trainer which file it will load; ``nnUNetv2_train`` only calls ``initialize()``
 and then ``load_pretrained_weights(network, file)``, which asserts on the first incompatible key and
 prints both tensors. Our trainers read the file name from the command line (the same ``sys.argv`` the
-process was started with) in ``__init__``, *before* nnU-Net creates the fold folder, and
+process was started with, :func:`nnunet_transfer.runtime.nnunet_train_args`) in ``__init__``, *before*
+nnU-Net creates the fold folder, and
 
 * check the file against the network the plans build, under nnU-Net's own rules
   (:func:`nnunet_transfer.checkpoints.compare`): a missing, corrupt, truncated or incompatible file is
@@ -15,7 +16,7 @@ process was started with) in ``__init__``, *before* nnU-Net creates the fold fol
 
 A folder given to ``-pretrained_weights`` (a fold folder or an installed model folder, see
 :mod:`nnunet_transfer.plans.model_folder`) is resolved to its ``checkpoint_final.pth``; nnU-Net's loader
-is then handed that file (see :func:`redirect_nnunet_loader`), because it would ``torch.load`` the folder
+is then handed that file (see :func:`nnunet_transfer.runtime.redirect_nnunet_loader`), because it would ``torch.load`` the folder
 itself. What the file brings is recorded (:func:`nnunet_transfer.plans.adapt.transfer_record`): the
 per-block report of a ``weights adapt`` file, or a plain same-plans load.
 
@@ -24,11 +25,9 @@ trainers then still detect a load from the weights themselves (the fingerprint i
 """
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -39,56 +38,6 @@ from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError, Tr
 from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.plans.adapt import source_param_names, transfer_record
 from nnunet_transfer.plans.model_folder import resolve_checkpoint  # noqa: F401 - part of this module's API
-
-#: program names under which ``sys.argv`` is nnU-Net's training command line
-TRAIN_PROGRAMS = ("nnUNetv2_train", "run_training.py")
-
-
-class TrainArgs(NamedTuple):
-    pretrained: str | None  # the -pretrained_weights argument as given
-    cont: bool  # --c
-    val: bool  # --val
-
-
-def nnunet_train_args(argv: list[str] | None = None) -> TrainArgs | None:
-    """The parts of ``nnUNetv2_train``'s command line that decide what a trainer starts from.
-
-    ``None`` when this process is not ``nnUNetv2_train`` (tests, notebooks, ``nnUNetv2_predict``).
-    """
-    argv = sys.argv if argv is None else argv
-    if not argv or os.path.basename(argv[0]) not in TRAIN_PROGRAMS:
-        return None
-    pretrained = None
-    for i, a in enumerate(argv[:-1]):
-        if a in ("-pretrained_weights", "--pretrained_weights"):
-            pretrained = argv[i + 1]
-    return TrainArgs(pretrained, "--c" in argv, "--val" in argv)
-
-
-# --------------------------------------------------------------------------- the file
-def redirect_nnunet_loader(given: str, resolved: Path) -> bool:
-    """Make ``nnUNetv2_train`` load ``resolved`` when its command line names the folder ``given``.
-
-    ``maybe_load_checkpoint`` in ``nnunetv2.run.run_training`` looks ``load_pretrained_weights`` up in
-    its module globals at call time; it gets a wrapper that swaps the path and calls nnU-Net's own
-    function — what is loaded and how stays nnU-Net's. Returns whether a redirect was installed.
-    """
-    if Path(given) == resolved:
-        return False
-    module = sys.modules.get("nnunetv2.run.run_training")
-    if module is None:
-        return False
-    original = getattr(module, "load_pretrained_weights")
-    original = getattr(original, "_nnunet_transfer_original", original)
-
-    def load_pretrained_weights(network, fname, verbose=False):
-        if os.path.abspath(str(fname)) == os.path.abspath(given):
-            fname = str(resolved)
-        return original(network, fname, verbose=verbose)
-
-    load_pretrained_weights._nnunet_transfer_original = original
-    module.load_pretrained_weights = load_pretrained_weights
-    return True
 
 
 # --------------------------------------------------------------------------- heads
@@ -297,6 +246,6 @@ def check_pretrained(given: str, *, trainer_class, plans: dict, configuration: s
                           transfer_record(weights, network, loaded_keys=comparison.loaded_keys), blocks)
 
 
-__all__ = ["TrainArgs", "nnunet_train_args", "resolve_checkpoint", "redirect_nnunet_loader", "HeadPlan",
+__all__ = ["resolve_checkpoint", "HeadPlan",
            "plan_heads", "copy_head_rows", "PretrainedFile", "check_pretrained", "target_network",
            "frozen_not_from_source"]

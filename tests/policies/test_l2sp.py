@@ -21,8 +21,8 @@ from nnunet_transfer.policies.l2sp import (
     AnchorError,
     L2SPPenalty,
     param_groups,
-    penalised_step,
 )
+from nnunet_transfer.nnunet_compat import penalised_step
 
 LR, WD, MOMENTUM = 1e-2, 3e-5, 0.99
 N_STEPS = 4

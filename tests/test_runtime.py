@@ -1,0 +1,79 @@
+"""``nnunet_transfer.runtime``: every effect on the process, each installed by its function, listed in its docstring."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from nnunet_transfer import runtime
+from nnunet_transfer.errors import ConfigError
+
+
+def test_the_docstring_lists_every_function_that_acts_on_the_process():
+    for name in ("nnunet_train_args", "pretrained_weights_argument", "redirect_nnunet_loader", "install_excepthook",
+                 "install_startup_hint", "remove_startup_hint", "install_hint_hook"):
+        assert f":func:`{name}`" in runtime.__doc__, name
+
+
+def test_importing_it_at_start_up_loads_neither_torch_nor_nnunet():
+    code = "import sys, nnunet_transfer._hints; print(sorted(m for m in ('torch', 'nnunetv2') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["/venv/bin/nnUNetv2_train", "1", "3d", "0", "-pretrained_weights", "w.pth"], ("w.pth", False, False)),
+    (["nnUNetv2_train", "1", "3d", "0", "--c"], (None, True, False)),
+    (["run_training.py", "1", "3d", "0", "--val", "--pretrained_weights", "x"], ("x", False, True)),
+    (["/venv/bin/python", "-pretrained_weights", "w.pth"], None),
+    ([], None),
+])
+def test_train_command_line(argv, expected):
+    args = runtime.nnunet_train_args(argv)
+    assert (None if args is None else tuple(args)) == expected
+
+
+def test_pretrained_weights_argument_is_absolute():
+    assert runtime.pretrained_weights_argument(["p", "-pretrained_weights", "w.pth"]) == os.path.abspath("w.pth")
+    assert runtime.pretrained_weights_argument(["p", "-pretrained_weights"]) is None
+
+
+def test_loader_redirect_swaps_only_the_given_name_and_never_stacks(monkeypatch, tmp_path):
+    calls = []
+    module = types.ModuleType("nnunetv2.run.run_training")
+    module.load_pretrained_weights = lambda network, fname, verbose=False: calls.append(fname)
+    original = module.load_pretrained_weights
+    monkeypatch.setitem(sys.modules, "nnunetv2.run.run_training", module)
+    folder, file = tmp_path / "model", tmp_path / "model" / "fold_0" / "checkpoint_final.pth"
+    assert runtime.redirect_nnunet_loader(str(file), file) is False  # the file itself: nothing to do
+    assert runtime.redirect_nnunet_loader(str(folder), file) is True
+    assert runtime.redirect_nnunet_loader(str(folder), file) is True
+    assert module.load_pretrained_weights._nnunet_transfer_original is original
+    module.load_pretrained_weights(None, str(folder))
+    module.load_pretrained_weights(None, "other.pth")
+    assert calls == [str(file), "other.pth"]
+
+
+def test_excepthook_prints_our_errors_as_one_line_once(monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *a: seen.append(a[0]))
+    runtime.install_excepthook()
+    hook = sys.excepthook
+    runtime.install_excepthook()
+    assert sys.excepthook is hook
+    hook(ConfigError, ConfigError("bad setting"), None)
+    assert capsys.readouterr().err == "nnunet_transfer: error: bad setting\n"
+    hook(KeyError, KeyError("x"), None)
+    assert seen == [KeyError]
+
+
+def test_startup_hint_file_round_trip(tmp_path):
+    path = runtime.install_startup_hint(str(tmp_path))
+    assert path == Path(tmp_path) / runtime.PTH_NAME and path.read_text() == runtime.PTH_LINE
+    assert runtime.remove_startup_hint(str(tmp_path)) == (path, True)
+    assert runtime.remove_startup_hint(str(tmp_path)) == (path, False)
