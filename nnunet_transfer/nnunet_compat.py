@@ -92,7 +92,7 @@ def checkpoint_dict(trainer) -> dict[str, Any]:
     }
 
 
-class _CheckpointState:
+class CheckpointState:
     """The attributes nnU-Net's save_checkpoint reads, with what its training puts there (numpy scalars)."""
 
     local_rank = 0
@@ -123,14 +123,16 @@ class _CheckpointState:
         raise AssertionError(f"nnU-Net's save_checkpoint logged {args} instead of writing")
 
 
-def _equal(a, b) -> bool:
+def same_values(a, b) -> bool:
+    """Equal as checkpoint entries: tensors of one dtype and value, containers of one type and length, NaN = NaN
+    (nnU-Net logs NaN Dice for an absent label)."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
+        return type(a) is type(b) and len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and (a == b or a != a and b != b)
 
 
 def check_save_checkpoint() -> None:
@@ -140,7 +142,7 @@ def check_save_checkpoint() -> None:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     with tempfile.TemporaryDirectory() as folder:
-        state = _CheckpointState(folder)
+        state = CheckpointState(folder)
         path = Path(folder) / "nnunet.pth"
         nnUNetTrainer.save_checkpoint(state, str(path))
         if not path.is_file():
@@ -161,7 +163,7 @@ def check_save_checkpoint() -> None:
     torch.save(ours, buffer)
     buffer.seek(0)
     ours = torch.load(buffer, weights_only=False)
-    different = [k for k in theirs if not _equal(theirs[k], ours[k])]
+    different = [k for k in theirs if not same_values(theirs[k], ours[k])]
     if different:
         raise _differs("nnUNetTrainer.save_checkpoint", "checkpoint_dict",
                        f"the values of {different} differ on the same trainer state",

@@ -26,6 +26,7 @@ from nnunet_transfer.checkpoints import (TRUST_ENV, TRUST_FLAG, UnsafeCheckpoint
                                          read_checkpoint, trusting_checkpoints)
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import ConfigError
+from nnunet_transfer.nnunet_compat import same_values
 from nnunet_transfer.plans.configure import add_configuration
 
 from conftest import QUICK_SETTINGS, TARGET_ID, TINY
@@ -336,16 +337,6 @@ def test_analyze_compare_refuses_it(evil_source, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and (a == b or a != a and b != b)  # NaN in a log equals NaN
-
-
 @pytest.mark.slow
 def test_every_checkpoint_the_suite_wrote_loads_without_the_opt_in(workspace):
     """Checkpoints, start weights, snapshots and adapter files of every run in the session's results tree
@@ -357,7 +348,7 @@ def test_every_checkpoint_the_suite_wrote_loads_without_the_opt_in(workspace):
     numpy_logs = 0
     for path in files:
         safe = read_checkpoint(path, trust=False)
-        assert _equal(torch.load(path, map_location="cpu", weights_only=False), safe), path
+        assert same_values(torch.load(path, map_location="cpu", weights_only=False), safe), path
         logging = safe.get("logging") or {}
         numpy_logs += any(isinstance(v, np.generic) for vals in logging.values() if isinstance(vals, list) for v in vals)
     assert numpy_logs >= 1, "no nnU-Net training log with numpy scalars was checked"
