@@ -119,7 +119,7 @@ def karimi(smoke_data, tmp_path_factory):
     assert killed is not None, f"study run ended before a run could be killed mid-run: {path.parent / 'study_run.log'}"
     fold = results_folder(study, killed)
     latest = load_checkpoint(fold / "checkpoint_latest.pth")
-    facts = {"path": path, "study": study, "runs": runs, "killed": killed, "env": ws.env,
+    facts = {"path": path, "study": study, "runs": runs, "killed": killed,
              "latest_epoch": latest["current_epoch"], "latest_log": latest["logging"],
              "before": final_facts(study, runs), "status_after_kill": {p.run.id: p for p in study_status(path).progress}}
     # 1. rerun the killed run here (--executor local, the default)
