@@ -1,8 +1,9 @@
 """Writing result files: whole or not at all, and JSON-ready values.
 
 Every command that writes results (analyze, evaluate, compare, splits, study, the snapshot index) writes
-each file through :func:`write_atomic`, so an interrupted run never leaves a half-written file that a
-later run or nnU-Net would read.
+each text file through :func:`write_atomic` and each ``torch.save`` file (checkpoints, snapshots, adapted
+weights, adapters) through :func:`save_atomic`, so an interrupted run never leaves a half-written file
+that a later run or nnU-Net would read.
 """
 from __future__ import annotations
 
@@ -18,8 +19,26 @@ def write_atomic(path: str | Path, text: str) -> Path:
     """Write TEXT to PATH through a temporary file beside it and a rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_atomic(path: str | Path, obj: Any) -> Path:
+    """``torch.save`` OBJ to PATH through a temporary file beside it and a rename (nothing half-written)."""
+    import torch  # here, not at the top: the commands that write text only do not load torch
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
