@@ -1,0 +1,34 @@
+"""The U-Net block model and the block-spec grammar: one vocabulary for what trains, what L2-SP
+anchors and which layers ``analyze`` hooks.
+
+Three jobs, one module each:
+
+* :mod:`.model` — :class:`BlockModel`: the ``2N − 1`` blocks (and the heads) of a real network, by
+  parameter and module name (the numbering, Amiri et al. 2020, is drawn there);
+* :mod:`.spec` — the grammar: :func:`parse_spec` turns ``"encoder:kernel+seg"`` into a
+  :class:`Selection` for a stage count ``N``, without a network;
+* :mod:`.presets` — Amiri's 12 fine-tuning strategies as functions of ``N`` (:data:`PRESETS`).
+
+This package's face exports the public names; import them from here.
+"""
+from nnunet_transfer.blocks.model import (
+    SUPPORTED_ARCHITECTURES,
+    Block,
+    BlockModel,
+    block_model,
+    resolve_spec,
+)
+from nnunet_transfer.blocks.presets import PRESETS, Preset, preset_names
+from nnunet_transfer.blocks.spec import (
+    GROUPS,
+    KINDS,
+    KindPart,
+    Selection,
+    format_block_ranges,
+    parse_spec,
+    spec_blocks,
+)
+
+__all__ = ["GROUPS", "KINDS", "PRESETS", "SUPPORTED_ARCHITECTURES", "Block", "BlockModel", "KindPart", "Preset",
+           "Selection", "block_model", "format_block_ranges", "parse_spec", "preset_names", "resolve_spec",
+           "spec_blocks"]
