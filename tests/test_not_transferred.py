@@ -19,7 +19,9 @@ from nnunet_transfer.blocks import BlockModel
 from nets import unet
 from nnunet_transfer.checkpoints import ADAPTED_KEY
 from nnunet_transfer.netutil import kernel_names, unwrap
-from nnunet_transfer.plans.adapt import FROM_SOURCE, adapt_state, source_param_names, transfer_record
+from nnunet_transfer.plans.adapt import adapt_state
+from nnunet_transfer.plans.adapt_report import FROM_SOURCE
+from nnunet_transfer.plans.provenance import source_param_names, transfer_record
 from nnunet_transfer.checkpoints import load_weights
 from nnunet_transfer.policies.lora import lora_modules
 from nnunet_transfer.trainers.base import planned_network

@@ -32,7 +32,6 @@ Every key aliasing the first convolution gets the same adapted tensor.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,6 +50,7 @@ from nnunet_transfer.checkpoints import (
     storage_key,
 )
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.fileio import save_atomic
 from nnunet_transfer.netutil import unwrap
 
 SKIP = SEG_KEY  # nnU-Net's skip_strings_in_pretrained
@@ -248,12 +248,9 @@ def adapt_weights(checkpoint: str | Path, output: str | Path, *, in_channels: in
         channels = (int(old.shape[1]), in_channels)
         notes.append(f"first convolution {first[0]} (+{len(first) - 1} aliases): {tuple(old.shape)} -> "
                      f"{tuple(new.shape)} by {method!r}")
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save({"network_weights": state,
-                "nnunet_transfer_adapted": {"source": str(weights.path), "method": method if channels else None,
-                                            "in_channels": list(channels) if channels else None,
-                                            "first_conv": first}}, tmp)
-    os.replace(tmp, output)
+    record = {"source": str(weights.path), "method": method if channels else None,
+              "in_channels": list(channels) if channels else None, "first_conv": first}
+    save_atomic(output, {"network_weights": state, "nnunet_transfer_adapted": record})
     return AdaptResult(output, first, channels, method if channels else None, notes)
 
 
