@@ -26,8 +26,9 @@ TARGET_CONFIG = "target"  # inherits DEMO_CONFIG in the moved plans, with the fi
 
 
 @dataclass(frozen=True)
-class Strategy:
-    """One row of the table: a trainer, its settings, and whether it starts from the source model."""
+class DemoRun:
+    """One strategy as the demo runs it, one row of the table: a trainer, its settings, and whether it starts
+    from the source model (a study file's strategy is :class:`nnunet_transfer.study.spec.Strategy`)."""
 
     name: str
     trainer: str
@@ -40,14 +41,14 @@ class Strategy:
         return f"{TARGET_CONFIG}_{self.slug}" if self.settings else TARGET_CONFIG
 
 
-STRATEGIES: list[Strategy] = [
-    Strategy("from scratch (random init)", "nnUNetTrainerTransferBase", pretrained=False),
-    Strategy("fine-tune all layers, LR/2 (Karimi)", "nnUNetTrainerFinetune", pretrained=True),
-    Strategy("random frozen encoder, decoder trained (Karimi)", "nnUNetTrainerFrozenEncoder",
+STRATEGIES: list[DemoRun] = [
+    DemoRun("from scratch (random init)", "nnUNetTrainerTransferBase", pretrained=False),
+    DemoRun("fine-tune all layers, LR/2 (Karimi)", "nnUNetTrainerFinetune", pretrained=True),
+    DemoRun("random frozen encoder, decoder trained (Karimi)", "nnUNetTrainerFrozenEncoder",
              pretrained=False),
-    Strategy("block-wise: all but the bottleneck (Amiri #4)", "nnUNetTrainerPartialFT_exceptBottleneck",
+    DemoRun("block-wise: all but the bottleneck (Amiri #4)", "nnUNetTrainerPartialFT_exceptBottleneck",
              pretrained=True),
-    Strategy("L2-SP on the encoder, decoder from scratch (Sagie, lambda=8)", "nnUNetTrainerL2SP_Sagie",
+    DemoRun("L2-SP on the encoder, decoder from scratch (Sagie, lambda=8)", "nnUNetTrainerL2SP_Sagie",
              pretrained=True),
 ]
 
@@ -73,7 +74,7 @@ def _set_args(settings: dict[str, Any]) -> list[str]:
     return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
 
 
-def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: list[Strategy] | None = None,
+def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: list[DemoRun] | None = None,
              seed: int = 0, say: Callable[[str], None] = print) -> dict:
     out = Path(out).resolve()
     strategies = STRATEGIES if strategies is None else strategies

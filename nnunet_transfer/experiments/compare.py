@@ -130,7 +130,10 @@ def tukey(groups: Mapping[str, Sequence[float]], *, confidence: float = 0.95) ->
 
 # --------------------------------------------------------------------------- inputs
 @dataclass
-class Strategy:
+class ArmResults:
+    """The evaluated results of one arm of the comparison: one EVAL folder (``evaluate``'s per-case rows and
+    summary) under its name, and the run it evaluated."""
+
     name: str
     folder: Path
     rows: list[dict]
@@ -209,7 +212,7 @@ def run_info(fold: Path, *, tolerance: float | None = None) -> dict:
     return info
 
 
-def load_strategy(name: str, folder: Path) -> Strategy:
+def load_arm_results(name: str, folder: Path) -> ArmResults:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"EVAL folder {folder} ({name}) does not exist")
@@ -227,7 +230,7 @@ def load_strategy(name: str, folder: Path) -> Strategy:
     if run is not None and not run.is_dir():
         raise DataError(f"{summary_path} names the run {run}, which does not exist; re-run evaluate with --run, "
                         f"or move the run back")
-    return Strategy(name=name, folder=folder, rows=rows, summary=summary, run=run)
+    return ArmResults(name=name, folder=folder, rows=rows, summary=summary, run=run)
 
 
 # --------------------------------------------------------------------------- the command
@@ -236,7 +239,7 @@ class ComparisonResult:
     out: Path
     rows: list[dict]
     tukey: list[dict]
-    strategies: list[Strategy]
+    strategies: list[ArmResults]
     baseline: str
     cases: list[str]
     excluded: dict[str, list[str]] = field(default_factory=dict)
@@ -305,7 +308,7 @@ def compare_evaluations(evals: Sequence[str | Path | tuple[str, str | Path]], ou
         raise DataError(f"output folder {out} is one of the EVAL folders; give compare a folder of its own")
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")
-    strategies = [load_strategy(n, p) for n, p in named]
+    strategies = [load_arm_results(n, p) for n, p in named]
 
     # same question for everybody: labels, NSD tolerance, cases
     label_sets = {s.name: s.labels for s in strategies}
@@ -434,7 +437,7 @@ def _csv(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- reports
-def markdown_report(rows: Sequence[Mapping], strategies: Sequence[Strategy], order: Sequence[str],
+def markdown_report(rows: Sequence[Mapping], strategies: Sequence[ArmResults], order: Sequence[str],
                     settings: Mapping, cases: Sequence[str], excluded: Mapping[str, list[str]]) -> str:
     """The papers' table: mean ± sd per strategy and metric, best in bold, * = significant vs the baseline."""
     baseline, metrics, alpha = settings["baseline"], settings["metrics"], settings["alpha"]
