@@ -23,7 +23,8 @@ HEADS_MODES = ("new", "by-name")
 L2SP_ANCHOR = ("all", "kernels")
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` is an int to Python, never a count to a user)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -33,7 +34,7 @@ def _is_number(v: Any) -> bool:
 
 def _int_at_least(lo: int):
     def check(key: str, v: Any) -> None:
-        if not _is_int(v) or v < lo:
+        if not is_int(v) or v < lo:
             raise ConfigError(f"setting {key!r} must be an integer >= {lo}, got {v!r}")
     return check
 
@@ -112,7 +113,7 @@ def _stages(key: str, v: Any) -> None:
     last_end = 0
     for i, item in enumerate(v, 1):
         if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) or not item[0].strip()
-                or not (item[1] is None or _is_int(item[1]))):
+                or not (item[1] is None or is_int(item[1]))):
             raise ConfigError(f"setting {key!r}: stage {i} must be [block spec, end epoch or null], got {item!r}; "
                               f"{example}")
         spec, end = item
@@ -134,14 +135,15 @@ def _stages(key: str, v: Any) -> None:
             last_end = end
 
 
-#: setting groups: a trainer reads the settings of the groups it declares (``transfer_groups``)
-GROUPS = ("schedule", "run", "freeze", "blockwise", "l2sp", "stages", "lora")
+#: setting groups: a trainer class reads the settings of its groups (its ``transfer_keys`` are built from
+#: :meth:`TransferConfig.keys` of them, e.g. ``keys("schedule", "run")`` for every trainer)
+SETTING_GROUPS = ("schedule", "run", "freeze", "blockwise", "l2sp", "stages", "lora")
 
 
 def _setting(default: Any, check, doc: str, *, group: str, resumable: bool = False, spec: bool = False):
     """A setting: its default, validator and doc, the group of trainers that read it, whether it may change
     on ``--c`` (``resumable``: it only says how long / how often) and whether it is a block spec."""
-    assert group in GROUPS, group  # programming error, not user input
+    assert group in SETTING_GROUPS, group  # programming error, not user input
     return field(default=default, metadata={"check": check, "doc": doc, "group": group, "resumable": resumable,
                                             "spec": spec})
 
@@ -250,10 +252,10 @@ class TransferConfig:
     # ------------------------------------------------------------------
     @classmethod
     def keys(cls, *groups: str) -> list[str]:
-        """Every setting, or those of the given groups (see :data:`GROUPS`)."""
-        unknown = set(groups) - set(GROUPS)
+        """Every setting, or those of the given groups (see :data:`SETTING_GROUPS`)."""
+        unknown = set(groups) - set(SETTING_GROUPS)
         if unknown:
-            raise ValueError(f"unknown setting group(s) {sorted(unknown)}; groups: {GROUPS}")
+            raise ValueError(f"unknown setting group(s) {sorted(unknown)}; groups: {SETTING_GROUPS}")
         return [f.name for f in fields(cls) if not groups or f.metadata["group"] in groups]
 
     @classmethod

@@ -96,6 +96,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nnunet_transfer.config import is_int
 from nnunet_transfer.errors import ConfigError, DataError, TransferError
 
 try:  # Python >= 3.11
@@ -306,12 +307,8 @@ def _table(p: Problems, table: str, content: Any, valid: Sequence[str]) -> dict 
     return {k: v for k, v in content.items() if k in valid}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _int(p: Problems, table: str, key: str, v: Any, lo: int) -> int | None:
-    if not _is_int(v) or v < lo:
+    if not is_int(v) or v < lo:
         return p.add(table, f"{key} = {v!r} must be an integer >= {lo}")
     return v
 
@@ -411,7 +408,7 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
         name = _name(p, "study", "name", st.get("name", path.stem.replace(" ", "_")))
         if "target" not in st:
             p.add("study", "target is missing: the dataset the strategies are trained on, e.g. target = 902")
-        elif _is_int(st["target"]) or isinstance(st["target"], str):
+        elif is_int(st["target"]) or isinstance(st["target"], str):
             target = st["target"]
         else:
             p.add("study", f"target = {st['target']!r} must be a dataset id (902) or name ('Dataset902_Liver')")
@@ -593,7 +590,7 @@ def _read_splits(p: Problems, content: Any, base: Path) -> SplitSpec | None:
         if "folds" not in sp:
             p.add("splits", "folds_to_run needs folds = F (cross-validation)")
         elif folds is not None:
-            if not isinstance(ftr, list) or not ftr or not all(_is_int(f) and 0 <= f < folds for f in ftr):
+            if not isinstance(ftr, list) or not ftr or not all(is_int(f) and 0 <= f < folds for f in ftr):
                 p.add("splits", f"folds_to_run = {ftr!r} must list fold numbers 0..{folds - 1}")
             else:
                 folds_to_run = tuple(sorted(set(ftr)))
@@ -828,7 +825,7 @@ def _read_scoring(p: Problems, content: Any) -> Scoring | None:
         return None
     labels = sc.get("labels")
     if labels is not None:
-        if not isinstance(labels, list) or not labels or not all(_is_int(v) and v > 0 for v in labels):
+        if not isinstance(labels, list) or not labels or not all(is_int(v) and v > 0 for v in labels):
             p.add("scoring", f"labels = {labels!r} must be a list of foreground label values, e.g. [1, 2]")
         else:
             labels = tuple(dict.fromkeys(labels))
