@@ -44,9 +44,14 @@ def unique_named_parameters(network: nn.Module) -> dict[str, nn.Parameter]:
     return dict(unwrap(network).named_parameters())
 
 
+#: forward convolutions; a transposed one stores its kernel as ``(in, out, *k)``, not ``(out, in, *k)``
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: transposed convolutions (nnU-Net's decoders upsample with them)
+TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: every convolution, forward or transposed
+ALL_CONV_TYPES = CONV_TYPES + TRANSPOSED_TYPES
 #: modules whose ``weight`` is a kernel (what Li et al.'s L2-SP anchors; "conv kernels" in the block specs)
-KERNEL_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                  nn.Linear)
+KERNEL_MODULES = ALL_CONV_TYPES + (nn.Linear,)
 
 
 def kernel_names(network: nn.Module) -> set[str]:

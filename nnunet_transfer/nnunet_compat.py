@@ -53,6 +53,8 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from nnunet_transfer.netutil import ALL_CONV_TYPES
+
 #: the nnU-Net release every copy below was read from
 NNUNET_VERSION = "2.8.1"
 
@@ -616,9 +618,6 @@ def check_load_pretrained_weights() -> None:
 
 
 # =========================================================================== initialisation
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
 def reinitialise(modules: list[nn.Module]) -> int:
     """nnU-Net's initialisation for the given modules (He-normal convs, zero biases, fresh norms), as
     ``get_network_from_plans`` (nnunetv2 2.8.1, ``nnunetv2/utilities/get_network_from_plans.py``) applies
@@ -630,7 +629,7 @@ def reinitialise(modules: list[nn.Module]) -> int:
     n = 0
     for root in modules:
         for m in root.modules():
-            if isinstance(m, _CONVS):
+            if isinstance(m, ALL_CONV_TYPES):
                 init(m)
                 n += 1
             elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
@@ -665,7 +664,7 @@ def check_reinitialise() -> None:
                 for p in m.parameters():
                     p.add_(1.5)
         torch.manual_seed(7)
-        if isinstance(ref, _CONVS):
+        if isinstance(ref, ALL_CONV_TYPES):
             ref.apply(PlainConvUNet.initialize)
         else:
             ref.load_state_dict(fresh.state_dict())  # nnU-Net's norms are as constructed

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunet_transfer import blocks
 from nnunet_transfer.blocks import BlockModel
+from nnunet_transfer.netutil import ALL_CONV_TYPES, TRANSPOSED_TYPES
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-GROUPS = ("encoder", "bottleneck", "decoder", "seg")
+#: the groups a parameter belongs to: the block-spec groups but ``all``
+GROUPS = tuple(g for g in blocks.GROUPS if g != "all")
 
 
 def relative_change(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> float:
@@ -99,7 +100,7 @@ def conv_modules(model: BlockModel, network: nn.Module) -> list[tuple[str, str, 
     out = []
     for owner, prefix in owners:
         for name, mod in network.get_submodule(prefix).named_modules():
-            if isinstance(mod, CONV_TYPES):
+            if isinstance(mod, ALL_CONV_TYPES):
                 out.append((f"{prefix}.{name}" if name else prefix, owner, mod))
     return out
 
@@ -164,5 +165,5 @@ def middle_slice(kernel: torch.Tensor) -> np.ndarray:
     return k
 
 
-__all__ = ["CONV_TYPES", "GROUPS", "TRANSPOSED_TYPES", "conv_modules", "filter_changes", "filter_norm_changes",
-           "middle_slice", "relative_change", "weight_change"]
+__all__ = ["GROUPS", "conv_modules", "filter_changes", "filter_norm_changes", "middle_slice", "relative_change",
+           "weight_change"]

@@ -46,10 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_transfer.errors import ConfigError, DataError
-from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.netutil import CONV_TYPES, TRANSPOSED_TYPES, unwrap
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ADAPTER_PARAMS = ("lora_A", "lora_B")
 PAYLOAD_FORMAT = "nnunet_transfer.lora/1"
 
