@@ -107,7 +107,7 @@ def build_tree(root: Path, *, features: str, patch: str, cases: int = 4) -> dict
 def child_forward(patches: int, device: str) -> dict:
     import torch
 
-    from nnunet_transfer.analysis.studies import open_analysis
+    from nnunet_transfer.analysis.karimi import open_analysis
     from nnunet_transfer.analysis.runs import resolve_network
 
     an = open_analysis(DATASET, CONFIG, device=device, progress=False)
@@ -132,7 +132,7 @@ def child_analyze(patches: int, device: str, out: str) -> dict:
     import warnings
 
     import nnunet_transfer.analysis.activations as act
-    from nnunet_transfer.analysis.studies import run_compare
+    from nnunet_transfer.analysis.karimi import run_compare
 
     inner = act.accumulate_pairs
     stream = {"seconds": 0.0}

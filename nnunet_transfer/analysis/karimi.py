@@ -66,7 +66,6 @@ from nnunet_transfer.analysis.session import (
 from nnunet_transfer.analysis.similarity import SimilarityResult
 from nnunet_transfer.analysis.stats import DEFAULT_PERMUTATIONS, between_minus_within, permutation_test, welch
 from nnunet_transfer.analysis.weight_change import (
-    TRANSPOSED_TYPES,
     conv_modules,
     filter_changes,
     middle_slice,
@@ -74,6 +73,7 @@ from nnunet_transfer.analysis.weight_change import (
     weight_change,
 )
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.netutil import TRANSPOSED_TYPES
 from nnunet_transfer.policies.snapshots import read_index
 
 #: ``converged`` of reuse and weights: the end state of a run

@@ -1,6 +1,6 @@
 """One analysis session: plans, template network, layers, patches, options, convergence epochs, output.
 
-Every study of :mod:`.studies` works in the same order, so that a bad input never leaves anything
+Every study of :mod:`.karimi` works in the same order, so that a bad input never leaves anything
 behind:
 
 1. :func:`check_out` — the output path is usable (a folder or creatable), nothing created yet;

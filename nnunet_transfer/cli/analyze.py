@@ -1,6 +1,6 @@
 """``nnunet_transfer analyze compare|evolution|groups|reuse|weights``: representation analysis of runs.
 
-Thin over :mod:`nnunet_transfer.analysis.studies`. A network (NET) is a checkpoint file, a fold folder
+Thin over :mod:`nnunet_transfer.analysis.karimi`. A network (NET) is a checkpoint file, a fold folder
 (its checkpoint_final.pth) or FOLD@EPOCH / FOLD@start / FOLD@converged / FOLD@final / @latest / @best.
 """
 from __future__ import annotations
@@ -201,13 +201,13 @@ def _call(fn, *a, **kw) -> int:
 
 
 def run_compare(args) -> int:
-    from nnunet_transfer.analysis.studies import run_compare as api
+    from nnunet_transfer.analysis.karimi import run_compare as api
 
     return _call(api, args.networks, reference=args.reference, **_where(args), **_options(args))
 
 
 def run_evolution(args) -> int:
-    from nnunet_transfer.analysis.studies import run_evolution as api
+    from nnunet_transfer.analysis.karimi import run_evolution as api
 
     return _call(api, _run_folder(args, args.run), convergence_epoch=args.convergence_epoch,
                  tolerance=args.tolerance, convergence_from=args.convergence_from, **_where(args), **_options(args))
@@ -215,7 +215,7 @@ def run_evolution(args) -> int:
 
 def run_groups(args) -> int:
     from nnunet_transfer.errors import ConfigError
-    from nnunet_transfer.analysis.studies import run_groups as api
+    from nnunet_transfer.analysis.karimi import run_groups as api
 
     groups: dict[str, list[str]] = {}
     for item in args.group:
@@ -229,7 +229,7 @@ def run_groups(args) -> int:
 
 
 def run_reuse(args) -> int:
-    from nnunet_transfer.analysis.studies import run_reuse as api
+    from nnunet_transfer.analysis.karimi import run_reuse as api
 
     return _call(api, _split(args.ri), _split(args.tl), converged=args.converged, tolerance=args.tolerance,
                  convergence_from=args.convergence_from, **_where(args), **_options(args))
@@ -237,7 +237,7 @@ def run_reuse(args) -> int:
 
 def run_weights(args) -> int:
     from nnunet_transfer.errors import ConfigError
-    from nnunet_transfer.analysis.studies import run_weights as api
+    from nnunet_transfer.analysis.karimi import run_weights as api
 
     nets = list(args.networks)
     if len(nets) > 2:

@@ -2,7 +2,7 @@
 from the study's own finished runs and their snapshots as ``[analysis]`` declares
 (:class:`~nnunet_transfer.study.spec.AnalysisSpec`).
 
-Each analysis is one call of :mod:`nnunet_transfer.analysis.studies` — exactly what ``nnunet_transfer analyze``
+Each analysis is one call of :mod:`nnunet_transfer.analysis.karimi` — exactly what ``nnunet_transfer analyze``
 runs for the same fold folders and options — into ``OUT/analysis/<study>/``:
 
 =====================  ============================================================================
@@ -100,7 +100,7 @@ def _options(study: Study, *, data: bool = True) -> dict:
 
 def plan_jobs(study: Study, runs: Sequence[Run], done: set[str]) -> tuple[list[Job], list[str]]:
     """The analyses ``[analysis]`` asks for over the done runs, and a line for each one left out."""
-    from nnunet_transfer.analysis import studies
+    from nnunet_transfer.analysis import karimi
     from nnunet_transfer.analysis.runs import snapshot_epochs
 
     a = study.analysis
@@ -131,10 +131,10 @@ def plan_jobs(study: Study, runs: Sequence[Run], done: set[str]) -> tuple[list[J
             f = fold[r.id]
             if kind == "evolution":
                 args = {**where, **common, **conv}
-                call = (lambda out, f=f, args=args: studies.run_evolution(f, out=out, **args))
+                call = (lambda out, f=f, args=args: karimi.run_evolution(f, out=out, **args))
             else:
                 args = {**where, **_options(study, data=False), **conv}
-                call = (lambda out, f=f, args=args: studies.run_weights(f, out=out, **args))
+                call = (lambda out, f=f, args=args: karimi.run_weights(f, out=out, **args))
             group = "T.L." if r.strategy.name in tl else "R.I."
             jobs.append(Job(kind, f"{kind}/{r.id}", f"{r.id} ({group})", [f], {"run": str(f), **args}, call))
     sizes = [str(s) for s in study.splits.n_train]
@@ -154,7 +154,7 @@ def plan_jobs(study: Study, runs: Sequence[Run], done: set[str]) -> tuple[list[J
             args = {**where, **common}
             groups = {"RI": [str(x) for x in ri], "TL": [str(x) for x in tls]}
             jobs.append(Job("groups", f"groups/{key}", label, ri + tls, {"groups": groups, **args},
-                            lambda out, g=groups, args=args: studies.run_groups(g, out=out, **args)))
+                            lambda out, g=groups, args=args: karimi.run_groups(g, out=out, **args)))
     if "reuse" in a.analyses:
         for i, s in enumerate(sizes):
             members = [r for r in with_snapshots if r.size_index == i]
@@ -167,7 +167,7 @@ def plan_jobs(study: Study, runs: Sequence[Run], done: set[str]) -> tuple[list[J
             args = {**where, **common, **conv}
             jobs.append(Job("reuse", f"reuse/n{size_slug(s)}", f"n_train {s}", ri + tls,
                             {"ri": [str(x) for x in ri], "tl": [str(x) for x in tls], **args},
-                            lambda out, ri=ri, tls=tls, args=args: studies.run_reuse(ri, tls, out=out, **args)))
+                            lambda out, ri=ri, tls=tls, args=args: karimi.run_reuse(ri, tls, out=out, **args)))
     return jobs, notes
 
 

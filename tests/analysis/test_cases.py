@@ -13,7 +13,7 @@ from nnunet_transfer.analysis.cases import choose_cases, parse_cases
 from nnunet_transfer.errors import ConfigError, DataError
 
 from .test_activations import TOY, source, toy_env, toy_tree  # noqa: F401 (fixtures)
-from .test_studies import FAST, cli, runs  # noqa: F401 (fixture)
+from .test_karimi import FAST, cli, runs  # noqa: F401 (fixture)
 
 ALL = ["case_000", "case_001", "case_002"]
 

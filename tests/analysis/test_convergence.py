@@ -249,7 +249,7 @@ def test_a_validated_convergence_is_computed_once_per_process_until_its_inputs_c
                                                                                       tmp_path):
     # study report asks evolution, reuse and filter change for the same run's epoch: one validation while the
     # run's snapshots, split, plans and tolerance are the same, a new one as soon as any of them changed
-    from nnunet_transfer.analysis import session, studies
+    from nnunet_transfer.analysis import karimi, session
     from nnunet_transfer.analysis.validation import SnapshotValidator
 
     fold = ema_run(patch_tree["nnUNet_results"] / TOY / "T__nnUNetPlans__tiny" / "fold_0", tiny_network(2),
@@ -263,7 +263,7 @@ def test_a_validated_convergence_is_computed_once_per_process_until_its_inputs_c
              "feature_maps": False}
 
     def convergence(out: str, **change) -> dict:
-        studies.run_weights(fold, out=tmp_path / out, **{**where, **change})
+        karimi.run_weights(fold, out=tmp_path / out, **{**where, **change})
         return json.loads((tmp_path / out / "convergence.json").read_text())["runs"][0]
 
     first = convergence("w1")

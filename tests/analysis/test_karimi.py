@@ -11,7 +11,7 @@ import torch
 from scipy.stats import ttest_ind
 
 from nnunet_transfer.analysis.runs import convergence_epoch, dice_curve
-from nnunet_transfer.analysis.studies import between_minus_within, permutation_test, weight_change, welch
+from nnunet_transfer.analysis.karimi import between_minus_within, permutation_test, weight_change, welch
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import DataError

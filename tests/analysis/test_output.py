@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nnunet_transfer.analysis import report, session
-from nnunet_transfer.analysis.studies import run_compare, run_weights
+from nnunet_transfer.analysis.karimi import run_compare, run_weights
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import ConfigError
 from nnunet_transfer.policies.snapshots import save_snapshot
