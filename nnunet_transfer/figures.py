@@ -25,12 +25,13 @@ beside its place and renamed into it, as :mod:`nnunet_transfer.fileio` does for 
 from __future__ import annotations
 
 import math
-import os
 import textwrap
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
+
+from nnunet_transfer.fileio import atomic_path
 
 DPI = 110
 SINGLE = (7.5, 4.5)  # inches: a figure of one plot
@@ -65,15 +66,9 @@ def figure(path: str | Path, *, rows: int = 1, cols: int = 1,
 
 def save(fig, path: str | Path) -> Path:
     """Write FIG as a PNG to PATH through a temporary file beside it and a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def colors(n: int) -> list:

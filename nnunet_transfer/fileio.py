@@ -2,44 +2,49 @@
 
 Every command that writes results (analyze, evaluate, compare, splits, study, the snapshot index) writes
 each text file through :func:`write_atomic` and each ``torch.save`` file (checkpoints, snapshots, adapted
-weights, adapters) through :func:`save_atomic`, so an interrupted run never leaves a half-written file
+weights, adapters) through :func:`save_atomic`, both (and the PNG figures) through :func:`atomic_path`, so an interrupted run never leaves a half-written file
 that a later run or nnU-Net would read.
 """
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write TEXT to PATH through a temporary file beside it and a rename."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside PATH to write to: moved onto PATH when the block ends, removed if it fails.
+
+    Blocks nest: a file written inside another's block lands first, the outer one only if it did (two files,
+    both or neither, as ``weights adapt`` writes its weights and their report)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write TEXT to PATH through a temporary file beside it and a rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def save_atomic(path: str | Path, obj: Any) -> Path:
     """``torch.save`` OBJ to PATH through a temporary file beside it and a rename (nothing half-written)."""
     import torch  # here, not at the top: the commands that write text only do not load torch
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def plain(obj: Any) -> Any:

@@ -33,7 +33,6 @@ every stage differs in width (no parameter outside the heads from the source). A
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,7 +44,7 @@ from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.checkpoints import (ADAPTED_KEY, LoadedWeights, alias_groups, canonical_key, is_seg_key,
                                          load_weights)
 from nnunet_transfer.errors import ConfigError, DataError, TransferError
-from nnunet_transfer.fileio import save_atomic
+from nnunet_transfer.fileio import atomic_path, save_atomic
 from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.nnunet_io import build_network, dataset_name, load_dataset_json, load_plans
 from nnunet_transfer.plans.adapt_report import FRESH, FROM_SOURCE, AdaptReport, BlockRow, TensorAction, stage_module
@@ -271,16 +270,9 @@ def adapt_to_plans(checkpoint: str | Path, output: str | Path, *, dataset: str |
     if weights.dataset_json is not None and report.heads["carried"]:
         # the source's labels, so that heads=by-name can pick rows from the carried heads
         content["init_args"] = {"dataset_json": weights.dataset_json}
-    # both files or neither: the report is written (to its temporary) before the weights, and moved in place
-    # only once the weights are; a failed save_atomic leaves no temporary of its own
-    tmp_json = json_path.with_name(json_path.name + ".tmp")
-    try:
+    with atomic_path(json_path) as tmp_json:  # both files or neither: the report lands only if the weights did
         tmp_json.write_text(json.dumps(payload, indent=2))
         save_atomic(output, content)
-        os.replace(tmp_json, json_path)
-    except BaseException:
-        tmp_json.unlink(missing_ok=True)
-        raise
     return report
 
 
