@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import submitit
 
+from nnunet_transfer.environment import nnunet_environment
 from nnunet_transfer.errors import ConfigError, TransferError
 from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, Study, load_study
 from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, definition, evaluation_current,
@@ -70,24 +71,6 @@ class RunSummary:
         lines += [f"  held: {o.run}: {o.message}" for o in self.outcomes if o.result == "busy"]
         lines += [f"  failed: {o.run}: {o.message.splitlines()[0] if o.message else ''}" for o in self.failed]
         return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- environment
-def nnunet_env(study: Study, base: dict | None = None) -> dict[str, str]:
-    """The environment of nnU-Net's programs: this one, our trainers on nnUNet_extTrainer, the file's extras."""
-    from nnunet_transfer.cli.trainer_path import ext_trainer_folder
-    from nnunet_transfer.nnunet_io import ENV_VARS, env_folder
-
-    env = dict(os.environ if base is None else base)
-    for var in ENV_VARS:
-        env[var] = str(env_folder(var).resolve()) if base is None else env[var]
-    ours = str(ext_trainer_folder())
-    current = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if ours not in current:
-        env["nnUNet_extTrainer"] = os.pathsep.join([ours, *current])
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(study.environment)
-    return env
 
 
 # --------------------------------------------------------------------------- one run
@@ -148,7 +131,7 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
         elif d is not None and saved != d:
             raise ConfigError(f"run {run.id} was started with another definition than study file {study.path} "
                               f"gives now; restore the file (see {folder / RUN_FILE})")
-        env = env if env is not None else nnunet_env(study)
+        env = env if env is not None else nnunet_environment(extra=study.environment)
         state = read_state(study, run)
         attempt = int(state.get("attempt", 0)) + 1
         now = time.time()
@@ -287,7 +270,7 @@ def run_study(study: Study | str | Path, *, executor: str = "local", only: str |
         say("nothing to run: every selected run is done, running or queued")
         return summary
     if executor == "local":
-        env = nnunet_env(study)
+        env = nnunet_environment(extra=study.environment)
         for i, run in enumerate(todo, 1):
             say(f"[{i}/{len(todo)}] {run.id}")
             summary.outcomes.append(execute_run(study, run, definition_=plan.definitions[run.id], env=env, say=say))
@@ -334,8 +317,9 @@ class RunJob(submitit.helpers.Checkpointable):
             job = submitit.JobEnvironment().job_id
         except RuntimeError:
             job = None
+        env = nnunet_environment(base={**os.environ, **env}, extra=study.environment)
         outcome = execute_run(study, run, definition_=definition(study, run, base_configuration_hash(study)),
-                              job_id=job, env=nnunet_env(study, {**os.environ, **env}))
+                              job_id=job, env=env)
         return outcome.__dict__
 
 
@@ -363,7 +347,7 @@ def submit(study: Study, runs: Sequence[Run], definitions: dict, *, cluster: str
         executor.update_parameters(**executor_parameters(study, cluster))
     except (ValueError, NameError, RuntimeError) as e:
         raise ConfigError(f"study file {study.path} [slurm]: submitit refuses the resources: {e}") from None
-    env = {k: v for k, v in nnunet_env(study).items() if k.startswith("nnUNet")}
+    env = {k: v for k, v in nnunet_environment(extra=study.environment).items() if k.startswith("nnUNet")}
     for run in runs:  # the definition is fixed at submission: a later edit of the file cannot change it
         saved = read_json(run_dir(study, run) / RUN_FILE)
         if saved is None:
@@ -392,4 +376,4 @@ def submit(study: Study, runs: Sequence[Run], definitions: dict, *, cluster: str
 
 
 __all__ = ["run_study", "execute_run", "evaluate_run", "submit", "RunJob", "RunSummary", "Outcome", "select",
-           "nnunet_env", "job_alive", "EXECUTORS"]
+           "job_alive", "EXECUTORS"]
