@@ -29,8 +29,8 @@ from nnunet_transfer.errors import DataError, TransferError
 from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.study.spec import MARKER, Study, load_study, output_problem, sweep_label
 from nnunet_transfer.study.state import check_definitions, checkpoint_file, write_json
-from nnunet_transfer.study.table import (Run, StudySplits, build_table, format_table, plan_study_splits,
-                                         test_folder)
+from nnunet_transfer.study.folds import StudySplits
+from nnunet_transfer.study.table import Run, build_table, format_table, plan_study_splits, test_folder
 
 OWNED_SPLITS = "splits_final.json"  # the study's copy of the splits it wrote: what makes them its own
 

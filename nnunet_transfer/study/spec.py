@@ -5,7 +5,7 @@ keys (with the closest valid name), missing tables, wrong types, unknown trainer
 settings and sweep values, settings a trainer does not use, strategies that need pretrained weights but
 name none, duplicate strategy names (also those a sweep generates), missing checkpoints, a baseline that
 is not a strategy, an output folder that cannot be the study's, and the sizes, test and validation counts
-against the dataset's cases (:func:`nnunet_transfer.study.table.fold_plan`). Each problem names the table
+against the dataset's cases (:func:`nnunet_transfer.study.folds.fold_plan`). Each problem names the table
 and key ('[[strategy]] #3 "l2sp" settings.l2sp_alpha'), the value, what is valid and the fix.
 
 The readers collect the problems (:class:`Problems`) and go on, so one pass finds them all: one problem
@@ -97,6 +97,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from nnunet_transfer.errors import ConfigError, DataError, TransferError
+from nnunet_transfer.study.folds import SplitSpec, dataset_cases, fold_plan
 
 try:  # Python >= 3.11
     import tomllib
@@ -141,28 +142,6 @@ class Strategy:
     sweep_key: str | None = None
     sweep_value: Any = None
     family: str | None = None  # the [[strategy]] name a sweep value came from
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    n_train: tuple
-    repeats: int = 1
-    test: int | None = None
-    test_cases: tuple[str, ...] | None = None
-    test_cases_file: str | None = None
-    folds: int | None = None  # cross-validation: every case is tested once
-    folds_to_run: tuple[int, ...] | None = None
-    val: int | None = None
-    seed: int = 0
-
-    @property
-    def cross_validation(self) -> bool:
-        return self.folds is not None
-
-    def to_json(self) -> dict:
-        return {"n_train": list(self.n_train), "repeats": self.repeats, "test": self.test,
-                "test_cases": None if self.test_cases is None else list(self.test_cases), "folds": self.folds,
-                "val": self.val, "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -504,8 +483,6 @@ def _check_target(p: Problems, target, plans: str, configuration: str) -> tuple[
 
 def _check_sizes(p: Problems, splits: SplitSpec, dataset: str) -> None:
     """The sizes, test and validation counts against the raw dataset's cases (what the run table will need)."""
-    from nnunet_transfer.study.table import dataset_cases, fold_plan
-
     try:
         files, ending = dataset_cases(dataset)
     except DataError as e:
@@ -984,5 +961,5 @@ def _read_slurm(p: Problems, content: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Study", "Strategy", "AnalysisSpec", "ANALYSES", "SplitSpec", "Scoring", "Problems", "StudyFileError", "load_study", "read_toml",
+__all__ = ["Study", "Strategy", "AnalysisSpec", "ANALYSES", "Scoring", "Problems", "StudyFileError", "load_study", "read_toml",
            "sweep_label", "plans_value", "output_problem", "SLURM_KEYS", "MARKER"]

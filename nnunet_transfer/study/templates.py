@@ -49,7 +49,7 @@ def _q(text: str) -> str:
 
 
 def _counts(dataset: str) -> int:
-    from nnunet_transfer.study.table import dataset_cases
+    from nnunet_transfer.study.folds import dataset_cases
 
     return len(dataset_cases(dataset)[0])
 
