@@ -54,8 +54,7 @@ class TrainArgs(NamedTuple):
 
 
 def _train_flags() -> dict:
-    # nnunet_compat imports torch: not at the top of a module every Python start-up may import
-    from nnunet_transfer.nnunet_compat import TRAIN_FLAGS
+    from nnunet_transfer.nnunet_compat import TRAIN_FLAGS  # lazy: torch; every Python start-up may import runtime
 
     return TRAIN_FLAGS
 
@@ -134,8 +133,9 @@ def install_excepthook() -> None:
         if issubclass(exc_type, (RuntimeError, FileNotFoundError)):
             try:
                 # imported when an error reaches the hook: the start-up file installs it in every run
-                from nnunet_transfer.nnunet_compat import TRAINER_NOT_FOUND
-                from nnunet_transfer.trainer_messages import missing_model_message, unknown_trainer_message
+                from nnunet_transfer.nnunet_compat import TRAINER_NOT_FOUND  # lazy: torch, only on an error
+                from nnunet_transfer.trainer_messages import (  # lazy: torch, only on an error
+                    missing_model_message, unknown_trainer_message)
 
                 message = None
                 if issubclass(exc_type, RuntimeError):

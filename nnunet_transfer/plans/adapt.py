@@ -94,10 +94,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.checkpoints import (ADAPTED_KEY, LoadedWeights, alias_groups, canonical_key, is_seg_key,
                                          load_weights)
 from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError, TransferError
 from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.nnunet_io import build_network, dataset_name, load_dataset_json, load_plans
+from nnunet_transfer.plans.model_folder import resolve_checkpoint
+from nnunet_transfer.plans.weights import METHODS, adapt_first_conv, find_first_conv
 
 #: actions whose tensors came from the source (and count toward the share)
 FROM_SOURCE = ("copied", "mapped", "channels")
@@ -392,9 +396,6 @@ def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_ch
     ``network`` is the target network as nnU-Net builds it (its current values are the fresh
     initialisation that new / re-initialised tensors keep). ``source`` is a prefix-stripped state dict.
     """
-    from nnunet_transfer.blocks import BlockModel
-    from nnunet_transfer.plans.weights import adapt_first_conv, find_first_conv
-
     net = unwrap(network)
     target_state = net.state_dict()
     target_class = type(net).__name__
@@ -524,10 +525,6 @@ def adapt_to_plans(checkpoint: str | Path, output: str | Path, *, dataset: str |
     ``checkpoint`` may be a file, a fold folder or a one-fold model folder. Nothing is written when any
     check fails.
     """
-    from nnunet_transfer.nnunet_io import build_network, dataset_name, load_dataset_json, load_plans
-    from nnunet_transfer.plans.weights import METHODS
-    from nnunet_transfer.plans.model_folder import resolve_checkpoint
-
     _check_min_share(min_share)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed must be an integer >= 0, got {seed!r}")
@@ -589,8 +586,6 @@ def adapt_to_plans(checkpoint: str | Path, output: str | Path, *, dataset: str |
 def transfer_record(weights: LoadedWeights, network: nn.Module, *, loaded_keys: int) -> dict:
     """What ``-pretrained_weights`` brings into ``network``: the adapt report of an adapted file, or a plain
     same-plans load (every tensor but the heads). ``loaded_keys`` from :func:`checkpoints.compare`."""
-    from nnunet_transfer.blocks import BlockModel
-
     report = weights.adapted if isinstance(getattr(weights, "adapted", None), Mapping) else None
     if report is not None and report.get("kind") == "adapted":
         keep = ("source", "target", "architecture", "source_stages", "target_stages", "seed", "channels", "method",

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nnunet_transfer.errors import DataError
+from nnunet_transfer.experiments.splits import plan_splits
+from nnunet_transfer.nnunet_io import raw_training_cases
 
 # issue 11's messages name its command-line flags; a study file names its keys
 _FLAG_WORDS = (("--n-train", "n_train"), ("--test-cases", "test_cases"), ("--test", "test"), ("--val", "val"),
@@ -67,8 +69,6 @@ class StudySplits:
 
 def dataset_cases(dataset: str) -> tuple[dict, str]:
     """nnU-Net's training cases of the raw dataset (``{case: {"images", "label"}}``) and the file ending."""
-    from nnunet_transfer.nnunet_io import raw_training_cases
-
     try:
         files, ending = raw_training_cases(dataset)
     except DataError as e:
@@ -86,8 +86,6 @@ def _file_words(e: DataError) -> str:
 def fold_plan(sp: SplitSpec, dataset: str, files: dict, file_ending: str) -> StudySplits:
     """:func:`plan_study_splits` of a ``[splits]`` table alone (``load_study`` checks the sizes with it); a
     problem is a :class:`DataError` in the file's words, without the file's name."""
-    from nnunet_transfer.experiments.splits import plan_splits
-
     cases = sorted(files)
     if sp.cross_validation:
         if sp.folds > len(cases):

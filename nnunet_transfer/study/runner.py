@@ -30,13 +30,17 @@ from typing import Callable, Sequence
 
 import submitit
 
+from nnunet_transfer import pipeline  # pipeline.run_step looked up at call time: the tests' fake programs
 from nnunet_transfer.environment import nnunet_environment
 from nnunet_transfer.errors import ConfigError, TransferError
-from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, Study, load_study
-from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, definition, evaluation_current,
-                                         evaluation_key, file_stamp, host_pid, progress, read_json, read_state,
-                                         results_folder, run_dir, update_state, write_json)
-from nnunet_transfer.study.table import Run, test_folder
+from nnunet_transfer.experiments.evaluate import evaluate_folders
+from nnunet_transfer.nnunet_io import load_dataset_json
+from nnunet_transfer.study.plan import prepare
+from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, SLURM_KEYS, Study, load_study
+from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, base_configuration_hash,
+                                         definition, evaluation_current, evaluation_key, file_stamp, host_pid, progress,
+                                         read_json, read_state, results_folder, run_dir, update_state, write_json)
+from nnunet_transfer.study.table import Run, build_table, plan_study_splits, test_folder
 
 EXECUTORS = ("local", "slurm")
 ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
@@ -86,8 +90,6 @@ def _predict_args(study: Study, run: Run, out: Path) -> list:
 
 def evaluate_run(study: Study, run: Run) -> Path:
     """``evaluate`` of the run's predictions against its test labels, into ``runs/<id>/eval``."""
-    from nnunet_transfer.experiments.evaluate import evaluate_folders
-
     folder = run_dir(study, run)
     out = folder / "eval"
     sc = study.scoring
@@ -102,8 +104,6 @@ def evaluate_run(study: Study, run: Run) -> Path:
 def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_id: str | None = None,
                 env: dict | None = None, say: Callable[[str], None] = print) -> Outcome:
     """Train (or continue), predict and evaluate one run, unless it is done or another process holds it."""
-    from nnunet_transfer.pipeline import run_step, train_args
-
     folder = run_dir(study, run)
     lock = RunLock(folder)
     if not lock.acquire(job_id=job_id, job_alive=job_alive):
@@ -150,9 +150,9 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
                 log = folder / f"train_{attempt}.log"
                 what = f"{'continuing' if cont else 'training'} {run.id}"
                 say(f"{what} ({run.trainer}, {run.configuration}, fold {run.nnunet_fold}){' with --c' if cont else ''}")
-                run_step(train_args(study.dataset, run.configuration, run.nnunet_fold, run.trainer,
-                                    pretrained=pretrained, cont=cont, device=study.device, plans=study.plans),
-                         env=env, log=log, what=f"nnUNetv2_train of {run.id}")
+                args = pipeline.train_args(study.dataset, run.configuration, run.nnunet_fold, run.trainer,
+                                           pretrained=pretrained, cont=cont, device=study.device, plans=study.plans)
+                pipeline.run_step(args, env=env, log=log, what=f"nnUNetv2_train of {run.id}")
                 if not (fold / "checkpoint_final.pth").is_file():
                     raise TransferError(f"nnUNetv2_train of {run.id} ended without {fold}/checkpoint_final.pth; "
                                         f"see {log}")
@@ -160,7 +160,8 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
             pred, partial = folder / "pred", folder / "pred.partial"
             shutil.rmtree(partial, ignore_errors=True)
             say(f"predicting {run.id} on {len(run.test)} test cases")
-            run_step(_predict_args(study, run, partial), env=env, log=log, what=f"nnUNetv2_predict of {run.id}")
+            pipeline.run_step(_predict_args(study, run, partial), env=env, log=log,
+                              what=f"nnUNetv2_predict of {run.id}")
             ending = _file_ending(study, run)
             missing = [c for c in run.test if not (partial / f"{c}{ending}").is_file()]
             if missing:
@@ -195,8 +196,6 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
 
 
 def _file_ending(study: Study, run: Run) -> str:
-    from nnunet_transfer.nnunet_io import load_dataset_json
-
     return load_dataset_json(study.dataset)["file_ending"]
 
 
@@ -239,8 +238,6 @@ def job_alive(state: dict) -> bool | None:
 def run_study(study: Study | str | Path, *, executor: str = "local", only: str | None = None,
               cluster: str = "slurm", wait: bool = False, say: Callable[[str], None] = print) -> RunSummary:
     """Plan (idempotent), then execute every run that is not done: here, one after the other, or as jobs."""
-    from nnunet_transfer.study.plan import prepare
-
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     study = study if isinstance(study, Study) else load_study(study)
@@ -306,9 +303,6 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self, study_file: str, run_id: str, env: dict) -> dict:
         os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
         study = load_study(study_file)
-        from nnunet_transfer.study.state import base_configuration_hash
-        from nnunet_transfer.study.table import build_table, plan_study_splits
-
         runs = {r.id: r for r in build_table(study, plan_study_splits(study))}
         if run_id not in runs:
             raise ConfigError(f"run {run_id} is no longer in study file {study_file}; it was edited after submission")
@@ -325,8 +319,6 @@ class RunJob(submitit.helpers.Checkpointable):
 
 def executor_parameters(study: Study, cluster: str) -> dict:
     """The ``[slurm]`` table as submitit parameters (generic ones reach every submitit cluster)."""
-    from nnunet_transfer.study.spec import SLURM_KEYS
-
     params = {"name": f"nnunet_transfer-{study.name}"}
     for key, value in study.slurm.items():
         if key != "max_requeue":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.study.folds import StudySplits, dataset_cases, fold_plan
 from nnunet_transfer.study.spec import Strategy, Study, _trainer_classes
@@ -62,8 +63,6 @@ def plan_study_splits(study: Study, files: dict | None = None, file_ending: str 
 
 def build_table(study: Study, splits: StudySplits) -> list[Run]:
     """Every run of the study in a stable order: strategy, then fold, repeat and size."""
-    from nnunet_transfer.config import TransferConfig
-
     classes = _trainer_classes()
     index = {str(s): i for i, s in enumerate(study.splits.n_train)}
     outer_folds = study.splits.folds_to_run or tuple(range(len(splits.tests)))
