@@ -366,7 +366,8 @@ def run_child(spec: dict) -> dict:
 def setup(workdir: Path, size: float, log_dir: Path) -> dict[str, Path]:
     """Generate, plan and preprocess (what is already there is reused); returns arch label -> plans file."""
     from nnunet_transfer.data import SOURCE, make_dataset
-    from nnunet_transfer.pipeline import nnunet_environment, run_step
+    from nnunet_transfer.environment import SMALL_MACHINE, nnunet_environment
+    from nnunet_transfer.pipeline import run_step
 
     marker = workdir / SETUP_FILE
     if marker.exists():
@@ -376,7 +377,7 @@ def setup(workdir: Path, size: float, log_dir: Path) -> dict[str, Path]:
                              f"another --workdir or the same --size")
     else:
         marker.write_text(json.dumps({"size": size}))
-    env = nnunet_environment(workdir)
+    env = nnunet_environment(workdir, defaults=SMALL_MACHINE)
     name = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
     pre = workdir / "preprocessed" / name
 
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = workdir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        from nnunet_transfer.pipeline import nnunet_environment
+        from nnunet_transfer.environment import SMALL_MACHINE, nnunet_environment
 
         print(f"setup in {workdir} ({args.size:g} mm cubes)", flush=True)
         plans_files = setup(workdir, args.size, log_dir)
@@ -625,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         plans = {a: describe_plan(f) for a, f in plans_files.items()}
         for a, p in plans.items():
             print(f"  {a}: {p}", flush=True)
-        env = nnunet_environment(workdir)
+        env = nnunet_environment(workdir, defaults=SMALL_MACHINE)
         mem_env = {**env, **LIVE_ALLOCATOR_ENV} if args.allocator == "live" else env
         dataset_json = next(iter(plans_files.values())).parent / "dataset.json"
         common = {"dataset_json": str(dataset_json), "threads": args.threads}

@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"setup in {workdir}", flush=True)
     plans = bf.setup(workdir, args.size, workdir / "logs")
-    from nnunet_transfer.pipeline import nnunet_environment
-    env = nnunet_environment(workdir)
+    from nnunet_transfer.environment import SMALL_MACHINE, nnunet_environment
+    env = nnunet_environment(workdir, defaults=SMALL_MACHINE)
     print(json.dumps(bf.machine(args.threads)))
     results = {}
     for arch, plans_file in plans.items():

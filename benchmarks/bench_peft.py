@@ -197,12 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     logs = workdir / "logs_peft"
     logs.mkdir(parents=True, exist_ok=True)
     try:
-        from nnunet_transfer.pipeline import nnunet_environment
+        from nnunet_transfer.environment import SMALL_MACHINE, nnunet_environment
 
         print(f"setup in {workdir} ({args.size:g} mm cubes)", flush=True)
         plans_files = bf.setup(workdir, args.size, workdir / "logs")
         plans = {a: bf.describe_plan(plans_files[a]) for a in args.archs}
-        env = nnunet_environment(workdir)
+        env = nnunet_environment(workdir, defaults=SMALL_MACHINE)
         mem_env = {**env, **bf.LIVE_ALLOCATOR_ENV}
         mem, tim, files = [], [], {}
         for arch in args.archs:

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from nnunet_transfer.data import LABELS, make_transfer_pair
 from nnunet_transfer.errors import TransferError
 from nnunet_transfer.experiments.metrics import dice_folder
-from nnunet_transfer.pipeline import TRAIN_ENV, nnunet_environment, run_step, train_args
+from nnunet_transfer.environment import SMALL_MACHINE, nnunet_environment
+from nnunet_transfer.pipeline import TRAIN_ENV, run_step, train_args
 
 SOURCE_ID, TARGET_ID = 901, 902
 MARKER = ".nnunet_transfer_demo"
@@ -88,7 +89,7 @@ def run_demo(out: str | Path, *, schedule: Schedule = Schedule(), strategies: li
         shutil.rmtree(out)  # a demo folder of ours: a rerun starts clean so results never mix
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by nnunet_transfer demo; the demo replaces this folder on rerun\n")
-    env = nnunet_environment(out)
+    env = nnunet_environment(out, defaults=SMALL_MACHINE)
     logs = out / "logs"
     t_start = time.perf_counter()
 

@@ -112,8 +112,7 @@ def raw_training_cases(dataset: str) -> tuple[dict, str]:
     """nnU-Net's training cases of the raw dataset (``{case: {"images", "label"}}``) and the file ending."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    # here, not at the top: this module stays light for the commands that only read paths and JSON
-    from nnunet_transfer.nnunet_compat import list_training_cases
+    from nnunet_transfer.nnunet_compat import list_training_cases  # lazy: torch; `--help` imports this module
 
     raw = env_folder("nnUNet_raw") / dataset
     if not (raw / "dataset.json").is_file():

@@ -1,7 +1,8 @@
 """Run nnU-Net's own command-line programs as subprocesses, with logs, for the demo and the tests.
 
 nnU-Net's output goes to one log file per step; a failing step raises :class:`TransferError` with the
-log's last lines, so a broken pipeline says where and why.
+log's last lines, so a broken pipeline says where and why. The environment they run in is
+:func:`nnunet_transfer.environment.nnunet_environment` (with :data:`~nnunet_transfer.environment.SMALL_MACHINE`).
 """
 from __future__ import annotations
 
@@ -14,25 +15,6 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from nnunet_transfer.errors import TransferError
-
-
-def nnunet_environment(root: str | Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for nnU-Net programs working under ``root`` (raw/, preprocessed/, results/)."""
-    from nnunet_transfer.cli.trainer_path import ext_trainer_folder
-
-    root = Path(root).resolve()
-    env = dict(os.environ if base is None else base)
-    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"),
-                     ("nnUNet_results", "results")):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        env[var] = str(root / sub)
-    env["nnUNet_extTrainer"] = str(ext_trainer_folder())
-    # small machines: one worker for preprocessing/export; data augmentation in the main process
-    # for training (set per command: planning crashes with nnUNet_n_proc_DA=0)
-    env.setdefault("nnUNet_def_n_proc", "1")
-    env.setdefault("nnUNet_compile", "f")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def executable(name: str) -> str:

@@ -54,8 +54,7 @@ class TrainArgs(NamedTuple):
 
 
 def _train_flags() -> dict:
-    # nnunet_compat imports torch: not at the top of a module every Python start-up may import
-    from nnunet_transfer.nnunet_compat import TRAIN_FLAGS
+    from nnunet_transfer.nnunet_compat import TRAIN_FLAGS  # lazy: torch; every Python start-up may import runtime
 
     return TRAIN_FLAGS
 
@@ -120,7 +119,7 @@ def install_excepthook() -> None:
       file, a refused strategy) prints as ``nnunet_transfer: error: …``;
     * nnU-Net's "Could not find requested nnunet trainer X" names the closest trainers and the
       ``nnUNet_extTrainer`` in effect; a missing model folder in ``nnUNetv2_predict`` names the models that
-      exist (messages: :mod:`nnunet_transfer.trainers.cli_errors`);
+      exist (messages: :mod:`nnunet_transfer.trainer_messages`);
     * anything else goes to the previous hook. The process still exits non-zero.
     """
     previous = sys.excepthook
@@ -134,8 +133,9 @@ def install_excepthook() -> None:
         if issubclass(exc_type, (RuntimeError, FileNotFoundError)):
             try:
                 # imported when an error reaches the hook: the start-up file installs it in every run
-                from nnunet_transfer.nnunet_compat import TRAINER_NOT_FOUND
-                from nnunet_transfer.trainers.cli_errors import missing_model_message, unknown_trainer_message
+                from nnunet_transfer.nnunet_compat import TRAINER_NOT_FOUND  # lazy: torch, only on an error
+                from nnunet_transfer.trainer_messages import (  # lazy: torch, only on an error
+                    missing_model_message, unknown_trainer_message)
 
                 message = None
                 if issubclass(exc_type, RuntimeError):

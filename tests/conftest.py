@@ -15,7 +15,8 @@ import pytest
 
 from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.data import make_transfer_pair
-from nnunet_transfer.pipeline import TRAIN_ENV, nnunet_environment, run_step, train_args
+from nnunet_transfer.environment import SMALL_MACHINE, nnunet_environment
+from nnunet_transfer.pipeline import TRAIN_ENV, run_step, train_args
 
 SOURCE_ID, TARGET_ID = 901, 902
 TINY = "tiny"
@@ -30,7 +31,7 @@ PRETRAIN_SETTINGS = {**QUICK_SETTINGS, "num_epochs": 5, "num_iterations_per_epoc
 class Workspace:
     def __init__(self, root: Path):
         self.root = root
-        self.env = nnunet_environment(root)
+        self.env = nnunet_environment(root, defaults=SMALL_MACHINE)
         self.logs = root / "logs"
         self.n_logs = 0
         self.extra_datasets: dict[int, str] = {}  # more targets some test modules add (id -> name)

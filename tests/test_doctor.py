@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_transfer.cli.main import main
-from nnunet_transfer.cli.trainer_path import ext_trainer_folder
+from nnunet_transfer.environment import ext_trainer_folder
 from nnunet_transfer.trainers import __all__ as TRAINERS
 
 

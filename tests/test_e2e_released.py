@@ -27,7 +27,8 @@ import torch
 from nnunet_transfer.checkpoints import canonical_key
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.data import TARGET, make_dataset
-from nnunet_transfer.pipeline import TRAIN_ENV, nnunet_environment, run_step, train_args
+from nnunet_transfer.environment import SMALL_MACHINE, nnunet_environment
+from nnunet_transfer.pipeline import TRAIN_ENV, run_step, train_args
 from nnunet_transfer.plans.configure import configure, write_plans
 
 from conftest import QUICK_SETTINGS, SOURCE_ID, TARGET_ID, TINY, load_checkpoint
@@ -70,7 +71,7 @@ def released(workspace, tmp_path_factory):
             "nnUNetTrainerTransferBase", "-f", 0], "export the source model")
     # the user's machine: the target's raw data, nothing of the source but the zip
     user = tmp / "user"
-    env = nnunet_environment(user)
+    env = nnunet_environment(user, defaults=SMALL_MACHINE)
     for name in (ws.source, ws.target):
         shutil.copytree(ws.root / "raw" / name, user / "raw" / name)
     shutil.rmtree(user / "raw" / ws.source)  # the source dataset is gone

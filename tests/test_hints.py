@@ -5,7 +5,7 @@ import sys
 
 from nnunet_transfer import _hints
 from nnunet_transfer.cli.main import main
-from nnunet_transfer.trainers.cli_errors import missing_model_message
+from nnunet_transfer.trainer_messages import missing_model_message, our_trainer_names
 
 
 def test_install_and_remove_the_hints_file(tmp_path, capsys):
@@ -36,3 +36,10 @@ def test_missing_model_message(tmp_path, monkeypatch):
                           f"closest of nnunet_transfer: nnUNetTrainerFinetune")
     assert "nnUNet_extTrainer=/somewhere (it does not contain this package's trainers" in msg
     assert missing_model_message(str(tmp_path / "other" / "file.json")) is None
+
+
+def test_our_trainer_names_are_what_the_shim_exports():
+    # the messages read the names from trainers/' sources (no import); they must be the shim's
+    from nnunet_transfer.trainers import __all__ as exported
+
+    assert our_trainer_names() == sorted(exported)

@@ -44,10 +44,11 @@ from torch import nn
 
 from nnunet_transfer.analysis.moments import PairMoments
 from nnunet_transfer.analysis.similarity import (DEFAULT_SIDE, MIN_SAMPLES_PER_CHANNEL, SimilarityResult,
-                                                  SimilarityWarning)
+                                                 SimilarityWarning)
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.errors import ConfigError, DataError, SpecError
 from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.nnunet_io import env_folder
 
 DEFAULT_VOXELS_PER_PATCH = 512
 #: With the automatic patch count, never fewer patches than this (samples spread over cases).
@@ -127,8 +128,6 @@ def select_layers(model: BlockModel, spec: str | None = None) -> list[Layer]:
 
 def preprocessed_folder(dataset_name: str, data_identifier: str, configuration: str | None = None) -> Path:
     """``$nnUNet_preprocessed/<Dataset>/<data_identifier>``, checked to hold cases."""
-    from nnunet_transfer.nnunet_io import env_folder
-
     folder = env_folder("nnUNet_preprocessed") / dataset_name / data_identifier
     fix = (f"run nnUNetv2_preprocess -d {dataset_name} -c {configuration or '<configuration>'} "
            f"(data identifier {data_identifier!r})")

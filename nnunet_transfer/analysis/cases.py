@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.experiments.splits import MAPPING_FILE, read_case_list
+from nnunet_transfer.nnunet_io import env_folder, load_json
 
 #: ``--cases`` words; anything else is a file or comma-separated identifiers
 WORDS = ("test", "all")
@@ -81,9 +83,6 @@ def _fold_number(run: Path) -> int | None:
 def heldout_cases(dataset: str, runs: Sequence[Path]) -> tuple[list[str] | None, str]:
     """The held-out test cases of ``dataset`` for ``runs`` (fold folders) and where they come from; ``(None,
     why)`` when they are unknown."""
-    from nnunet_transfer.experiments.splits import MAPPING_FILE
-    from nnunet_transfer.nnunet_io import env_folder, load_json
-
     path = env_folder("nnUNet_preprocessed") / dataset / MAPPING_FILE
     if not path.is_file():
         return None, (f"no held-out test cases are recorded for {dataset} ({path} does not exist; `nnunet_transfer "
@@ -114,8 +113,6 @@ def heldout_cases(dataset: str, runs: Sequence[Path]) -> tuple[list[str] | None,
 
 def choose_cases(dataset: str, spec: str | Path | Sequence[str] | None, runs: Sequence[Path]) -> CaseChoice:
     """What ``spec`` (:func:`parse_cases`) means for ``dataset`` and the fold folders ``runs`` analysed."""
-    from nnunet_transfer.experiments.splits import read_case_list
-
     spec = parse_cases(spec)
     if spec == "all":
         return CaseChoice(None, "all", "--cases all")

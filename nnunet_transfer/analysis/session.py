@@ -24,42 +24,24 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from nnunet_transfer.analysis.activations import (
-    CHUNK_PATCHES,
-    DEFAULT_FOREGROUND,
-    DEFAULT_VOXELS_PER_PATCH,
-    Layer,
-    PatchSource,
-    SamplingPlan,
-    accumulate_pairs,
-    pair_results,
-    plan_sampling,
-    preprocessed_folder,
-    probe_layers,
-    resolve_device,
-    select_layers,
-)
+from nnunet_transfer import __version__
+from nnunet_transfer.analysis.activations import (CHUNK_PATCHES, DEFAULT_FOREGROUND, DEFAULT_VOXELS_PER_PATCH, Layer,
+                                                  PatchSource, SamplingPlan, accumulate_pairs, pair_results,
+                                                  plan_sampling, preprocessed_folder, probe_layers, resolve_device,
+                                                  select_layers)
 from nnunet_transfer.analysis.cases import CaseChoice, choose_cases, parse_cases
-from nnunet_transfer.analysis.convergence import (
-    CONVERGENCE_TOLERANCE,
-    DEFAULT_SOURCE,
-    SOURCES,
-    Convergence,
-    curve_convergence,
-)
+from nnunet_transfer.analysis.convergence import (CONVERGENCE_TOLERANCE, DEFAULT_SOURCE, SOURCES, Convergence,
+                                                  curve_convergence, index_curve)
 from nnunet_transfer.analysis.report import MEASURES, write_json, write_outputs
-from nnunet_transfer.analysis.runs import (
-    NetworkRef,
-    index_convergence,
-    load_into,
-    load_networks,
-    require_snapshots,
-    run_label,
-    snapshot_ref,
-)
+from nnunet_transfer.analysis.runs import (NetworkRef, index_convergence, load_into, load_networks, require_snapshots,
+                                           run_label, snapshot_ref)
 from nnunet_transfer.analysis.similarity import DEFAULT_SIDE, SIDES, SimilarityResult
+from nnunet_transfer.analysis.validation import SnapshotValidator
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.nnunet_io import (build_network, check_configuration, dataset_name, env_folder, load_dataset_json,
+                                       load_plans)
+from nnunet_transfer.policies.snapshots import read_index
 
 CONVERGENCE_FILE = "convergence.json"
 #: validated convergence epochs already computed in this process, by everything that decides them
@@ -209,9 +191,6 @@ class Analysis:
 
     def given_convergence(self, fold: str | Path, epoch: int) -> Convergence:
         """A convergence epoch given by the user: recorded with the logged EMA curve for reference."""
-        from nnunet_transfer.analysis.convergence import index_curve
-        from nnunet_transfer.policies.snapshots import read_index
-
         snapshot_ref(fold, epoch)  # exists?
         conv = Convergence(source="given", tolerance=float("nan"), epoch=int(epoch),
                            curve=index_curve(read_index(fold), source="ema"), run=str(Path(fold)),
@@ -222,8 +201,6 @@ class Analysis:
     def _validation_key(self, fold: Path, tolerance: float) -> tuple:
         """What a validated convergence epoch depends on: the run and its snapshot index, the split file that
         names its validation cases, the plans and configuration they are predicted with, and the tolerance."""
-        from nnunet_transfer.nnunet_io import env_folder
-
         def stamp(path: Path) -> tuple | None:
             try:
                 st = path.stat()
@@ -239,7 +216,6 @@ class Analysis:
     def _validated(self, fold: Path, tolerance: float) -> Convergence:
         from tqdm.auto import tqdm
 
-        from nnunet_transfer.analysis.validation import SnapshotValidator
 
         epochs = require_snapshots(fold)
         validator = SnapshotValidator.open(dataset_name=self.dataset, plans=self.plans,
@@ -277,8 +253,6 @@ class Analysis:
         return rows
 
     def meta(self, study: str) -> dict:
-        from nnunet_transfer import __version__
-
         meta: dict[str, Any] = {
             "study": study, "package_version": __version__, "dataset": self.dataset,
             "configuration": self.configuration, "plans": self.plans_name,
@@ -324,8 +298,6 @@ def open_analysis(dataset: str | int, configuration: str, plans: str = "nnUNetPl
     ``"test"``, ``"all"``, a file or identifiers. ``foreground``: probability that a patch is centred on a
     foreground voxel (default 0: uniform locations, as Karimi et al.; nnU-Net's sampler uses 0.33).
     """
-    from nnunet_transfer.nnunet_io import build_network, check_configuration, dataset_name, load_dataset_json, load_plans
-
     if measure not in MEASURES:
         raise ConfigError(f"--measure must be one of {MEASURES}, got {measure!r}")
     if side not in SIDES:

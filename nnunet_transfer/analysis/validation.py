@@ -31,7 +31,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from nnunet_transfer.analysis.activations import _unpack, preprocessed_folder
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.nnunet_io import env_folder, load_json
 
 
 def run_fold(run: str | Path) -> int:
@@ -49,8 +51,6 @@ def run_fold(run: str | Path) -> int:
 
 def validation_cases(dataset_name: str, fold: int, *, available: Sequence[str] | None = None) -> list[str]:
     """``splits_final.json[fold]["val"]`` of the preprocessed dataset, checked against ``available``."""
-    from nnunet_transfer.nnunet_io import env_folder, load_json
-
     path = env_folder("nnUNet_preprocessed") / dataset_name / "splits_final.json"
     if not path.is_file():
         raise DataError(f"{path} not found: the validation split is unknown; nnUNetv2_train writes it when it "
@@ -126,7 +126,6 @@ class SnapshotValidator:
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-        from nnunet_transfer.analysis.activations import _unpack, preprocessed_folder
 
         pm = PlansManager(plans)
         cm = pm.get_configuration(configuration)

@@ -10,6 +10,7 @@ import io
 import os
 from dataclasses import dataclass
 
+from nnunet_transfer.environment import ext_trainer_folder
 from nnunet_transfer.runtime import install_startup_hint, remove_startup_hint
 
 
@@ -102,8 +103,6 @@ def _lookup_checks() -> list[Check]:
 
 
 def run_checks() -> list[Check]:
-    from nnunet_transfer.cli.trainer_path import ext_trainer_folder
-
     checks = [_version_check(), *_path_checks(), _ext_trainer_check(str(ext_trainer_folder())),
               _torchvision_check()]
     if checks[0].ok and checks[-1].ok:

@@ -1,12 +1,7 @@
 """``nnunet_transfer trainer-path``: the folder nnUNet_extTrainer must point at."""
 from __future__ import annotations
 
-from pathlib import Path
-
-
-def ext_trainer_folder() -> Path:
-    """Folder holding the single shim module that re-exports this package's trainers."""
-    return Path(__file__).resolve().parent.parent / "_ext"
+from nnunet_transfer.environment import ext_trainer_folder
 
 
 def add_parser(sub) -> None:

@@ -40,10 +40,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from nnunet_transfer.analysis.convergence import CONVERGENCE_TOLERANCE, log_convergence
 from nnunet_transfer.errors import DataError
-from nnunet_transfer.experiments.evaluate import (PER_CASE, SUMMARY, _short, describe,
-                                                  find_run, read_per_case)
+from nnunet_transfer.experiments.evaluate import PER_CASE, SUMMARY, _short, describe, find_run, read_per_case
 from nnunet_transfer.experiments.metrics import DIRECTION, METRIC_COLUMNS
+from nnunet_transfer.figures import colors, figure
 from nnunet_transfer.fileio import plain, write_atomic
 
 DEFAULT_METRICS = ("dice", "hd95", "assd", "nsd", "precision", "recall", "lesion_f1")
@@ -176,8 +177,6 @@ def parse_evals(items: Sequence[str | Path | tuple[str, str | Path]]) -> list[tu
 
 def run_info(fold: Path, *, tolerance: float | None = None) -> dict:
     """Trainable share and time to convergence of one run (fold folder)."""
-    from nnunet_transfer.analysis.convergence import CONVERGENCE_TOLERANCE, log_convergence
-
     info: dict[str, Any] = {"run": str(fold), "trainer": None, "trainable": None, "total": None,
                             "trainable_share": None, "checkpoint": None, "convergence": None}
     cfg = fold / "transfer_config.json"
@@ -194,7 +193,7 @@ def run_info(fold: Path, *, tolerance: float | None = None) -> dict:
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
         ckpt = fold / name
         if ckpt.is_file():
-            from nnunet_transfer.checkpoints import read_checkpoint
+            from nnunet_transfer.checkpoints import read_checkpoint  # lazy: torch; `--help` imports this module
 
             content = read_checkpoint(ckpt)  # a truncated file or one that would run code: one line naming it
             logging = content.get("logging") if isinstance(content, dict) else None
@@ -514,8 +513,6 @@ def markdown_report(rows: Sequence[Mapping], strategies: Sequence[ArmResults], o
 def plot_boxes(path: Path, values: Mapping[str, Mapping[tuple[str, int], np.ndarray]], order: Sequence[str],
                metrics: Sequence[str], label: int, label_name: str | None) -> Path:
     """One box plot per metric, a box per strategy (finite values)."""
-    from nnunet_transfer.figures import figure
-
     cols = min(len(metrics), 4)
     nrows = math.ceil(len(metrics) / cols)
     with figure(path, rows=nrows, cols=cols) as p:
@@ -532,8 +529,6 @@ def plot_boxes(path: Path, values: Mapping[str, Mapping[tuple[str, int], np.ndar
 
 def plot_learning_curves(path: Path, curves: Mapping[str, Mapping], order: Sequence[str]) -> Path:
     """Smoothed validation pseudo-Dice against wall time, every run on one plot, convergence marked."""
-    from nnunet_transfer.figures import colors, figure
-
     with figure(path) as p:
         ax = p.fig.add_subplot(1, 1, 1)
         names = [o for o in order if o in curves]

@@ -34,7 +34,9 @@ from typing import Sequence
 import numpy as np
 
 from nnunet_transfer.errors import DataError
+from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.nnunet_io import dataset_name, env_folder, load_json, raw_training_cases
+from nnunet_transfer.plans.pool import _place as place  # link, or copy where links fail
 
 SPLITS_FILE = "splits_final.json"
 MAPPING_FILE = "splits_mapping.json"
@@ -194,8 +196,6 @@ class SplitsResult:
 
 
 def _place(src: str, dest: Path, copy: bool) -> None:
-    from nnunet_transfer.plans.pool import _place as place  # link, or copy where links fail
-
     place(src, dest, copy)
 
 
@@ -207,8 +207,6 @@ def make_splits(dataset: str | int, *, n_train: Sequence[str | int], repeats: in
     ``test_cases``: identifiers, or a file of them; ``test_folder``: where the test cases are linked
     (default ``nnUNet_preprocessed/<Dataset>/heldout_test``); ``copy``: copy instead of linking.
     """
-    from nnunet_transfer.fileio import write_atomic
-
     name = dataset_name(dataset)
     try:
         files, ending = raw_training_cases(name)

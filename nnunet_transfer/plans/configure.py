@@ -14,9 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nnunet_transfer.blocks import parse_spec
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
-from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.errors import ConfigError, DataError, SpecError
 from nnunet_transfer.fileio import write_atomic
+from nnunet_transfer.nnunet_io import load_json, plans_path
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 # arch_kwargs entries that hold one value per encoder stage / per decoder stage
@@ -130,9 +132,6 @@ def add_configuration(plans: dict, *, base: str, new: str, settings: Mapping[str
 def check_specs(settings: Mapping[str, Any], n_stages: Any, *, where: str) -> None:
     """Parse every block-spec setting against the network's stage count, so a bad spec fails here and not
     at the start of ``nnUNetv2_train``."""
-    from nnunet_transfer.blocks import parse_spec
-    from nnunet_transfer.errors import SpecError
-
     if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 2:
         return  # an architecture this package does not describe; the trainer reports it
     specs = [(key, settings.get(key)) for key in TransferConfig.spec_keys()]
@@ -169,8 +168,6 @@ def configure(dataset: str | int, *, base: str, new: str, plans_identifier: str 
               settings: Mapping[str, Any] | None = None, features=None, patch=None,
               batch_size: int | None = None, force: bool = False) -> Path:
     """Add configuration ``new`` to a dataset's preprocessed plans file; returns the plans path."""
-    from nnunet_transfer.nnunet_io import load_json, plans_path
-
     path = plans_path(dataset, plans_identifier)
     plans = load_json(path)
     if not isinstance(plans, dict) or "configurations" not in plans:

@@ -35,6 +35,7 @@ import numpy as np
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.nnunet_compat import USES_PROPERTIES, mask_for_norm, move_plans
 from nnunet_transfer.nnunet_io import dataset_name, env_folder, load_dataset_json, load_json, plans_path
+from nnunet_transfer.pipeline import executable
 from nnunet_transfer.plans.configure import write_plans
 from nnunet_transfer.plans.model_folder import is_path_argument, load_model_folder
 
@@ -108,8 +109,6 @@ def ensure_fingerprint(name: str, *, num_processes: int | None = None,
     Runs ``nnUNetv2_extract_fingerprint`` as a subprocess: nnU-Net's Python API reads its folders from
     ``nnunetv2.paths``, fixed when first imported, while the environment may have changed since.
     """
-    from nnunet_transfer.pipeline import executable
-
     path = env_folder("nnUNet_preprocessed") / name / "dataset_fingerprint.json"
     if path.is_file():
         return path, False

@@ -39,19 +39,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from nnunet_transfer.checkpoints import (
-    SEG_KEY,
-    LoadedWeights,
-    Mismatch,
-    canonical_key,
-    compare,
-    file_problems,
-    load_weights,
-    storage_key,
-)
+from nnunet_transfer.checkpoints import (SEG_KEY, LoadedWeights, Mismatch, canonical_key, compare, file_problems,
+                                         load_weights, storage_key)
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.fileio import save_atomic
 from nnunet_transfer.netutil import unwrap
+from nnunet_transfer.nnunet_io import build_network, dataset_name, load_dataset_json, load_plans
+from nnunet_transfer.plans.model_folder import resolve_checkpoint
 
 SKIP = SEG_KEY  # nnU-Net's skip_strings_in_pretrained
 METHODS = ("repeat", "mean", "first")
@@ -165,9 +159,6 @@ def check_weights(weights: LoadedWeights, network: nn.Module, *, target: str = "
 def check_against_plans(checkpoint: str | Path, dataset: str | int, configuration: str,
                         plans: str = "nnUNetPlans") -> WeightsReport:
     """Build the target network nnU-Net would build, then :func:`check_weights`."""
-    from nnunet_transfer.nnunet_io import build_network, dataset_name, load_dataset_json, load_plans
-    from nnunet_transfer.plans.model_folder import resolve_checkpoint
-
     weights = load_weights(resolve_checkpoint(checkpoint))  # a file, a fold folder or a one-fold model folder
     plans_dict = load_plans(dataset, plans)
     network = build_network(plans_dict, configuration, load_dataset_json(dataset))
@@ -221,7 +212,6 @@ def adapt_weights(checkpoint: str | Path, output: str | Path, *, in_channels: in
         _check_adapt_args(in_channels, method)
     elif method not in METHODS:
         _check_adapt_args(1, method)
-    from nnunet_transfer.plans.model_folder import resolve_checkpoint
 
     output = Path(output)
     weights = load_weights(resolve_checkpoint(checkpoint))

@@ -9,43 +9,44 @@ file, trained here or as SLURM jobs, resumable, ending in ``evaluate`` + ``compa
 * :func:`report_study` pools, compares and plots (``study report``, :mod:`.report`);
 * :func:`init_study` writes a paper's protocol as a study file (``study init``, :mod:`.templates`).
 
-Heavy imports (torch, nnU-Net, submitit) happen inside the functions.
+Each function imports its module when called (``# lazy``): ``import nnunet_transfer.study.x`` runs this file
+first, and a verb loads only its own module (``study init`` and ``study plan`` never import submitit).
 """
 from __future__ import annotations
 
 
 def load_study(path, **kw):
-    from nnunet_transfer.study.spec import load_study as f
+    from nnunet_transfer.study.spec import load_study as f  # lazy: a verb imports only its module
 
     return f(path, **kw)
 
 
 def prepare(study, **kw):
-    from nnunet_transfer.study.plan import prepare as f
+    from nnunet_transfer.study.plan import prepare as f  # lazy: a verb imports only its module
 
     return f(study, **kw)
 
 
 def run_study(study, **kw):
-    from nnunet_transfer.study.runner import run_study as f
+    from nnunet_transfer.study.runner import run_study as f  # lazy: a verb imports only its module
 
     return f(study, **kw)
 
 
 def study_status(study, **kw):
-    from nnunet_transfer.study.status import study_status as f
+    from nnunet_transfer.study.status import study_status as f  # lazy: a verb imports only its module
 
     return f(study, **kw)
 
 
 def report_study(study, out, **kw):
-    from nnunet_transfer.study.report import report_study as f
+    from nnunet_transfer.study.report import report_study as f  # lazy: a verb imports only its module
 
     return f(study, out, **kw)
 
 
 def init_study(template, dataset, pretrained, out, **kw):
-    from nnunet_transfer.study.templates import init_study as f
+    from nnunet_transfer.study.templates import init_study as f  # lazy: a verb imports only its module
 
     return f(template, dataset, pretrained, out, **kw)
 

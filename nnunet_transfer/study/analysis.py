@@ -33,7 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from nnunet_transfer import __version__
+from nnunet_transfer.analysis import karimi
+from nnunet_transfer.analysis.runs import snapshot_epochs
 from nnunet_transfer.errors import TransferError
+from nnunet_transfer.experiments.splits import MAPPING_FILE, SPLITS_FILE
+from nnunet_transfer.nnunet_io import env_folder, plans_path
 from nnunet_transfer.study.spec import Study
 from nnunet_transfer.study.state import Progress, file_stamp, results_folder, run_dir
 from nnunet_transfer.study.table import Run, size_slug
@@ -100,9 +105,6 @@ def _options(study: Study, *, data: bool = True) -> dict:
 
 def plan_jobs(study: Study, runs: Sequence[Run], done: set[str]) -> tuple[list[Job], list[str]]:
     """The analyses ``[analysis]`` asks for over the done runs, and a line for each one left out."""
-    from nnunet_transfer.analysis import karimi
-    from nnunet_transfer.analysis.runs import snapshot_epochs
-
     a = study.analysis
     where = {"dataset": study.dataset, "configuration": study.configuration, "plans": study.plans}
     mine = [r for r in runs if r.strategy.name in a.strategies]
@@ -173,10 +175,6 @@ def plan_jobs(study: Study, runs: Sequence[Run], done: set[str]) -> tuple[list[J
 
 def _inputs(study: Study, job: Job) -> dict:
     """What the job's results depend on, as a JSON-comparable record."""
-    from nnunet_transfer import __version__
-    from nnunet_transfer.experiments.splits import MAPPING_FILE, SPLITS_FILE
-    from nnunet_transfer.nnunet_io import env_folder, plans_path
-
     pre = env_folder("nnUNet_preprocessed") / study.dataset
     files = [pre / MAPPING_FILE, pre / SPLITS_FILE, plans_path(study.dataset, study.plans)]
     for f in job.folds:

@@ -25,12 +25,18 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import DataError, TransferError
+from nnunet_transfer.experiments.splits import MAPPING_FILE, SPLITS_FILE
 from nnunet_transfer.fileio import write_atomic
-from nnunet_transfer.study.spec import MARKER, Study, load_study, output_problem, sweep_label
+from nnunet_transfer.nnunet_io import env_folder, load_dataset_json, load_json, load_plans, plans_path
+from nnunet_transfer.plans.configure import add_configuration, write_plans
+from nnunet_transfer.plans.pool import _place  # a link, or a copy where links fail
+from nnunet_transfer.study.folds import StudySplits
+from nnunet_transfer.study.spec import MARKER, Study, _trainer_classes, load_study, output_problem, sweep_label
 from nnunet_transfer.study.state import check_definitions, checkpoint_file, write_json
-from nnunet_transfer.study.table import (Run, StudySplits, build_table, format_table, plan_study_splits,
-                                         test_folder)
+from nnunet_transfer.study.table import Run, build_table, format_table, plan_study_splits, test_folder
+from nnunet_transfer.trainers.pretrained import check_pretrained as check
 
 OWNED_SPLITS = "splits_final.json"  # the study's copy of the splits it wrote: what makes them its own
 
@@ -88,11 +94,6 @@ def _check_output(study: Study) -> None:
 # --------------------------------------------------------------------------- checks
 def check_pretrained(study: Study) -> None:
     """Every (checkpoint, trainer, heads) of the study as ``nnUNetv2_train`` will check it at start."""
-    from nnunet_transfer.config import TransferConfig
-    from nnunet_transfer.nnunet_io import load_dataset_json, load_plans
-    from nnunet_transfer.study.spec import _trainer_classes
-    from nnunet_transfer.trainers.pretrained import check_pretrained as check
-
     classes = _trainer_classes()
     plans = load_plans(study.dataset, study.plans)
     dataset_json = load_dataset_json(study.dataset)
@@ -143,9 +144,6 @@ def _mapping(study: Study, splits: StudySplits, splits_file: Path) -> dict:
 
 
 def write_splits(study: Study, splits: StudySplits) -> list[str]:
-    from nnunet_transfer.experiments.splits import MAPPING_FILE, SPLITS_FILE
-    from nnunet_transfer.nnunet_io import env_folder
-
     base = env_folder("nnUNet_preprocessed") / study.dataset
     splits_file, mapping_file = base / SPLITS_FILE, base / MAPPING_FILE
     owned = study.output / OWNED_SPLITS
@@ -187,8 +185,6 @@ def _test_folder_ok(folder: Path, cases: list[str], ending: str) -> bool:
 
 def _link_test_cases(folder: Path, cases: list[str], splits: StudySplits) -> None:
     """imagesTs/<case>_<channel>.ext and labelsTs/<case>.ext, built aside and renamed into place."""
-    from nnunet_transfer.plans.pool import _place  # a link, or a copy where links fail
-
     ending = splits.file_ending
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -210,9 +206,6 @@ def _link_test_cases(folder: Path, cases: list[str], splits: StudySplits) -> Non
 # --------------------------------------------------------------------------- configurations
 def write_configurations(study: Study) -> list[str]:
     """One configuration per strategy; the plans file is written once, and only if something changed."""
-    from nnunet_transfer.nnunet_io import load_json, plans_path
-    from nnunet_transfer.plans.configure import add_configuration, write_plans
-
     path = plans_path(study.dataset, study.plans)
     plans = load_json(path)
     before = json.dumps(plans, sort_keys=True)

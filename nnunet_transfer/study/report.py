@@ -37,9 +37,18 @@ from typing import Callable, Sequence
 import numpy as np
 
 from nnunet_transfer.errors import DataError
+from nnunet_transfer.experiments.compare import DEFAULT_METRICS, compare_evaluations
+from nnunet_transfer.experiments.evaluate import describe, read_per_case, summarize
+from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
+from nnunet_transfer.figures import colors, figure
+from nnunet_transfer.fileio import plain, write_atomic
+from nnunet_transfer.nnunet_io import load_dataset_json
+from nnunet_transfer.study.analysis import analyse_study
+from nnunet_transfer.study.plan import prepare
+from nnunet_transfer.study.runner import evaluate_run, job_alive
 from nnunet_transfer.study.spec import Study, sweep_label
-from nnunet_transfer.study.state import (Progress, RunLock, evaluation_current, progress, results_folder, run_dir,
-                                         write_json)
+from nnunet_transfer.study.state import (Progress, RunLock, evaluation_current, progress, read_state, results_folder,
+                                         run_dir, write_json)
 from nnunet_transfer.study.table import Run, size_slug, test_folder
 
 REPORT = "report.md"
@@ -70,8 +79,6 @@ class ReportResult:
 # --------------------------------------------------------------------------- pooling
 def pool_rows(per_run: Sequence[Sequence[dict]]) -> list[dict]:
     """Per (case, label): the mean of every metric over the runs that predicted the case."""
-    from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
-
     groups: dict[tuple[str, int], list[dict]] = {}
     for rows in per_run:
         for r in rows:
@@ -88,8 +95,6 @@ def pool_rows(per_run: Sequence[Sequence[dict]]) -> list[dict]:
 
 
 def _pooled_csv(rows: Sequence[dict]) -> str:
-    from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["case", "label", *METRIC_COLUMNS, "n_runs"])
@@ -100,9 +105,6 @@ def _pooled_csv(rows: Sequence[dict]) -> str:
 
 def write_pooled(folder: Path, study: Study, runs: Sequence[Run], label_names: dict) -> list[dict]:
     """An ``evaluate``-shaped folder of the pooled rows of ``runs`` (one strategy, one size)."""
-    from nnunet_transfer.experiments.evaluate import read_per_case, summarize
-    from nnunet_transfer.fileio import plain, write_atomic
-
     per_run = [read_per_case(run_dir(study, r) / "eval" / "per_case.csv") for r in runs]
     rows = pool_rows(per_run)
     labels = sorted({r["label"] for r in rows})
@@ -131,7 +133,6 @@ def plot_vs_ntrain(path: Path, points: dict, strategies: Sequence[str], labels: 
     """``points[(strategy, label)] = [(n_train, mean, sd)]`` -> one panel per label, one line per strategy."""
     from matplotlib.ticker import MaxNLocator
 
-    from nnunet_transfer.figures import colors, figure
 
     with figure(path, cols=len(labels)) as p:
         for i, lab in enumerate(labels):
@@ -156,8 +157,6 @@ def plot_vs_ntrain(path: Path, points: dict, strategies: Sequence[str], labels: 
 def plot_sweep(path: Path, key: str, values: Sequence, series: dict, labels: Sequence[int], names: dict,
                metrics: Sequence[str]) -> Path:
     """``series[(size, metric, label)] = [mean per value]`` -> metric against the swept value, a line per size."""
-    from nnunet_transfer.figures import colors, figure
-
     ticks = ["∞" if sweep_label(v) == "inf" else sweep_label(v) for v in values]
     sizes = list(dict.fromkeys(size for size, _, _ in series))
     color = dict(zip(sizes, colors(len(sizes))))
@@ -184,8 +183,6 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _mean_sd(rows: Sequence[dict], metric: str, label: int) -> tuple[float | None, float | None]:
-    from nnunet_transfer.experiments.evaluate import describe
-
     d = describe([r[metric] for r in rows if r["label"] == label])
     return d["mean"], d["sd"]
 
@@ -193,11 +190,6 @@ def _mean_sd(rows: Sequence[dict], metric: str, label: int) -> tuple[float | Non
 def report_study(study: Study | str | Path, out: str | Path, *, plots: bool = True,
                  say: Callable[[str], None] = print) -> ReportResult:
     """Evaluate, pool, compare and plot (module docstring); returns what was written."""
-    from nnunet_transfer.experiments.compare import DEFAULT_METRICS, compare_evaluations
-    from nnunet_transfer.nnunet_io import load_dataset_json
-    from nnunet_transfer.study.plan import prepare
-    from nnunet_transfer.study.runner import evaluate_run, job_alive
-
     plan = prepare(study, write=False, check_weights=False)
     study, runs = plan.study, plan.runs
     out = Path(out)
@@ -274,7 +266,6 @@ def report_study(study: Study | str | Path, out: str | Path, *, plots: bool = Tr
     files.append(_write_runs_csv(out / "runs.csv", study, prog, labels))
     analysis = None
     if study.analysis is not None:  # [analysis]: Karimi's analyses of the runs (nnunet_transfer.study.analysis)
-        from nnunet_transfer.study.analysis import analyse_study
 
         analysis = analyse_study(study, prog, out, say=say)
     text = report_markdown(study, prog, comparisons, pooled, labels, names, metrics, missing, n_train, out,
@@ -310,8 +301,6 @@ def _write_runs_csv(path: Path, study: Study, prog: Sequence[Progress], labels: 
 
 
 def _log_of(study: Study, run: Run, p: Progress) -> str:
-    from nnunet_transfer.study.state import read_state
-
     return read_state(study, run).get("log") or "" if p.state == "failed" else ""
 
 

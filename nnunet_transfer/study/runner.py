@@ -30,12 +30,17 @@ from typing import Callable, Sequence
 
 import submitit
 
+from nnunet_transfer import pipeline  # pipeline.run_step looked up at call time: the tests' fake programs
+from nnunet_transfer.environment import nnunet_environment
 from nnunet_transfer.errors import ConfigError, TransferError
-from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, Study, load_study
-from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, definition, evaluation_current,
-                                         evaluation_key, file_stamp, host_pid, progress, read_json, read_state,
-                                         results_folder, run_dir, update_state, write_json)
-from nnunet_transfer.study.table import Run, test_folder
+from nnunet_transfer.experiments.evaluate import evaluate_folders
+from nnunet_transfer.nnunet_io import load_dataset_json
+from nnunet_transfer.study.plan import prepare
+from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, SLURM_KEYS, Study, load_study
+from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, base_configuration_hash,
+                                         definition, evaluation_current, evaluation_key, file_stamp, host_pid, progress,
+                                         read_json, read_state, results_folder, run_dir, update_state, write_json)
+from nnunet_transfer.study.table import Run, build_table, plan_study_splits, test_folder
 
 EXECUTORS = ("local", "slurm")
 ACTIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
@@ -72,24 +77,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- environment
-def nnunet_env(study: Study, base: dict | None = None) -> dict[str, str]:
-    """The environment of nnU-Net's programs: this one, our trainers on nnUNet_extTrainer, the file's extras."""
-    from nnunet_transfer.cli.trainer_path import ext_trainer_folder
-    from nnunet_transfer.nnunet_io import ENV_VARS, env_folder
-
-    env = dict(os.environ if base is None else base)
-    for var in ENV_VARS:
-        env[var] = str(env_folder(var).resolve()) if base is None else env[var]
-    ours = str(ext_trainer_folder())
-    current = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if ours not in current:
-        env["nnUNet_extTrainer"] = os.pathsep.join([ours, *current])
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(study.environment)
-    return env
-
-
 # --------------------------------------------------------------------------- one run
 def _predict_args(study: Study, run: Run, out: Path) -> list:
     args = ["nnUNetv2_predict", "-i", test_folder(study, run.fold) / "imagesTs", "-o", out, "-d", study.dataset,
@@ -103,8 +90,6 @@ def _predict_args(study: Study, run: Run, out: Path) -> list:
 
 def evaluate_run(study: Study, run: Run) -> Path:
     """``evaluate`` of the run's predictions against its test labels, into ``runs/<id>/eval``."""
-    from nnunet_transfer.experiments.evaluate import evaluate_folders
-
     folder = run_dir(study, run)
     out = folder / "eval"
     sc = study.scoring
@@ -119,8 +104,6 @@ def evaluate_run(study: Study, run: Run) -> Path:
 def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_id: str | None = None,
                 env: dict | None = None, say: Callable[[str], None] = print) -> Outcome:
     """Train (or continue), predict and evaluate one run, unless it is done or another process holds it."""
-    from nnunet_transfer.pipeline import run_step, train_args
-
     folder = run_dir(study, run)
     lock = RunLock(folder)
     if not lock.acquire(job_id=job_id, job_alive=job_alive):
@@ -148,7 +131,7 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
         elif d is not None and saved != d:
             raise ConfigError(f"run {run.id} was started with another definition than study file {study.path} "
                               f"gives now; restore the file (see {folder / RUN_FILE})")
-        env = env if env is not None else nnunet_env(study)
+        env = env if env is not None else nnunet_environment(extra=study.environment)
         state = read_state(study, run)
         attempt = int(state.get("attempt", 0)) + 1
         now = time.time()
@@ -167,9 +150,9 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
                 log = folder / f"train_{attempt}.log"
                 what = f"{'continuing' if cont else 'training'} {run.id}"
                 say(f"{what} ({run.trainer}, {run.configuration}, fold {run.nnunet_fold}){' with --c' if cont else ''}")
-                run_step(train_args(study.dataset, run.configuration, run.nnunet_fold, run.trainer,
-                                    pretrained=pretrained, cont=cont, device=study.device, plans=study.plans),
-                         env=env, log=log, what=f"nnUNetv2_train of {run.id}")
+                args = pipeline.train_args(study.dataset, run.configuration, run.nnunet_fold, run.trainer,
+                                           pretrained=pretrained, cont=cont, device=study.device, plans=study.plans)
+                pipeline.run_step(args, env=env, log=log, what=f"nnUNetv2_train of {run.id}")
                 if not (fold / "checkpoint_final.pth").is_file():
                     raise TransferError(f"nnUNetv2_train of {run.id} ended without {fold}/checkpoint_final.pth; "
                                         f"see {log}")
@@ -177,7 +160,8 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
             pred, partial = folder / "pred", folder / "pred.partial"
             shutil.rmtree(partial, ignore_errors=True)
             say(f"predicting {run.id} on {len(run.test)} test cases")
-            run_step(_predict_args(study, run, partial), env=env, log=log, what=f"nnUNetv2_predict of {run.id}")
+            pipeline.run_step(_predict_args(study, run, partial), env=env, log=log,
+                              what=f"nnUNetv2_predict of {run.id}")
             ending = _file_ending(study, run)
             missing = [c for c in run.test if not (partial / f"{c}{ending}").is_file()]
             if missing:
@@ -212,8 +196,6 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
 
 
 def _file_ending(study: Study, run: Run) -> str:
-    from nnunet_transfer.nnunet_io import load_dataset_json
-
     return load_dataset_json(study.dataset)["file_ending"]
 
 
@@ -256,8 +238,6 @@ def job_alive(state: dict) -> bool | None:
 def run_study(study: Study | str | Path, *, executor: str = "local", only: str | None = None,
               cluster: str = "slurm", wait: bool = False, say: Callable[[str], None] = print) -> RunSummary:
     """Plan (idempotent), then execute every run that is not done: here, one after the other, or as jobs."""
-    from nnunet_transfer.study.plan import prepare
-
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     study = study if isinstance(study, Study) else load_study(study)
@@ -287,7 +267,7 @@ def run_study(study: Study | str | Path, *, executor: str = "local", only: str |
         say("nothing to run: every selected run is done, running or queued")
         return summary
     if executor == "local":
-        env = nnunet_env(study)
+        env = nnunet_environment(extra=study.environment)
         for i, run in enumerate(todo, 1):
             say(f"[{i}/{len(todo)}] {run.id}")
             summary.outcomes.append(execute_run(study, run, definition_=plan.definitions[run.id], env=env, say=say))
@@ -323,9 +303,6 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self, study_file: str, run_id: str, env: dict) -> dict:
         os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
         study = load_study(study_file)
-        from nnunet_transfer.study.state import base_configuration_hash
-        from nnunet_transfer.study.table import build_table, plan_study_splits
-
         runs = {r.id: r for r in build_table(study, plan_study_splits(study))}
         if run_id not in runs:
             raise ConfigError(f"run {run_id} is no longer in study file {study_file}; it was edited after submission")
@@ -334,15 +311,14 @@ class RunJob(submitit.helpers.Checkpointable):
             job = submitit.JobEnvironment().job_id
         except RuntimeError:
             job = None
+        env = nnunet_environment(base={**os.environ, **env}, extra=study.environment)
         outcome = execute_run(study, run, definition_=definition(study, run, base_configuration_hash(study)),
-                              job_id=job, env=nnunet_env(study, {**os.environ, **env}))
+                              job_id=job, env=env)
         return outcome.__dict__
 
 
 def executor_parameters(study: Study, cluster: str) -> dict:
     """The ``[slurm]`` table as submitit parameters (generic ones reach every submitit cluster)."""
-    from nnunet_transfer.study.spec import SLURM_KEYS
-
     params = {"name": f"nnunet_transfer-{study.name}"}
     for key, value in study.slurm.items():
         if key != "max_requeue":
@@ -363,7 +339,7 @@ def submit(study: Study, runs: Sequence[Run], definitions: dict, *, cluster: str
         executor.update_parameters(**executor_parameters(study, cluster))
     except (ValueError, NameError, RuntimeError) as e:
         raise ConfigError(f"study file {study.path} [slurm]: submitit refuses the resources: {e}") from None
-    env = {k: v for k, v in nnunet_env(study).items() if k.startswith("nnUNet")}
+    env = {k: v for k, v in nnunet_environment(extra=study.environment).items() if k.startswith("nnUNet")}
     for run in runs:  # the definition is fixed at submission: a later edit of the file cannot change it
         saved = read_json(run_dir(study, run) / RUN_FILE)
         if saved is None:
@@ -392,4 +368,4 @@ def submit(study: Study, runs: Sequence[Run], definitions: dict, *, cluster: str
 
 
 __all__ = ["run_study", "execute_run", "evaluate_run", "submit", "RunJob", "RunSummary", "Outcome", "select",
-           "nnunet_env", "job_alive", "EXECUTORS"]
+           "job_alive", "EXECUTORS"]

@@ -5,7 +5,7 @@ keys (with the closest valid name), missing tables, wrong types, unknown trainer
 settings and sweep values, settings a trainer does not use, strategies that need pretrained weights but
 name none, duplicate strategy names (also those a sweep generates), missing checkpoints, a baseline that
 is not a strategy, an output folder that cannot be the study's, and the sizes, test and validation counts
-against the dataset's cases (:func:`nnunet_transfer.study.table.fold_plan`). Each problem names the table
+against the dataset's cases (:func:`nnunet_transfer.study.folds.fold_plan`). Each problem names the table
 and key ('[[strategy]] #3 "l2sp" settings.l2sp_alpha'), the value, what is valid and the fix.
 
 The readers collect the problems (:class:`Problems`) and go on, so one pass finds them all: one problem
@@ -96,8 +96,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from nnunet_transfer.config import is_int
-from nnunet_transfer.errors import ConfigError, DataError, TransferError
+import nnunet_transfer.trainers as trainers
+from nnunet_transfer.analysis.report import MEASURES
+from nnunet_transfer.blocks import parse_spec
+from nnunet_transfer.config import PLANS_KEY, TransferConfig, is_int
+from nnunet_transfer.errors import ConfigError, DataError, SpecError, TransferError
+from nnunet_transfer.experiments.compare import CORRECTIONS, TESTS
+from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
+from nnunet_transfer.experiments.splits import parse_size, read_case_list
+from nnunet_transfer.nnunet_io import check_configuration, dataset_name, load_json, plans_path
+from nnunet_transfer.plans.configure import resolved_configuration
+from nnunet_transfer.study.folds import SplitSpec, dataset_cases, fold_plan
 
 try:  # Python >= 3.11
     import tomllib
@@ -142,28 +151,6 @@ class Strategy:
     sweep_key: str | None = None
     sweep_value: Any = None
     family: str | None = None  # the [[strategy]] name a sweep value came from
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    n_train: tuple
-    repeats: int = 1
-    test: int | None = None
-    test_cases: tuple[str, ...] | None = None
-    test_cases_file: str | None = None
-    folds: int | None = None  # cross-validation: every case is tested once
-    folds_to_run: tuple[int, ...] | None = None
-    val: int | None = None
-    seed: int = 0
-
-    @property
-    def cross_validation(self) -> bool:
-        return self.folds is not None
-
-    def to_json(self) -> dict:
-        return {"n_train": list(self.n_train), "repeats": self.repeats, "test": self.test,
-                "test_cases": None if self.test_cases is None else list(self.test_cases), "folds": self.folds,
-                "val": self.val, "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -479,10 +466,6 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
 
 def _check_target(p: Problems, target, plans: str, configuration: str) -> tuple[str | None, dict]:
     """The dataset's name and the base configuration's own settings (every strategy inherits them)."""
-    from nnunet_transfer.config import PLANS_KEY
-    from nnunet_transfer.nnunet_io import check_configuration, dataset_name, load_json, plans_path
-    from nnunet_transfer.plans.configure import resolved_configuration
-
     try:
         dataset = dataset_name(target)
         plans_file = plans_path(dataset, plans)
@@ -501,8 +484,6 @@ def _check_target(p: Problems, target, plans: str, configuration: str) -> tuple[
 
 def _check_sizes(p: Problems, splits: SplitSpec, dataset: str) -> None:
     """The sizes, test and validation counts against the raw dataset's cases (what the run table will need)."""
-    from nnunet_transfer.study.table import dataset_cases, fold_plan
-
     try:
         files, ending = dataset_cases(dataset)
     except DataError as e:
@@ -547,8 +528,6 @@ def _read_pretrained(p: Problems, content: Any, base: Path, check: bool) -> dict
 
 
 def _size(p: Problems, v: Any):
-    from nnunet_transfer.experiments.splits import parse_size
-
     if isinstance(v, float) or isinstance(v, bool):
         return p.add("splits", f"n_train value {v!r} is not a size: give an integer, a percentage like \"50%\" or "
                                f"\"all\"")
@@ -604,8 +583,6 @@ def _read_splits(p: Problems, content: Any, base: Path) -> SplitSpec | None:
 
 
 def _test_cases(p: Problems, v: Any, base: Path) -> tuple[tuple[str, ...] | None, str | None]:
-    from nnunet_transfer.experiments.splits import read_case_list
-
     if isinstance(v, list):
         if not v or not all(isinstance(c, str) and c for c in v):
             p.add("splits", "test_cases must be a file name or a non-empty list of case identifiers")
@@ -624,8 +601,6 @@ def _test_cases(p: Problems, v: Any, base: Path) -> tuple[tuple[str, ...] | None
 
 def _setting_problem(key: str, value: Any) -> str | None:
     """What is wrong with one setting's value on its own (None: nothing); the text starts after the key."""
-    from nnunet_transfer.config import TransferConfig
-
     try:
         TransferConfig.from_mapping({key: value})
     except ConfigError as e:
@@ -636,8 +611,6 @@ def _setting_problem(key: str, value: Any) -> str | None:
 def _read_settings(p: Problems, where: str, content: Any, prefix: str = "") -> dict:
     """The known settings of a table (``prefix``: how their keys are located, e.g. "settings."); every
     unknown key and every bad value is a problem of its own."""
-    from nnunet_transfer.config import TransferConfig
-
     if not isinstance(content, dict):
         p.add(where, f"settings must be a table of setting = value, got {content!r}")
         return {}
@@ -661,8 +634,6 @@ def _bracket(where: str) -> str:
 
 
 def _trainer_classes() -> dict[str, type]:
-    import nnunet_transfer.trainers as trainers
-
     return {n: getattr(trainers, n) for n in trainers.__all__}
 
 
@@ -705,8 +676,6 @@ def _read_strategy(p: Problems, label: str, entry: Any, classes: dict, pretraine
                    common: dict, base_settings: dict, configuration: str | None,
                    unused_common: dict) -> tuple[list[Strategy], list[str]]:
     """One [[strategy]] entry: its strategies (one per sweep value) when it has no problem, and its names."""
-    from nnunet_transfer.config import TransferConfig
-
     before = len(p)
     entry = _table(p, label, entry, STRATEGY_KEYS)
     if entry is None:
@@ -793,8 +762,6 @@ def _read_strategy(p: Problems, label: str, entry: Any, classes: dict, pretraine
 def _sweep_variants(p: Problems, label: str, sweep: Any, name: str | None,
                     own: dict) -> list[tuple[str, dict, str, Any]] | None:
     """``(name-value, settings, key, value)`` per swept value; None when the sweep itself is malformed."""
-    from nnunet_transfer.config import TransferConfig
-
     if not isinstance(sweep, dict) or len(sweep) != 1:
         return p.add(label, f"sweep = {sweep!r} must name one setting and its values, e.g. "
                             f"sweep = {{ l2sp_alpha = [0, 1, 8, inf] }}")
@@ -816,9 +783,6 @@ def _sweep_variants(p: Problems, label: str, sweep: Any, name: str | None,
 
 
 def _read_scoring(p: Problems, content: Any) -> Scoring | None:
-    from nnunet_transfer.experiments.compare import CORRECTIONS, TESTS
-    from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
-
     before = len(p)
     sc = _table(p, "scoring", content, SCORING_KEYS)
     if sc is None:
@@ -868,8 +832,6 @@ def _read_analysis(p: Problems, an: dict, every: int | None, strategies: Sequenc
                    plans: str | None) -> AnalysisSpec | None:
     """[analysis] (its snapshot_every was read with [settings]); ``strategies``: those without problems,
     ``declared``: every strategy name of the file (those with problems too: they are reported once, there)."""
-    from nnunet_transfer.analysis.report import MEASURES
-
     before = len(p)
     analyses = an.get("analyses", list(ANALYSES))
     if not isinstance(analyses, list) or not analyses or not all(isinstance(a, str) for a in analyses):
@@ -923,11 +885,6 @@ def _read_analysis(p: Problems, an: dict, every: int | None, strategies: Sequenc
 
 def _layers_problem(layers: str, dataset: str, plans: str | None, configuration: str | None) -> str | None:
     """Why the block spec ``layers`` selects nothing on the base configuration's network (None: it is fine)."""
-    from nnunet_transfer.blocks import parse_spec
-    from nnunet_transfer.errors import SpecError
-    from nnunet_transfer.nnunet_io import load_json, plans_path
-    from nnunet_transfer.plans.configure import resolved_configuration
-
     try:
         arch = resolved_configuration(load_json(plans_path(dataset, plans)), configuration)["architecture"]
         n_stages = int(arch["arch_kwargs"]["n_stages"])
@@ -981,5 +938,5 @@ def _read_slurm(p: Problems, content: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Study", "Strategy", "AnalysisSpec", "ANALYSES", "SplitSpec", "Scoring", "Problems", "StudyFileError", "load_study", "read_toml",
+__all__ = ["Study", "Strategy", "AnalysisSpec", "ANALYSES", "Scoring", "Problems", "StudyFileError", "load_study", "read_toml",
            "sweep_label", "plans_value", "output_problem", "SLURM_KEYS", "MARKER"]

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.nnunet_io import env_folder, load_plans
+from nnunet_transfer.plans.configure import resolved_configuration
 from nnunet_transfer.study.lock import Holder, RunLock, is_locked, lock_holder
 from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, Study
 from nnunet_transfer.study.table import Run
@@ -67,8 +70,6 @@ def run_dir(study: Study, run: Run) -> Path:
 
 
 def results_folder(study: Study, run: Run) -> Path:
-    from nnunet_transfer.nnunet_io import env_folder
-
     return (env_folder("nnUNet_results") / study.dataset / f"{run.trainer}__{study.plans}__{run.configuration}"
             / f"fold_{run.nnunet_fold}")
 
@@ -115,17 +116,12 @@ def checkpoint_file(path: Path) -> Path:
 
 def base_configuration_hash(study: Study) -> str:
     """The resolved base configuration (what every run's network and data are made of)."""
-    from nnunet_transfer.nnunet_io import load_plans
-    from nnunet_transfer.plans.configure import resolved_configuration
-
     conf = resolved_configuration(load_plans(study.dataset, study.plans), study.configuration)
     return hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def definition(study: Study, run: Run, base_hash: str) -> dict:
     """Everything that makes a run what it is; schedule-only settings are kept apart (they may change)."""
-    from nnunet_transfer.config import TransferConfig
-
     resumable = TransferConfig.resumable_keys()
     settings = study.effective_settings(run.strategy)
     ckpt = None
@@ -204,8 +200,6 @@ def _started_meanwhile(study: Study, run: Run) -> dict | None:
 
 
 def _resumable() -> frozenset[str]:
-    from nnunet_transfer.config import TransferConfig
-
     return TransferConfig.resumable_keys()
 
 

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_transfer.study.runner import job_alive
 from nnunet_transfer.study.spec import Study, load_study
 from nnunet_transfer.study.state import Progress, progress
 from nnunet_transfer.study.table import build_table, plan_study_splits
@@ -44,8 +45,6 @@ def _elapsed(seconds: float | None) -> str:
 def study_status(study: Study | str | Path, *, check_jobs: bool = True) -> StatusResult:
     """Every run's :class:`~nnunet_transfer.study.state.Progress` (``check_jobs``: ask submitit / the process
     table whether submitted jobs still exist)."""
-    from nnunet_transfer.study.runner import job_alive
-
     if not isinstance(study, Study):
         study = load_study(study)
     runs = build_table(study, plan_study_splits(study))

@@ -26,7 +26,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nnunet_transfer.errors import ConfigError, DataError
+from nnunet_transfer.analysis.activations import default_layer_spec
+from nnunet_transfer.blocks import parse_spec
+from nnunet_transfer.errors import ConfigError, DataError, SpecError
+from nnunet_transfer.nnunet_io import check_configuration, dataset_name, load_plans
+from nnunet_transfer.plans.configure import resolved_configuration
+from nnunet_transfer.study.folds import dataset_cases
+from nnunet_transfer.study.spec import load_study
 
 TEMPLATES = ("karimi", "amiri", "sagie")
 #: Table II's order; the paper's block numbers for its 9-block U-Net (N = 5)
@@ -49,15 +55,10 @@ def _q(text: str) -> str:
 
 
 def _counts(dataset: str) -> int:
-    from nnunet_transfer.study.table import dataset_cases
-
     return len(dataset_cases(dataset)[0])
 
 
 def _n_stages(dataset: str, plans: str, configuration: str) -> int | None:
-    from nnunet_transfer.nnunet_io import check_configuration, load_plans
-    from nnunet_transfer.plans.configure import resolved_configuration
-
     content = load_plans(dataset, plans)
     check_configuration(content, configuration)
     kw = resolved_configuration(content, configuration).get("architecture", {}).get("arch_kwargs", {})
@@ -133,8 +134,6 @@ def karimi(dataset: str, n: int, *, n_stages: int | None = None, **kw) -> list[s
 
 def _karimi_analysis(n_stages: int | None) -> list[str]:
     """[analysis] as the paper: its six layers (Fig. 1), the convergence epoch from the validation Dice."""
-    from nnunet_transfer.analysis.activations import default_layer_spec
-
     layers = (f"layers = {_q(default_layer_spec(n_stages))}   # the paper's six layers (Fig. 1): encoder blocks 1, "
               f"ceil(N/2), N-1 and their decoder mirrors (N = {n_stages})") if n_stages else \
         "# layers: analyze's default, the paper's six layers (Fig. 1): encoder blocks 1, ceil(N/2), N-1 and mirrors"
@@ -151,9 +150,6 @@ def _karimi_analysis(n_stages: int | None) -> list[str]:
 
 
 def amiri(dataset: str, n: int, *, n_stages: int | None, **kw) -> list[str]:
-    from nnunet_transfer.blocks import parse_spec
-    from nnunet_transfer.errors import SpecError
-
     if n < 10:
         raise DataError(f"{dataset} has {n} training cases: 5-fold cross-validation with 5 % of the data for "
                         f"training needs at least 10")
@@ -230,9 +226,6 @@ def init_study(template: str, dataset: str | int, pretrained: str | Path, out: s
                configuration: str = "3d_fullres", plans: str = "nnUNetPlans", name: str | None = None,
                device: str = "cuda", force: bool = False) -> Path:
     """Write the template's study file for ``dataset`` to ``out``; it is checked (``load_study``) first."""
-    from nnunet_transfer.nnunet_io import dataset_name
-    from nnunet_transfer.study.spec import load_study
-
     if template not in TEMPLATES:
         raise ConfigError(f"--template {template!r} is not one of {', '.join(TEMPLATES)}")
     out = Path(out)

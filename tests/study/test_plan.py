@@ -165,7 +165,7 @@ def test_case_listing_is_nnunets(tree):
     """The study lists the raw cases with nnU-Net's own rules (not its 12-process pool: see dataset_cases)."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    from nnunet_transfer.study.table import dataset_cases
+    from nnunet_transfer.study.folds import dataset_cases
 
     study_file(tree)
     raw = tree / "raw" / DATASET

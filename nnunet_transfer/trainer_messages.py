@@ -21,23 +21,34 @@ import os
 import re
 from pathlib import Path
 
+from nnunet_transfer.environment import ext_trainer_folder
 # what these messages know of nnU-Net's trainers is guarded there
 from nnunet_transfer.nnunet_compat import nnunet_trainer_names
+
+#: the package whose classes ``nnunet_transfer_trainers`` (``_ext/``) re-exports
+TRAINERS_FOLDER = Path(__file__).resolve().parent / "trainers"
+
+
+def our_trainer_names() -> list[str]:
+    """Class names ``nnUNetTrainer*`` of this package's trainers, read from the source files of ``trainers/``
+    (nothing imported: a hint must not import the trainers, torch and nnU-Net, and this module sits below the
+    trainers); a test holds them equal to ``nnunet_transfer.trainers.__all__``, what the shim re-exports."""
+    names: set[str] = set()
+    for path in TRAINERS_FOLDER.rglob("*.py"):
+        names |= set(re.findall(r"^class (nnUNetTrainer\w*)\s*[(:]", path.read_text(errors="replace"), re.M))
+    return sorted(names)
 
 
 def unknown_trainer_message(name: str, *, ours: list[str] | None = None, nnunet: list[str] | None = None,
                             ext: str | None = None) -> str:
     """``no trainer 'X'; closest of nnunet_transfer: …; of nnU-Net: …; nnUNet_extTrainer=…``."""
-    if ours is None:
-        from nnunet_transfer.trainers import __all__ as ours
+    ours = our_trainer_names() if ours is None else ours
     nnunet = nnunet_trainer_names() if nnunet is None else nnunet
     ext = os.environ.get("nnUNet_extTrainer", "") if ext is None else ext
 
     def close(pool: list[str]) -> str:
         found = difflib.get_close_matches(name, pool, n=3, cutoff=0.6)
         return ", ".join(found) if found else "none close"
-
-    from nnunet_transfer.cli.trainer_path import ext_trainer_folder
 
     shim = str(ext_trainer_folder())
     hint = "" if shim in ext.split(os.pathsep) else (
