@@ -210,7 +210,7 @@ class Analysis:
     def given_convergence(self, fold: str | Path, epoch: int) -> Convergence:
         """A convergence epoch given by the user: recorded with the logged EMA curve for reference."""
         from nnunet_transfer.analysis.convergence import index_curve
-        from nnunet_transfer.policies.snapshots import read_index
+        from nnunet_transfer.training.snapshots import read_index
 
         snapshot_ref(fold, epoch)  # exists?
         conv = Convergence(source="given", tolerance=float("nan"), epoch=int(epoch),

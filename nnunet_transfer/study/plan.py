@@ -91,7 +91,7 @@ def check_pretrained(study: Study) -> None:
     from nnunet_transfer.config import TransferConfig
     from nnunet_transfer.nnunet_io import load_dataset_json, load_plans
     from nnunet_transfer.study.spec import _trainer_classes
-    from nnunet_transfer.trainers.pretrained import check_pretrained as check
+    from nnunet_transfer.training.pretrained import check_pretrained as check
 
     classes = _trainer_classes()
     plans = load_plans(study.dataset, study.plans)
