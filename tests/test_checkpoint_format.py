@@ -12,13 +12,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.nnunet_compat import CheckpointState, same_values
-from nnunet_transfer.trainers.base import CHECKPOINT_KEY, nnUNetTrainerTransferBase
+from nnunet_transfer.trainers.base import nnUNetTrainerTransferBase
+from nnunet_transfer.training.checkpoint_state import CHECKPOINT_KEY
 
 
 class _State(CheckpointState):
     """The trainer state nnU-Net's save_checkpoint guard uses, with what our base adds to a checkpoint."""
 
-    def _transfer_checkpoint_state(self) -> dict:
+    def _checkpoint_state(self) -> dict:
         return {"trainer": "x"}
 
 

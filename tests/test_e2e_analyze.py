@@ -12,7 +12,7 @@ import torch
 
 from nnunet_transfer.analysis.runs import convergence_epoch
 from nnunet_transfer.cli.main import main
-from nnunet_transfer.policies.snapshots import read_index
+from nnunet_transfer.training.snapshots import read_index
 
 from analysis.test_convergence import by_hand, check_filter_numbers, nanmean2, one_tile_dice
 from conftest import QUICK_SETTINGS, TARGET_ID, TINY, load_checkpoint

@@ -11,7 +11,7 @@ import torch
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.data import LABELS
 from nnunet_transfer.experiments.metrics import dice
-from nnunet_transfer.policies.snapshots import read_index
+from nnunet_transfer.training.snapshots import read_index
 
 from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 

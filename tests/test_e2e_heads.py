@@ -19,7 +19,7 @@ import torch
 
 from nnunet_transfer.pipeline import TRAIN_ENV, train_args
 from nnunet_transfer.trainers import nnUNetTrainerFinetune
-from nnunet_transfer.trainers.pretrained import target_network
+from nnunet_transfer.training.pretrained import target_network
 
 from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 from test_e2e_freezing import parameters

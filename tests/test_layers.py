@@ -42,10 +42,6 @@ FLOORS = {
 }
 TOP = "cli"
 
-#: modules whose uncommented function-level imports another branch removes (issue 22: the thin trainer base
-#: rewrites trainers/); each entry must still be needed, so the test fails once the merge makes it stale
-PENDING_LAZY = {f"{PACKAGE}.trainers.lora": "trainers/ is rewritten on the thin-base branch"}
-
 
 @dataclass(frozen=True)
 class Arrow:
@@ -206,10 +202,7 @@ def test_no_circles(graph):
 
 def test_function_level_imports_say_why(graph):
     found = uncommented_lazy(graph[1])
-    left = [p for p in found if p.split(" ")[0] not in PENDING_LAZY]
-    assert left == [], "\n".join(left) + "\nimport at the top, or add `# lazy: <what it keeps out of which command>`"
-    stale = sorted(m for m in PENDING_LAZY if not any(p.split(" ")[0] == m for p in found))
-    assert stale == [], f"PENDING_LAZY entries no longer needed (delete them): {stale}"
+    assert found == [], "\n".join(found) + "\nimport at the top, or add `# lazy: <what it keeps out of which command>`"
 
 
 def test_every_arrow_goes_down(graph):

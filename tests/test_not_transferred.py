@@ -24,8 +24,7 @@ from nnunet_transfer.plans.adapt_report import FROM_SOURCE
 from nnunet_transfer.plans.provenance import source_param_names, transfer_record
 from nnunet_transfer.checkpoints import load_weights
 from nnunet_transfer.policies.lora import lora_modules
-from nnunet_transfer.trainers.base import planned_network
-from nnunet_transfer.trainers.pretrained import check_pretrained, target_network
+from nnunet_transfer.training.pretrained import check_pretrained, planned_network, target_network
 
 from test_peft_trainers import DATASET_JSON, plans_with, steps
 

@@ -18,7 +18,7 @@ from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError
 from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.policies.lora import lora_modules, lora_state
-from nnunet_transfer.trainers.base import planned_network
+from nnunet_transfer.training.pretrained import planned_network
 
 from inprocess import DATASET_JSON, build, plans_with  # noqa: F401 (build: a fixture)
 _spec = importlib.util.spec_from_file_location("bench_freezing", Path(__file__).parents[1] / "benchmarks" /

@@ -14,8 +14,8 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 import nnunet_transfer.trainers as T
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError
-from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler, make_optimizer
-from nnunet_transfer.policies.stopping import EarlyStopping
+from nnunet_transfer.training.schedule import WarmupPolyLRScheduler, make_optimizer
+from nnunet_transfer.training.stopping import EarlyStopping
 
 from inprocess import DATASET_JSON, build, plans_with  # noqa: F401 (build: a fixture)
 

@@ -96,7 +96,7 @@ def test_new_heads_train_when_asked():
 
 
 def test_by_name_heads_fall_back_to_new_only_where_the_strategy_says_so():
-    from nnunet_transfer.trainers.pretrained import plan_heads
+    from nnunet_transfer.training.heads import plan_heads
 
     source = {"labels": {"background": 0, "liver": 1}}
     target = {"labels": {"background_": 0, "organ": 1, "lesion": 2}}
@@ -120,7 +120,8 @@ def test_by_name_heads_fall_back_to_new_only_where_the_strategy_says_so():
 
 def test_frozen_heads_that_nothing_transfers_are_refused_with_the_way_out():
     from nnunet_transfer.errors import TransferError
-    from nnunet_transfer.trainers.pretrained import PretrainedFile, plan_heads
+    from nnunet_transfer.training.heads import plan_heads
+    from nnunet_transfer.training.pretrained import PretrainedFile
 
     target = {"labels": {"background": 0, "organ": 1, "cyst": 2}}
     plan = plan_heads("by-name", {"labels": {"background": 0, "organ": 1}}, target, checkpoint="a.pth",

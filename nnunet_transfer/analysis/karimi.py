@@ -74,7 +74,7 @@ from nnunet_transfer.analysis.weight_change import (
 )
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.netutil import TRANSPOSED_TYPES
-from nnunet_transfer.policies.snapshots import read_index
+from nnunet_transfer.training.snapshots import read_index
 
 #: ``converged`` of reuse and weights: the end state of a run
 END_STATES = ("convergence", "final")

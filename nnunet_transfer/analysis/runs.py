@@ -36,14 +36,11 @@ from nnunet_transfer.analysis.convergence import (
 from nnunet_transfer.checkpoints import compare, is_seg_key, load_state
 from nnunet_transfer.checkpoints import load_into as load_into_network
 from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError
-from nnunet_transfer.policies.snapshots import SNAPSHOT_DIR, read_index, snapshot_name
+from nnunet_transfer.training.snapshots import SNAPSHOT_DIR, START_FILE, read_index, snapshot_name
 
 #: ``@name`` -> checkpoint file of nnU-Net in a fold folder.
 CHECKPOINTS = {"final": "checkpoint_final.pth", "latest": "checkpoint_latest.pth",
                "best": "checkpoint_best.pth"}
-#: the start weights every trainer of this package writes into its fold folder
-#: (``nnunet_transfer.trainers.base.START_FILE``; not imported: that module needs nnU-Net's trainer)
-START_FILE = "start_weights.pth"
 _AT = re.compile(r"(.+)@(\d+|start|converged|final|latest|best)")
 
 

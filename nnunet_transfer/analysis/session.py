@@ -41,7 +41,7 @@ from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.nnunet_io import (build_network, check_configuration, dataset_name, env_folder, load_dataset_json,
                                        load_plans)
-from nnunet_transfer.policies.snapshots import read_index
+from nnunet_transfer.training.snapshots import read_index
 
 CONVERGENCE_FILE = "convergence.json"
 #: validated convergence epochs already computed in this process, by everything that decides them

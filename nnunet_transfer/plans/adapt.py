@@ -51,8 +51,6 @@ from nnunet_transfer.plans.adapt_report import FRESH, FROM_SOURCE, AdaptReport, 
 from nnunet_transfer.plans.family import _n_stages, check_family
 from nnunet_transfer.plans.kernels import KernelRuleError, describe_kernel_change, map_kernel
 from nnunet_transfer.plans.model_folder import resolve_checkpoint
-# kept importable from here for trainers/ (base.py, pretrained.py), whose rewrite is another change
-from nnunet_transfer.plans.provenance import record_text, source_param_names, transfer_record
 from nnunet_transfer.plans.weights import METHODS, adapt_first_conv, find_first_conv
 
 _DECODER = re.compile(r"^decoder\.(stages|transpconvs|seg_layers)\.(\d+)\.(.*)$")
@@ -276,6 +274,4 @@ def adapt_to_plans(checkpoint: str | Path, output: str | Path, *, dataset: str |
     return report
 
 
-
-__all__ = ["source_name_for", "adapt_state", "adapt_to_plans", "report_path",
-           "record_text", "source_param_names", "transfer_record"]
+__all__ = ["source_name_for", "adapt_state", "adapt_to_plans", "report_path"]

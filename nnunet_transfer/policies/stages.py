@@ -39,7 +39,7 @@ from torch.optim import Optimizer
 from nnunet_transfer.errors import ConfigError
 from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.policies.freezing import FreezeReport, apply_freeze
-from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
+from nnunet_transfer.training.schedule import WarmupPolyLRScheduler
 
 #: keys this module adds to an optimizer parameter group (torch.optim keeps extra keys)
 GROUP_STAGE, GROUP_START, GROUP_WARMUP = "stage", "stage_start", "stage_warmup"

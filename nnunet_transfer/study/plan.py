@@ -36,7 +36,7 @@ from nnunet_transfer.study.folds import StudySplits
 from nnunet_transfer.study.spec import MARKER, Study, _trainer_classes, load_study, output_problem, sweep_label
 from nnunet_transfer.study.state import check_definitions, checkpoint_file, write_json
 from nnunet_transfer.study.table import Run, build_table, format_table, plan_study_splits, test_folder
-from nnunet_transfer.trainers.pretrained import check_pretrained as check
+from nnunet_transfer.training.pretrained import check_pretrained as check
 
 OWNED_SPLITS = "splits_final.json"  # the study's copy of the splits it wrote: what makes them its own
 

@@ -9,7 +9,7 @@ from nnunet_transfer.trainers.freezing import *  # noqa: F401,F403 - frozen enco
 from nnunet_transfer.trainers.l2sp import (nnUNetTrainerL2SP, nnUNetTrainerL2SP_Li,
                                           nnUNetTrainerL2SP_Sagie)
 from nnunet_transfer.trainers.lora import nnUNetTrainerLoRA
-from nnunet_transfer.trainers.peft import nnUNetTrainerBitFit, nnUNetTrainerNormOnly
+from nnunet_transfer.trainers.selective import nnUNetTrainerBitFit, nnUNetTrainerNormOnly
 from nnunet_transfer.trainers.staged import (nnUNetTrainerStaged, nnUNetTrainerStaged_decoderFirst,
                                             nnUNetTrainerStaged_headsFirst)
 

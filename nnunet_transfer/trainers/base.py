@@ -1,10 +1,33 @@
-"""The base trainer: settings, seeding, schedule, pretrained-weight detection, snapshots, checkpoints.
+"""The base trainer: it overrides nnU-Net's methods and dispatches to small named hooks.
 
 Strategy trainers are declarations on top of this class: they set ``transfer_defaults`` and
-``transfer_keys`` and override at most the small hooks ``trainable_spec`` / ``_trainable_names``,
-``_param_groups``, ``_on_weights_ready`` and ``_gradient_penalty``.
+``transfer_keys`` and override hooks only, never a method of ``nnUNetTrainer`` that this class
+overrides (tests/test_trainer_hooks.py enforces it). The hooks, by the nnU-Net method that calls them:
 
-Where things happen (nnU-Net 2.8 order of events, see DESIGN.md):
+=============================  ====================================================================
+nnU-Net method                 hooks (in call order)
+=============================  ====================================================================
+``__init__``                   ``check_config``, ``check_network``, ``needs_pretrained``,
+                               ``check_pretrained_file`` (class-level checks, before any folder)
+``configure_optimizers``       ``_adapt_network``, ``trainable_spec`` / ``_trainable_names``,
+                               ``_not_transferred_extras``, ``_param_groups``, ``_make_scheduler``
+``on_train_start``             ``_on_weights_ready`` (new runs), ``_after_train_start``
+``on_train_epoch_start``       ``_before_train_epoch``, ``_after_train_epoch_start``
+``train_step``                 ``_gradient_penalty``
+``on_epoch_end``               ``_after_epoch``
+``on_train_end``               ``_weights_for_drift``, ``_on_training_end``
+``save_checkpoint``            ``_checkpoint_extras``
+``load_checkpoint``            ``_checkpoint_load_context``, ``_before_checkpoint_load``,
+                               ``_restore_checkpoint_extras``
+=============================  ====================================================================
+
+The jobs live in their own modules: the ``-pretrained_weights`` check and load detection in
+:mod:`nnunet_transfer.training.pretrained`, head rows in :mod:`nnunet_transfer.training.heads`, the checkpoint
+entry and ``--c`` checks in :mod:`nnunet_transfer.training.checkpoint_state`, start weights and snapshots in
+:mod:`nnunet_transfer.training.snapshots`, drift in :mod:`nnunet_transfer.training.drift`. ``self.blocks`` is
+the one :class:`~nnunet_transfer.blocks.BlockModel` of the trainer's network.
+
+Where things happen (nnU-Net 2.8 order of events, see documentation/trainers.md):
 
 * ``__init__``: settings are read and validated *before* nnU-Net creates any folder.
 * ``initialize`` (runs before ``-pretrained_weights`` are loaded): seed, build, then
@@ -19,11 +42,12 @@ Where things happen (nnU-Net 2.8 order of events, see DESIGN.md):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import random
-from typing import Any, Union
+from typing import Any, ContextManager, Mapping, Union
 
 import numpy as np
 import torch
@@ -33,38 +57,28 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
-from nnunet_transfer.checkpoints import is_seg_key, load_state, read_checkpoint
+from nnunet_transfer.checkpoints import is_seg_key, read_checkpoint
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
-from nnunet_transfer.fileio import write_atomic
+from nnunet_transfer.fileio import save_atomic, write_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
 from nnunet_transfer.nnunet_compat import checkpoint_dict, train_step as nnunet_train_step
-from nnunet_transfer.plans.adapt import record_text, source_param_names
-from nnunet_transfer.policies.drift import group_drift
+from nnunet_transfer.plans.provenance import record_text, source_param_names
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
-from nnunet_transfer.policies.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
-from nnunet_transfer.policies.stopping import EarlyStopping
-from nnunet_transfer.policies.snapshots import save_snapshot, save_weights
 from nnunet_transfer.runtime import nnunet_train_args, pretrained_weights_argument, redirect_nnunet_loader
-from nnunet_transfer.trainers.pretrained import PretrainedFile, check_pretrained, copy_head_rows, target_network
+from nnunet_transfer.training.checkpoint_state import (CHECKPOINT_KEY, check_resume_settings, checkpoint_state,
+                                                       not_ours_message, restore_transfer_state)
+from nnunet_transfer.training.drift import drift_from_file
+from nnunet_transfer.training.heads import copy_head_rows
+from nnunet_transfer.training.pretrained import (PretrainedFile, check_pretrained, planned_network,
+                                                 weights_changed, weights_fingerprint)
+from nnunet_transfer.training.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
+from nnunet_transfer.training.snapshots import START_FILE, save_snapshot, save_weights
+from nnunet_transfer.training.stopping import EarlyStopping
 
-CHECKPOINT_KEY = "nnunet_transfer"
 CONFIG_FILE = "transfer_config.json"
-#: the network as training started (pretrained weights, transferred heads, re-initialisations applied);
-#: the same layout as a snapshot, so ``-pretrained_weights`` and ``analyze`` read it
-START_FILE = "start_weights.pth"
-
-# Settings that only say how long / how often: they may change between a run and its ``--c`` resume
-# (e.g. to train a finished run for longer). Everything else defines the experiment and must not.
-RESUMABLE_KEYS = TransferConfig.resumable_keys()
 #: what every trainer reads; strategy trainers add the keys of their group (a new setting is one field)
 BASE_KEYS = frozenset(TransferConfig.keys("schedule", "run"))
-
-
-def planned_network(trainer_class, plans: dict, configuration: str, dataset_json: dict) -> nn.Module:
-    """The network ``trainer_class`` builds for these plans, on the meta device: structure and shapes only."""
-    with torch.device("meta"):
-        return target_network(trainer_class, plans, configuration, dataset_json)
 
 
 class nnUNetTrainerTransferBase(nnUNetTrainer):
@@ -196,7 +210,13 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             np.random.seed(seed)
             torch.manual_seed(seed)
         super().initialize()
-        self._fresh_fingerprint = self._weights_fingerprint()
+        self._fresh_fingerprint = weights_fingerprint(self.network)
+
+    @functools.cached_property
+    def blocks(self) -> BlockModel:
+        """The block model of the network (DDP / ``torch.compile`` wrappers removed), built once after
+        ``initialize``; built again only after ``_adapt_network`` (which may add parameters)."""
+        return BlockModel.from_network(unwrap(self.network))
 
     def trainable_spec(self) -> str | None:
         """Block spec of the parameters that train (None: all). Frozen-strategy trainers override."""
@@ -206,14 +226,24 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         """Optimizer parameter groups; L2-SP overrides this to drop weight decay on its scope."""
         return [{"params": list(trainable.values())}]
 
+    def _adapt_network(self, net: nn.Module) -> None:
+        """Change the unwrapped network before anything is frozen (LoRA adds its adapters here): runs in
+        ``configure_optimizers`` after build and compile, before the DDP wrap. ``self.blocks`` is built again
+        afterwards."""
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer):
+        """The LR scheduler over ``optimizer`` (default: poly decay with the warm-up of ``warmup_epochs``)."""
+        return WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, **self._schedule_kwargs())
+
     def configure_optimizers(self):
         # runs after build and torch.compile and before nnU-Net's DDP wrap: freezing here is what DDP
         # needs (parameters frozen later would be reported as unused by every rank)
+        self._adapt_network(unwrap(self.network))
+        self.__dict__.pop("blocks", None)  # the hook may have added parameters: describe the network again
         trainable = self._apply_trainable_spec()
         optimizer = make_optimizer(self._param_groups(trainable), self.transfer_config.optimizer, self.initial_lr,
                                    weight_decay=self.weight_decay)
-        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, **self._schedule_kwargs())
-        return optimizer, scheduler
+        return optimizer, self._make_scheduler(optimizer)
 
     def _schedule_kwargs(self) -> dict:
         """Warm-up and exponent of the LR schedule (settings ``warmup_epochs``, ``lr_schedule``)."""
@@ -223,7 +253,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
     def _trainable_names(self, net: nn.Module) -> set[str] | None:
         """Canonical names of the parameters that train; None = all (no block model needed)."""
         spec = self.trainable_spec()
-        return None if spec is None else BlockModel.from_network(net).param_names(spec)
+        return None if spec is None else self.blocks.param_names(spec)
 
     def _apply_trainable_spec(self) -> dict[str, nn.Parameter]:
         """Freeze everything outside ``_trainable_names`` (+ the segmentation heads, see below)."""
@@ -237,7 +267,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                                                  "trainable_blocks": "all"}
             return params
         names = self._spare_not_transferred(net, names)
-        model = BlockModel.from_network(net)
+        model = self.blocks
         if not self.transfer_config.freeze_seg:
             # nnU-Net never loads the segmentation heads from -pretrained_weights: frozen, they would
             # stay random. They train unless the user explicitly forces freeze_seg.
@@ -256,7 +286,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ what was not transferred
     def _source_names(self, net: nn.Module) -> frozenset[str] | None:
-        """Parameters that came from ``-pretrained_weights`` (:func:`~nnunet_transfer.plans.adapt.source_param_names`);
+        """Parameters that came from ``-pretrained_weights`` (:func:`~nnunet_transfer.plans.provenance.source_param_names`);
         None without pretrained weights (or in-process use without the file): the network counts as a whole."""
         if self._resume_origin is not None:
             record, heads = self._resume_origin
@@ -286,8 +316,13 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.transfer_state["not_transferred"] = {
             "tensors": len(fresh), "parameters": sum(sizes[n] for n in fresh),
             "trained_in_full_by_rule": 0 if keep_frozen else sum(sizes[n] for n in spared),
-            "frozen_by_freeze_reinit": sum(sizes[n] for n in spared) if keep_frozen else 0}
+            "frozen_by_freeze_reinit": sum(sizes[n] for n in spared) if keep_frozen else 0,
+            **self._not_transferred_extras()}
         return names if names is None or keep_frozen else names | spared
+
+    def _not_transferred_extras(self) -> dict[str, Any]:
+        """Strategy counts added to ``transfer_state["not_transferred"]`` (LoRA: convolutions without adapter)."""
+        return {}
 
     def _not_transferred_text(self) -> str | None:
         nt = self.transfer_state.get("not_transferred") or {}
@@ -304,35 +339,35 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                 f"(re-initialised or new in the `weights adapt` report): "
                 + ("; ".join(r for r in rules if r) or "they train as every other parameter"))
 
+    def _before_train_epoch(self) -> None:
+        """Start of every epoch, before nnU-Net's ``on_train_epoch_start`` calls ``network.train()`` and steps the
+        LR (Staged enters a new stage here, so the new group's warm-up starts with this epoch)."""
+
+    def _after_train_epoch_start(self) -> None:
+        """After nnU-Net's ``on_train_epoch_start`` (the epoch's LR is set): per-epoch logs of a strategy."""
+
     def on_train_epoch_start(self):
+        self._before_train_epoch()
         super().on_train_epoch_start()  # calls network.train()
         if self._freeze_report is not None and self._freeze_report.frozen_module_names:
             # BatchNorm-type layers in frozen blocks must not update running statistics
             keep_frozen_norms_in_eval(self.network, self._freeze_report.frozen_module_names)
+        self._after_train_epoch_start()
 
     # ------------------------------------------------------------------ pretrained weights
-    def _weights_fingerprint(self) -> torch.Tensor:
-        # one float64 per parameter tensor: cheap, and any load of real weights changes it
-        with torch.no_grad():
-            # reductions in the weights' own dtype: no copy of the network (a float64 cast of a
-            # 60 M-parameter net cost ~0.5 GB at start); equality is all _detect_pretrained needs
-            return torch.stack([p.detach().sum() + torch.linalg.vector_norm(p.detach(), 1)
-                                for p in unique_named_parameters(self.network).values()]).double().cpu()
-
-    def _detect_pretrained(self) -> bool:
-        if self._fresh_fingerprint is None:
-            return False
-        return not torch.equal(self._fresh_fingerprint, self._weights_fingerprint())
-
     def _on_weights_ready(self, pretrained_loaded: bool) -> None:
-        """Called once at the start of a new (not resumed) run, after pretrained weights loaded."""
+        """Called once at the start of a new (not resumed) run, after pretrained weights loaded: capture an
+        anchor, re-initialise, or refuse (before nnU-Net unpacks data and copies plans)."""
+
+    def _after_train_start(self) -> None:
+        """End of ``on_train_start`` (new and resumed runs), after the settings and the start are logged."""
 
     # ------------------------------------------------------------------ train start
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
         if not self._resumed:
-            loaded = self._detect_pretrained()
+            loaded = weights_changed(self._fresh_fingerprint, self.network)
             st = self.transfer_state
             st["pretrained_loaded"] = loaded
             source = self.pretrained_file.path if self.pretrained_file else pretrained_weights_argument()
@@ -374,6 +409,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                 if self.transfer_config.snapshot_every:
                     save_snapshot(self.network, self.output_folder, 0, trainer_name=self.__class__.__name__,
                                   same_as=start)
+        self._after_train_start()
 
     def _transfer_heads(self) -> None:
         """Copy the planned segmentation-head rows (setting ``heads``) after nnU-Net loaded the rest."""
@@ -417,9 +453,14 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             raise _StopTraining
         super().on_epoch_start()
 
+    def _after_epoch(self, epoch: int) -> None:
+        """End of every epoch, after its checkpoints and snapshot (L2-SP logs its penalty here). ``epoch``: the
+        0-based index of the epoch that ended (``current_epoch`` already counts it)."""
+
     def on_epoch_end(self):
         # the stopping state is updated before nnU-Net writes this epoch's checkpoints, so they carry it
         stop, new_best = self._update_stopping()
+        epoch = self.current_epoch
         super().on_epoch_end()  # increments current_epoch: it now counts completed epochs
         every = self.transfer_config.snapshot_every
         done = self.current_epoch
@@ -435,6 +476,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             finally:
                 self._writing_best = False
                 self.current_epoch += 1
+        self._after_epoch(epoch)
         if stop:
             raise _StopTraining
 
@@ -468,6 +510,9 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.transfer_state["stopping"] = rule.state()
         return stop, new_best
 
+    def _on_training_end(self) -> None:
+        """Rank 0, at the end of ``on_train_end`` (after checkpoint_final and the drift): a strategy's own files."""
+
     def on_train_end(self):
         super().on_train_end()
         if self.local_rank == 0:
@@ -479,14 +524,15 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                 self.print_to_log_file("nnunet_transfer: moved from the start, ||theta - theta_0|| / ||theta_0||: "
                                        + ", ".join(f"{k} {v:.4g}" for k, v in drift.items() if v is not None))
                 self._write_config_file()
+            self._on_training_end()
+
+    def _weights_for_drift(self) -> Mapping[str, torch.Tensor]:
+        """The weights the drift compares with the start, by canonical name (LoRA: the merged kernels)."""
+        return dict(unwrap(self.network).named_parameters())
 
     def drift_from_start(self) -> dict[str, float | None] | None:
         """``‖θ − θ₀‖ / ‖θ₀‖`` of encoder, decoder and heads against ``start_weights.pth`` (None without it)."""
-        path = os.path.join(self.output_folder, START_FILE)
-        if not os.path.isfile(path):
-            return None
-        return group_drift(BlockModel.from_network(self.network), load_state(path),
-                           dict(unwrap(self.network).named_parameters()))
+        return drift_from_file(self.blocks, os.path.join(self.output_folder, START_FILE), self._weights_for_drift())
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if not self.transfer_config.final_validation:
@@ -510,20 +556,27 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         return nnunet_train_step(self, batch, penalty=penalty)
 
     # ------------------------------------------------------------------ checkpoints
-    def _transfer_checkpoint_state(self) -> dict:
-        """What a strategy needs after ``--c`` (subclasses extend)."""
-        return {"trainer": self.__class__.__name__, "settings": self.transfer_config.to_json_dict(),
-                **self.transfer_state}
+    def _checkpoint_extras(self) -> dict[str, Any]:
+        """Strategy state that ``--c`` needs beyond ``transfer_state`` (L2-SP's anchor, LoRA's W0/A/B, the stage),
+        added to the checkpoint's ``"nnunet_transfer"`` entry."""
+        return {}
 
-    def _restore_transfer_checkpoint_state(self, state: dict) -> None:
-        saved, now = state.get("parameters") or {}, self.transfer_state.get("parameters") or {}
-        for key in ("trainable", "trainable_blocks"):
-            if key in saved and key in now and saved[key] != now[key]:
-                raise TransferError(f"the checkpoint was trained with {key}={saved[key]!r} but this run "
-                                    f"would use {now[key]!r}; resume with the same trainer and settings")
-        for k in self.transfer_state:
-            if k in state:
-                self.transfer_state[k] = state[k]
+    def _restore_checkpoint_extras(self, state: dict) -> None:
+        """Take back what ``_checkpoint_extras`` saved, after nnU-Net loaded weights and optimizer (``state``: the
+        checkpoint's ``"nnunet_transfer"`` entry)."""
+
+    def _before_checkpoint_load(self, state: dict) -> None:
+        """On ``--c``, after the settings check and before nnU-Net loads weights and optimizer state (Staged
+        replays its stage changes so that the optimizer has the saved groups)."""
+
+    def _checkpoint_load_context(self) -> ContextManager:
+        """Context in which the checkpoint is loaded (LoRA: the training form of its state dict)."""
+        return contextlib.nullcontext()
+
+    def _checkpoint_state(self) -> dict:
+        """The checkpoint's ``"nnunet_transfer"`` entry (:func:`~nnunet_transfer.training.checkpoint_state.checkpoint_state`)."""
+        return checkpoint_state(self.__class__.__name__, self.transfer_config.to_json_dict(), self.transfer_state,
+                                self._checkpoint_extras())
 
     def save_checkpoint(self, filename: str) -> None:
         # nnU-Net 2.8 builds and writes its checkpoint dict inside this one method with no hook for
@@ -537,10 +590,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         if (os.path.basename(filename) == "checkpoint_best.pth" and self._best_follows_monitor()
                 and not self._writing_best):
             return  # nnU-Net's EMA-Dice best: checkpoint_best.pth follows the monitored quantity instead
-        checkpoint = {**checkpoint_dict(self), CHECKPOINT_KEY: self._transfer_checkpoint_state()}
-        tmp = filename + ".tmp"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
+        save_atomic(filename, {**checkpoint_dict(self), CHECKPOINT_KEY: self._checkpoint_state()})
 
     def _initialize_for_resume(self, filename_or_checkpoint: Union[dict, str]) -> dict:
         """``initialize()`` for ``--c``, with what came from the source read back from the checkpoint first:
@@ -561,29 +611,18 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         checkpoint = self._initialize_for_resume(filename_or_checkpoint)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
-            raise TransferError(
-                f"checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''} "
-                f"was not written by an nnunet_transfer trainer (no {CHECKPOINT_KEY!r} entry); resume it "
-                f"with the trainer that wrote it ({checkpoint.get('trainer_name')}), or start a new run "
-                f"with -pretrained_weights")
-        self._check_resume_settings(state.get("settings", {}))
-        super().load_checkpoint(filename_or_checkpoint)
-        self._restore_transfer_checkpoint_state(state)
+            raise TransferError(not_ours_message(
+                filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "",
+                checkpoint.get("trainer_name")))
+        with self._checkpoint_load_context():
+            longer = check_resume_settings(state.get("settings", {}), self.transfer_config.to_json_dict())
+            if longer:
+                self.print_to_log_file(f"nnunet_transfer: resuming with changed schedule settings {longer}")
+            self._before_checkpoint_load(state)
+            super().load_checkpoint(filename_or_checkpoint)
+            restore_transfer_state(self.transfer_state, state)
+            self._restore_checkpoint_extras(state)
         self._resumed = True
-
-    def _check_resume_settings(self, saved: dict) -> None:
-        now = self.transfer_config.to_json_dict()
-        changed = {k: (saved.get(k), now.get(k)) for k in now
-                   if k not in RESUMABLE_KEYS and saved.get(k, now.get(k)) != now.get(k)}
-        if changed:
-            diff = ", ".join(f"{k}: checkpoint {a!r} vs plans {b!r}" for k, (a, b) in changed.items())
-            raise ConfigError(f"cannot resume with changed settings ({diff}); only "
-                              f"{sorted(RESUMABLE_KEYS)} may change on --c. Restore the plans "
-                              f"configuration or train into a new configuration "
-                              f"(nnunet_transfer configure -n NEW ...)")
-        longer = {k: (saved.get(k), now[k]) for k in RESUMABLE_KEYS if k in saved and saved[k] != now[k]}
-        if longer:
-            self.print_to_log_file(f"nnunet_transfer: resuming with changed schedule settings {longer}")
 
 
 class _StopTraining(Exception):

@@ -18,12 +18,12 @@ and the last layer" from the pretrained network with the halved learning rate of
 """
 from __future__ import annotations
 
-from nnunet_transfer.blocks import PRESETS, BlockModel
+from nnunet_transfer.blocks import PRESETS
 from nnunet_transfer.errors import ConfigError, TransferError
 from nnunet_transfer.policies.freezing import reinit_zeroed_residual_norms
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase
-from nnunet_transfer.trainers.pretrained import frozen_not_from_source
+from nnunet_transfer.training.pretrained import frozen_not_from_source
 
 FREEZE_KEYS = BASE_KEYS | frozenset(TransferConfig.keys("freeze"))
 BLOCKWISE_KEYS = FREEZE_KEYS | frozenset(TransferConfig.keys("blockwise"))
@@ -89,8 +89,7 @@ class nnUNetTrainerFrozenEncoder(_FreezingTrainer):
             return
         self.print_to_log_file("nnunet_transfer: encoder frozen at its RANDOM initialisation "
                                f"(seed={self.transfer_config.seed}); only the decoder and heads train")
-        model = BlockModel.from_network(self.network)
-        encoder_modules = model.module_names("encoder")
+        encoder_modules = self.blocks.module_names("encoder")
         n = reinit_zeroed_residual_norms(self.network, encoder_modules)
         if n:
             # ResidualEncoderUNet zeroes the last norm of every residual block at init; frozen, those

@@ -82,12 +82,13 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
         return scope
 
     def _trainable_names(self, net: nn.Module) -> set[str] | None:
-        model = BlockModel.from_network(net)
+        model = self.blocks
         # what did not come from the source is never anchored (nor frozen by alpha=inf): it joins the beta group,
         # as Li et al. treat the layers new to the target
         fresh = self.not_transferred(net)
-        self._scope_names = frozenset(self._scope(model) - fresh)
-        self._scope_not_transferred = frozenset(self._scope(model) & fresh)
+        scope = self._scope(model)
+        self._scope_names = frozenset(scope - fresh)
+        self._scope_not_transferred = frozenset(scope & fresh)
         if math.isinf(self.transfer_config.l2sp_alpha):
             # α → ∞ is the frozen scope: freeze it for real (no gradient, no optimizer state)
             return set(model.all_param_names) - self._scope_names
@@ -122,8 +123,7 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
             raise TransferError(self.needs_pretrained(cfg))  # in-process use (no nnUNetv2_train command line)
         if cfg.decoder_init == "random":
             net = unwrap(self.network)
-            model = BlockModel.from_network(net)
-            modules = [net.get_submodule(m) for m in model.module_names("decoder")]
+            modules = [net.get_submodule(m) for m in self.blocks.module_names("decoder")]
             n = reinitialise(modules)
             self.print_to_log_file(f"nnunet_transfer: decoder re-initialised ({n} layers, nnU-Net's init): "
                                    f"trained from scratch as in Sagie et al.")
@@ -142,9 +142,7 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
     def _gradient_penalty(self):
         return self.l2sp
 
-    def on_epoch_end(self):
-        epoch = self.current_epoch
-        super().on_epoch_end()
+    def _after_epoch(self, epoch: int) -> None:
         if self.l2sp is None or self.local_rank != 0:
             return
         value = self.l2sp.penalty_value()
@@ -159,14 +157,12 @@ class nnUNetTrainerL2SP(nnUNetTrainerTransferBase):
         write_atomic(path, json.dumps(entries, indent=1))
 
     # ------------------------------------------------------------------ checkpoint
-    def _transfer_checkpoint_state(self) -> dict:
-        state = super()._transfer_checkpoint_state()
+    def _checkpoint_extras(self) -> dict:
         if self.l2sp is not None and self.l2sp.captured:
-            state["l2sp_anchor"] = self.l2sp.state_dict()
-        return state
+            return {"l2sp_anchor": self.l2sp.state_dict()}
+        return {}
 
-    def _restore_transfer_checkpoint_state(self, state: dict) -> None:
-        super()._restore_transfer_checkpoint_state(state)
+    def _restore_checkpoint_extras(self, state: dict) -> None:
         if self.l2sp is not None:
             if "l2sp_anchor" not in state:
                 raise TransferError("this L2-SP checkpoint holds no anchor; it cannot be resumed (the anchor "

@@ -28,19 +28,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from nnunet_transfer.blocks import BlockModel
-from nnunet_transfer.checkpoints import compare, load_state, load_weights, read_checkpoint
+from nnunet_transfer.checkpoints import compare, load_weights, read_checkpoint
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, DataError, TransferError
+from nnunet_transfer.fileio import save_atomic
 from nnunet_transfer.netutil import unwrap
-from nnunet_transfer.policies.drift import group_drift
+from nnunet_transfer.nnunet_io import build_network
+from nnunet_transfer.plans.model_folder import resolve_checkpoint
 from nnunet_transfer.policies.lora import (PAYLOAD_FORMAT, adapter_parameter_names, adapter_payload,
                                            apply_adapter_payload, check_rank, inject_lora, load_lora_state,
                                            lora_modules, lora_state, training_form)
-from nnunet_transfer.trainers.base import BASE_KEYS, START_FILE, nnUNetTrainerTransferBase
+from nnunet_transfer.trainers.base import BASE_KEYS, nnUNetTrainerTransferBase
+from nnunet_transfer.training.snapshots import START_FILE
 
 LORA_KEYS = BASE_KEYS | frozenset(TransferConfig.keys("lora")) | {"trainable", "freeze_reinit"}
 ADAPTER_FILE = "lora_adapters.pth"
@@ -66,13 +68,15 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
     """LoRA fine-tuning: rank-r adapters on every encoder/decoder convolution, base frozen, heads trained."""
 
     transfer_keys = LORA_KEYS
+    #: target convolutions that did not come from the source and so carry no adapter (set in _adapt_network)
+    _convs_without_adapter: int = 0
 
     # ------------------------------------------------------------------ settings (before any folder)
     @classmethod
     def check_network(cls, cfg, network):
         super().check_network(cfg, network)  # every spec selects something
         net = network()
-        model = BlockModel.from_network(net)
+        model = BlockModel.from_network(net)  # the planned (meta) network: no trainer exists yet
         convs = target_convs(model, cfg.lora_targets)
         check_rank(cfg.lora_rank, {n: net.get_submodule(n) for n in convs})
         if cfg.trainable is not None:
@@ -83,15 +87,15 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
                                   f"narrow 'trainable' (e.g. 'all:norm') or 'lora_targets'")
 
     # ------------------------------------------------------------------ build
-    def configure_optimizers(self):
+    def _adapt_network(self, net: nn.Module) -> None:
         # after build and compile, before the DDP wrap (the adapters are new parameters DDP must know)
-        net = unwrap(self.network)
         cfg = self.transfer_config
-        convs = target_convs(BlockModel.from_network(net), cfg.lora_targets)
+        convs = target_convs(self.blocks, cfg.lora_targets)
         # adapters go on transferred convolutions only: one that did not come from the source (re-initialised or
         # new after `weights adapt`) trains in full, unless freeze_reinit keeps it a frozen random base
         fresh = set() if cfg.freeze_reinit else self.not_transferred(net)
         without = [c for c in convs if f"{c}.weight" in fresh]
+        self._convs_without_adapter = len(without)
         convs = [c for c in convs if f"{c}.weight" not in fresh]
         if not convs:
             raise TransferError(f"lora_targets={cfg.lora_targets!r}: none of its convolutions came from the "
@@ -103,14 +107,14 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
                                        "adapter_params": adapters,
                                        "plain_params": sum(p.numel() for p in net.parameters()) - adapters,
                                        "convs_not_transferred": len(without)}
-        optimizer_and_scheduler = super().configure_optimizers()  # records "not_transferred"
-        self.transfer_state["not_transferred"]["lora_convs_without_adapter"] = len(without)
-        return optimizer_and_scheduler
+
+    def _not_transferred_extras(self) -> dict:
+        return {"lora_convs_without_adapter": self._convs_without_adapter}
 
     def _trainable_names(self, net: nn.Module) -> set[str]:
         names = adapter_parameter_names(net)
         if self.transfer_config.trainable is not None:
-            names |= BlockModel.from_network(net).param_names(self.transfer_config.trainable)
+            names |= self.blocks.param_names(self.transfer_config.trainable)
         return names  # + the segmentation heads (base class)
 
     def _on_weights_ready(self, pretrained_loaded: bool) -> None:
@@ -122,38 +126,30 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
                                f"convolutions of {self.transfer_config.lora_targets!r}: {lo['adapter_params']:,} "
                                f"adapter parameters for {lo['plain_params']:,} in the network")
 
-    def drift_from_start(self):
-        path = os.path.join(self.output_folder, START_FILE)
-        if not os.path.isfile(path):
-            return None
+    def _weights_for_drift(self):
         # the function the network computes moved, not its frozen base: compare the merged kernels
-        return group_drift(BlockModel.from_network(self.network), load_state(path), unwrap(self.network).state_dict())
+        return unwrap(self.network).state_dict()
 
     # ------------------------------------------------------------------ checkpoints
-    def _transfer_checkpoint_state(self) -> dict:
-        return {**super()._transfer_checkpoint_state(), "lora_state": lora_state(self.network)}
+    def _checkpoint_extras(self) -> dict:
+        return {"lora_state": lora_state(self.network)}
 
-    def _restore_transfer_checkpoint_state(self, state: dict) -> None:
-        super()._restore_transfer_checkpoint_state(state)
+    def _restore_checkpoint_extras(self, state: dict) -> None:
         if "lora_state" not in state:
             raise TransferError("this checkpoint holds no LoRA training state (base kernels and adapters); it was not "
                                 "written by nnUNetTrainerLoRA and cannot be resumed by it")
         # nnU-Net loaded the merged kernels as the base (B = 0 before this line); the exact W0, A, B follow
         load_lora_state(self.network, state["lora_state"])
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        self._initialize_for_resume(filename_or_checkpoint)
+    def _checkpoint_load_context(self):
         # nnU-Net's load_checkpoint calls network.state_dict() once per key; in the training form that is
         # free (no merged kernels are computed). Loading a plain file is unaffected by the form.
-        with training_form(self.network):
-            super().load_checkpoint(filename_or_checkpoint)
+        return training_form(self.network)
 
-    def on_train_end(self):
-        super().on_train_end()
-        if self.local_rank == 0:
-            path = self.write_adapter_file(os.path.join(self.output_folder, ADAPTER_FILE))
-            self.print_to_log_file(f"nnunet_transfer: adapters written to {path} ({os.path.getsize(path):,} bytes); "
-                                   f"checkpoint_final.pth holds the merged weights")
+    def _on_training_end(self) -> None:
+        path = self.write_adapter_file(os.path.join(self.output_folder, ADAPTER_FILE))
+        self.print_to_log_file(f"nnunet_transfer: adapters written to {path} ({os.path.getsize(path):,} bytes); "
+                               f"checkpoint_final.pth holds the merged weights")
 
     def write_adapter_file(self, path: str | os.PathLike) -> Path:
         """Adapters + tensors trained in full + digests of the frozen base, with nnU-Net's metadata."""
@@ -166,11 +162,7 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "current_epoch": self.current_epoch, "settings": self.transfer_config.to_json_dict(),
             "base_source": source or os.path.join(self.output_folder, START_FILE)})
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_atomic(path, payload)
 
 
 # --------------------------------------------------------------------------- merge (API of `lora merge`)
@@ -188,9 +180,6 @@ def read_adapter_file(path: str | os.PathLike) -> dict:
 
 def merged_network(adapter_file: str | os.PathLike, base_file: str | os.PathLike) -> tuple[nn.Module, dict]:
     """The plain network of the adapter file's plans with the base loaded and the adapters applied (unmerged)."""
-    from nnunet_transfer.nnunet_io import build_network
-    from nnunet_transfer.trainers.pretrained import resolve_checkpoint
-
     payload = read_adapter_file(adapter_file)
     args = payload["init_args"]
     net = build_network(args["plans"], args["configuration"], args["dataset_json"])
@@ -225,10 +214,7 @@ def merge_adapters(adapter_file: str | os.PathLike, base_file: str | os.PathLike
                             "settings": payload["settings"]},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
-    return out
+    return save_atomic(out, checkpoint)
 
 
 __all__ = ["nnUNetTrainerLoRA", "target_convs", "read_adapter_file", "merged_network", "merge_adapters",

@@ -23,7 +23,7 @@ from nnunet_transfer.errors import ConfigError, SpecError
 from nnunet_transfer.fileio import write_atomic
 from nnunet_transfer.policies.stages import (GROUP_STAGE, Stage, StagedLRScheduler, add_stage_parameters,
                                              rewrap_ddp, schedule, stage_at)
-from nnunet_transfer.trainers.base import CHECKPOINT_KEY, nnUNetTrainerTransferBase
+from nnunet_transfer.trainers.base import nnUNetTrainerTransferBase
 from nnunet_transfer.trainers.freezing import FREEZE_KEYS
 
 STAGED_KEYS = FREEZE_KEYS | frozenset(TransferConfig.keys("stages"))
@@ -57,7 +57,7 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
     @classmethod
     def check_network(cls, cfg, network):
         super().check_network(cfg, network)
-        model = BlockModel.from_network(network())
+        model = BlockModel.from_network(network())  # the planned (meta) network: no trainer exists yet
         for s in schedule(cfg.stages):
             try:
                 model.param_names(s.spec)
@@ -75,10 +75,9 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
     def _param_groups(self, trainable):
         return [{**g, GROUP_STAGE: 0} for g in super()._param_groups(trainable)]
 
-    def configure_optimizers(self):
-        optimizer, _ = super().configure_optimizers()  # freezes to the first stage; setting optimizer
-        scheduler = StagedLRScheduler(optimizer, self.initial_lr, self.num_epochs, **self._schedule_kwargs())
-        return optimizer, scheduler
+    def _make_scheduler(self, optimizer):
+        # the optimizer is frozen to the first stage; later stages' groups get their own warm-up
+        return StagedLRScheduler(optimizer, self.initial_lr, self.num_epochs, **self._schedule_kwargs())
 
     def _enter_stage(self, k: int) -> None:
         """Replay the stage changes up to stage ``k`` (one at a stage boundary, several on ``--c``)."""
@@ -97,8 +96,7 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
             f"{sum(t.numel() for t in added):,} join the optimizer with a "
             f"{self.transfer_config.stage_warmup_epochs}-epoch LR warm-up")
 
-    def on_train_start(self):
-        super().on_train_start()
+    def _after_train_start(self) -> None:
         for s in self.stages[1:]:
             if s.start >= self.num_epochs:
                 self.print_to_log_file(f"WARNING nnunet_transfer: {s.text()} starts at or after num_epochs="
@@ -110,11 +108,12 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
             self.print_to_log_file(f"WARNING nnunet_transfer: {self.__class__.__name__} started WITHOUT pretrained "
                                    f"weights: the first stage trains part of a randomly initialised network")
 
-    def on_train_epoch_start(self):
+    def _before_train_epoch(self) -> None:
         k = stage_at(self.stages, self.current_epoch)
         if k != self._stage:
             self._enter_stage(k)  # before nnU-Net steps the LR, so the new group's warm-up starts now
-        super().on_train_epoch_start()
+
+    def _after_train_epoch_start(self) -> None:
         if self.local_rank == 0:
             self._log_epoch()
 
@@ -129,19 +128,14 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
         write_atomic(path, json.dumps(entries, indent=1))
 
     # ------------------------------------------------------------------ checkpoints
-    def _transfer_checkpoint_state(self) -> dict:
-        return {**super()._transfer_checkpoint_state(), "stage": self._stage}
+    def _checkpoint_extras(self) -> dict:
+        return {"stage": self._stage}
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        # refuses code before nnU-Net unpickles it; what came from the source is known before initialize()
-        checkpoint = self._initialize_for_resume(filename_or_checkpoint)
-        state = checkpoint.get(CHECKPOINT_KEY) or {}
-        if "settings" in state:
-            self._check_resume_settings(state["settings"])  # same stage list, before replaying it
+    def _before_checkpoint_load(self, state: dict) -> None:
+        # the settings (so the stage list) were checked unchanged; the optimizer must have the saved groups,
+        # in the saved order, before nnU-Net loads its state
         if state.get("stage"):
-            # the optimizer must have the saved groups, in the saved order, before nnU-Net loads its state
             self._enter_stage(int(state["stage"]))
-        super().load_checkpoint(filename_or_checkpoint)
 
 
 class nnUNetTrainerStaged_headsFirst(nnUNetTrainerStaged):

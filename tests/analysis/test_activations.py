@@ -35,7 +35,7 @@ from nnunet_transfer.analysis.runs import compare_state, convergence_epoch, load
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.errors import ArchitectureError, DataError, SpecError
 from nnunet_transfer.plans.configure import add_configuration
-from nnunet_transfer.policies.snapshots import save_snapshot
+from nnunet_transfer.training.snapshots import save_snapshot
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TOY = "Dataset990_Toy"

@@ -16,7 +16,7 @@ from nnunet_transfer.analysis.runs import START_FILE, convergence_epoch, resolve
 from nnunet_transfer.analysis.validation import case_dice, foreground_mean, run_fold, validation_cases
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import DataError
-from nnunet_transfer.policies.snapshots import save_snapshot, save_weights
+from nnunet_transfer.training.snapshots import save_snapshot, save_weights
 
 from .test_activations import TINY, TOY, dataset_json, tiny_network, toy_env, toy_plans, toy_tree  # noqa: F401
 from .test_weight_change import loop_ratios
@@ -379,7 +379,7 @@ def test_evolution_and_reuse_write_the_curve(toy_env, ema_runs, capsys, tmp_path
 
 
 def test_start_file_is_the_one_the_trainers_write():
-    from nnunet_transfer.trainers.base import START_FILE as TRAINERS_START_FILE
+    from nnunet_transfer.training.snapshots import START_FILE as TRAINERS_START_FILE
 
     assert START_FILE == TRAINERS_START_FILE
 

@@ -15,7 +15,7 @@ from nnunet_transfer.analysis.karimi import between_minus_within, permutation_te
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import DataError
-from nnunet_transfer.policies.snapshots import save_snapshot
+from nnunet_transfer.training.snapshots import save_snapshot
 
 from .test_activations import TINY, TOY, tiny_network, toy_env, toy_tree  # noqa: F401 (fixtures)
 

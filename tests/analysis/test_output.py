@@ -14,7 +14,7 @@ from nnunet_transfer.analysis import report, session
 from nnunet_transfer.analysis.karimi import run_compare, run_weights
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import ConfigError
-from nnunet_transfer.policies.snapshots import save_snapshot
+from nnunet_transfer.training.snapshots import save_snapshot
 
 from .test_activations import TINY, TOY, tiny_network, toy_env, toy_tree  # noqa: F401 (fixtures)
 from .test_convergence import NOISY, ema_run

@@ -134,7 +134,7 @@ def test_transfer_from_a_model_folder_refuses_what_does_not_fit(env, capsys):
 def _checked(fresh: dict[int, list[str]], n_stages: int = 3):
     """A PretrainedFile as check_pretrained returns it for an adapted file with these fresh parameters."""
     from nnunet_transfer.blocks import BlockModel
-    from nnunet_transfer.trainers.pretrained import PretrainedFile
+    from nnunet_transfer.training.pretrained import PretrainedFile
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def _trainer(cls, **settings):
 def test_freezing_trainers_refuse_to_freeze_blocks_not_from_the_checkpoint():
     from nnunet_transfer.trainers.freezing import (nnUNetTrainerFrozenDecoder, nnUNetTrainerFrozenEncoder,
                                                    nnUNetTrainerPartialFT, nnUNetTrainerPartialFT_bottleneck)
-    from nnunet_transfer.trainers.pretrained import frozen_not_from_source
+    from nnunet_transfer.training.pretrained import frozen_not_from_source
 
     checked, model = _checked({})
     bottleneck = list(model.block(3).param_names)

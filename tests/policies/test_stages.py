@@ -21,7 +21,7 @@ from nnunet_transfer.blocks import resolve_spec
 from nnunet_transfer.config import TransferConfig, parse_cli_value
 from nnunet_transfer.errors import ConfigError
 from nnunet_transfer.policies.freezing import apply_freeze
-from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler, poly_warmup_lr
+from nnunet_transfer.training.schedule import WarmupPolyLRScheduler, poly_warmup_lr
 from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.policies.stages import (StagedLRScheduler, add_stage_parameters, enter_stage, rewrap_ddp,
                                              schedule, stage_at, stage_warmup_factor)

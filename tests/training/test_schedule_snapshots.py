@@ -5,8 +5,8 @@ import pytest
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-from nnunet_transfer.policies.schedule import WarmupPolyLRScheduler
-from nnunet_transfer.policies.snapshots import load_snapshot_weights, read_index, save_snapshot
+from nnunet_transfer.training.schedule import WarmupPolyLRScheduler
+from nnunet_transfer.training.snapshots import load_snapshot_weights, read_index, save_snapshot
 
 
 def _opt(groups=1):

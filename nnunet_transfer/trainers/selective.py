@@ -1,4 +1,4 @@
-"""Parameter-efficient baselines by parameter kind: norm-only tuning and BitFit.
+"""Selective parameter-efficient baselines (train a chosen subset of the parameters, by kind): norm-only and BitFit.
 
 Both are block-spec declarations (see the kinds in :mod:`nnunet_transfer.blocks`) over the freezing machinery:
 every other parameter is frozen in ``configure_optimizers`` and left out of the optimizer; the segmentation

@@ -9,9 +9,12 @@ part (how strongly λ held it) and a freely fine-tuned one can be read side by s
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterable, Mapping
 
 import torch
+
+from nnunet_transfer.checkpoints import load_state
 
 #: parts reported, in this order
 PARTS = ("encoder", "decoder", "seg")
@@ -50,4 +53,13 @@ def group_drift(model, start: Mapping[str, torch.Tensor], now: Mapping[str, torc
     return out
 
 
-__all__ = ["PARTS", "relative_distance", "part_names", "group_drift"]
+def drift_from_file(model, start_file: str | os.PathLike, now: Mapping[str, torch.Tensor]
+                    ) -> dict[str, float | None] | None:
+    """:func:`group_drift` against the weights of ``start_file`` (a snapshot-layout file such as a run's
+    ``start_weights.pth``); None when the file does not exist (a run started before this package wrote it)."""
+    if not os.path.isfile(start_file):
+        return None
+    return group_drift(model, load_state(start_file), now)
+
+
+__all__ = ["PARTS", "relative_distance", "part_names", "group_drift", "drift_from_file"]

@@ -6,6 +6,10 @@ Layout in a fold folder::
     snapshots/epoch_0005.pth   # after 5 completed epochs
     snapshots/index.json       # [{"epoch", "file", "mean_fg_dice", "ema_fg_dice"}, ...]
 
+and beside them, written by every trainer of this package whether or not snapshots are on::
+
+    start_weights.pth          # START_FILE: the network as training started, in the snapshot layout
+
 ``epoch`` counts *completed* epochs, so epoch 0 is the initial state. Each file holds
 ``{"network_weights": state_dict (CPU, no wrapper prefixes), "epoch": int, "trainer_name": str}``,
 which is also what nnU-Net's ``-pretrained_weights`` reads, so any snapshot can seed another run.
@@ -21,11 +25,14 @@ import torch
 from torch import nn
 
 from nnunet_transfer.checkpoints import clean_state_dict, load_state
-from nnunet_transfer.fileio import write_atomic
+from nnunet_transfer.fileio import save_atomic, write_atomic
 from nnunet_transfer.netutil import unwrap
 
 SNAPSHOT_DIR = "snapshots"
 INDEX_FILE = "index.json"
+#: the network as training started (pretrained weights, transferred heads, re-initialisations applied);
+#: the same layout as a snapshot, so ``-pretrained_weights`` and ``analyze`` read it
+START_FILE = "start_weights.pth"
 
 
 def snapshot_name(epoch: int) -> str:
@@ -45,12 +52,8 @@ def read_index(fold_folder: str | Path) -> list[dict]:
 
 def save_weights(network: nn.Module, path: str | Path, *, trainer_name: str, epoch: int) -> Path:
     """Write ``{"network_weights", "epoch", "trainer_name"}`` atomically (the snapshot file layout)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"network_weights": clean_state_dict(unwrap(network).state_dict()), "epoch": epoch,
-                "trainer_name": trainer_name}, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_atomic(path, {"network_weights": clean_state_dict(unwrap(network).state_dict()), "epoch": epoch,
+                              "trainer_name": trainer_name})
 
 
 def save_snapshot(network: nn.Module, fold_folder: str | Path, epoch: int, *, trainer_name: str,
