@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nnunet_transfer.analysis.convergence import log_convergence
+from nnunet_transfer.experiments.convergence import log_convergence
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.experiments.metrics import label_metrics
 from nnunet_transfer.pipeline import train_args

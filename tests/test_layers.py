@@ -33,12 +33,14 @@ FLOORS = {
     "nnunet_io": 2, "blocks": 2, "checkpoints": 2, "environment": 2, "trainer_messages": 2, "runtime": 2,
     # 3: plans and weights, pure-torch policies, run mechanics of a trainer
     "plans": 3, "policies": 3, "training": 3,
-    # 4: the trainers; evaluation/comparison and the analysis of networks (they use each other's modules)
-    "trainers": 4, "experiments": 4, "analysis": 4,
-    # 5: what composes everything: studies, the demo, the shims nnU-Net and Python's start-up import
-    "study": 5, "demo": 5, "_ext": 5, "_hints": 5,
-    # 6: the command line
-    "cli": 6,
+    # 4: the trainers; evaluation, comparison, splits and the convergence of a run's curve
+    "trainers": 4, "experiments": 4,
+    # 5: the analysis of networks (it reads the splits' test cases and the convergence epoch)
+    "analysis": 5,
+    # 6: what composes everything: studies, the demo, the shims nnU-Net and Python's start-up import
+    "study": 6, "demo": 6, "_ext": 6, "_hints": 6,
+    # 7: the command line
+    "cli": 7,
 }
 TOP = "cli"
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from nnunet_transfer.analysis import plots
 from nnunet_transfer.analysis.activations import full_activations
-from nnunet_transfer.analysis.convergence import CONVERGENCE_TOLERANCE, DEFAULT_SOURCE, DESCRIPTIONS, Convergence
+from nnunet_transfer.experiments.convergence import CONVERGENCE_TOLERANCE, DEFAULT_SOURCE, DESCRIPTIONS, Convergence
 from nnunet_transfer.analysis.report import MEASURES, fmt, layer_label, md_table, sim_row, similarity_table
 from nnunet_transfer.analysis.runs import (
     NetworkRef,

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from nnunet_transfer.analysis.convergence import (
+from nnunet_transfer.experiments.convergence import (
     CONVERGENCE_TOLERANCE,
     DEFAULT_SOURCE,
     INDEX_KEYS,

@@ -30,7 +30,7 @@ from nnunet_transfer.analysis.activations import (CHUNK_PATCHES, DEFAULT_FOREGRO
                                                   plan_sampling, preprocessed_folder, probe_layers, resolve_device,
                                                   select_layers)
 from nnunet_transfer.analysis.cases import CaseChoice, choose_cases, parse_cases
-from nnunet_transfer.analysis.convergence import (CONVERGENCE_TOLERANCE, DEFAULT_SOURCE, SOURCES, Convergence,
+from nnunet_transfer.experiments.convergence import (CONVERGENCE_TOLERANCE, DEFAULT_SOURCE, SOURCES, Convergence,
                                                   curve_convergence, index_curve)
 from nnunet_transfer.analysis.report import MEASURES, write_json, write_outputs
 from nnunet_transfer.analysis.runs import (NetworkRef, index_convergence, load_into, load_networks, require_snapshots,

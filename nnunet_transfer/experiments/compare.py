@@ -22,7 +22,7 @@ is that value. With fewer than two pairs nothing is tested.
 
 When a strategy's EVAL folder names its run (``evaluate --run``, or the EVAL folder sits in the fold
 folder) the run's trainable share (``transfer_config.json``) and its time to convergence from the
-checkpoint's log (:func:`nnunet_transfer.analysis.convergence.log_convergence`: nnU-Net's smoothed
+checkpoint's log (:func:`nnunet_transfer.experiments.convergence.log_convergence`: nnU-Net's smoothed
 validation pseudo-Dice first within 0.5 % of its maximum) are reported, with the seconds per epoch and
 the learning curves.
 """
@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from nnunet_transfer.analysis.convergence import CONVERGENCE_TOLERANCE, log_convergence
+from nnunet_transfer.experiments.convergence import CONVERGENCE_TOLERANCE, log_convergence
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.experiments.evaluate import PER_CASE, SUMMARY, _short, describe, find_run, read_per_case
 from nnunet_transfer.experiments.metrics import DIRECTION, METRIC_COLUMNS

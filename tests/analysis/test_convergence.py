@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_transfer.analysis.convergence import curve_convergence, first_within, index_curve
+from nnunet_transfer.experiments.convergence import curve_convergence, first_within, index_curve
 from nnunet_transfer.analysis.runs import START_FILE, convergence_epoch, resolve_network
 from nnunet_transfer.analysis.validation import case_dice, foreground_mean, run_fold, validation_cases
 from nnunet_transfer.cli.main import main
@@ -388,7 +388,7 @@ def test_numpy_scalars_count_as_values():
     # nnU-Net's logger holds np.float32; they must not be skipped as "not a number"
     import numpy as np
 
-    from nnunet_transfer.analysis.convergence import first_within, log_convergence
+    from nnunet_transfer.experiments.convergence import first_within, log_convergence
 
     values = [np.float32(0.1), np.float32(0.5), np.float64(0.9), np.float32(0.899)]
     assert first_within(values) == 2

@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from nnunet_transfer.analysis.convergence import log_convergence
+from nnunet_transfer.experiments.convergence import log_convergence
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.experiments.compare import compare_evaluations, paired_comparison
