@@ -29,7 +29,7 @@ TARGET_CONFIG = "target"  # inherits DEMO_CONFIG in the moved plans, with the fi
 @dataclass(frozen=True)
 class DemoRun:
     """One strategy as the demo runs it, one row of the table: a trainer, its settings, and whether it starts
-    from the source model (a study file's strategy is :class:`nnunet_transfer.study.spec.Strategy`)."""
+    from the source model (a study file's strategy is :class:`nnunet_transfer.study.model.Strategy`)."""
 
     name: str
     trainer: str

@@ -1,6 +1,6 @@
 """``study report``'s analyses: Karimi et al.'s evolution, groups, feature reuse and filter change, computed
 from the study's own finished runs and their snapshots as ``[analysis]`` declares
-(:class:`~nnunet_transfer.study.spec.AnalysisSpec`).
+(:class:`~nnunet_transfer.study.model.AnalysisSpec`).
 
 Each analysis is one call of :mod:`nnunet_transfer.analysis.karimi` — exactly what ``nnunet_transfer analyze``
 runs for the same fold folders and options — into ``OUT/analysis/<study>/``:
@@ -39,7 +39,7 @@ from nnunet_transfer.analysis.runs import snapshot_epochs
 from nnunet_transfer.errors import TransferError
 from nnunet_transfer.experiments.splits import MAPPING_FILE, SPLITS_FILE
 from nnunet_transfer.nnunet_io import env_folder, plans_path
-from nnunet_transfer.study.spec import Study
+from nnunet_transfer.study.model import Study
 from nnunet_transfer.study.state import Progress, file_stamp, results_folder, run_dir
 from nnunet_transfer.study.table import Run, size_slug
 

@@ -33,7 +33,9 @@ from nnunet_transfer.nnunet_io import env_folder, load_dataset_json, load_json, 
 from nnunet_transfer.plans.configure import add_configuration, write_plans
 from nnunet_transfer.plans.pool import _place  # a link, or a copy where links fail
 from nnunet_transfer.study.folds import StudySplits
-from nnunet_transfer.study.spec import MARKER, Study, _trainer_classes, load_study, output_problem, sweep_label
+from nnunet_transfer.study.model import Study, sweep_label
+from nnunet_transfer.study.read_strategies import trainer_classes
+from nnunet_transfer.study.spec import MARKER, load_study, output_problem
 from nnunet_transfer.study.state import check_definitions, checkpoint_file, write_json
 from nnunet_transfer.study.table import Run, build_table, format_table, plan_study_splits, test_folder
 from nnunet_transfer.training.pretrained import check_pretrained as check
@@ -94,7 +96,7 @@ def _check_output(study: Study) -> None:
 # --------------------------------------------------------------------------- checks
 def check_pretrained(study: Study) -> None:
     """Every (checkpoint, trainer, heads) of the study as ``nnUNetv2_train`` will check it at start."""
-    classes = _trainer_classes()
+    classes = trainer_classes()
     plans = load_plans(study.dataset, study.plans)
     dataset_json = load_dataset_json(study.dataset)
     seen = set()

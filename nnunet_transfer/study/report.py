@@ -46,7 +46,7 @@ from nnunet_transfer.nnunet_io import load_dataset_json
 from nnunet_transfer.study.analysis import analyse_study
 from nnunet_transfer.study.plan import prepare
 from nnunet_transfer.study.runner import evaluate_run, job_alive
-from nnunet_transfer.study.spec import Study, sweep_label
+from nnunet_transfer.study.model import Study, sweep_label
 from nnunet_transfer.study.state import (Progress, RunLock, evaluation_current, progress, read_state, results_folder,
                                          run_dir, write_json)
 from nnunet_transfer.study.table import Run, size_slug, test_folder

@@ -35,8 +35,10 @@ from nnunet_transfer.environment import nnunet_environment
 from nnunet_transfer.errors import ConfigError, TransferError
 from nnunet_transfer.experiments.evaluate import evaluate_folders
 from nnunet_transfer.nnunet_io import load_dataset_json
+from nnunet_transfer.study.model import PREDICT_CHECKPOINTS, Study
 from nnunet_transfer.study.plan import prepare
-from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, SLURM_KEYS, Study, load_study
+from nnunet_transfer.study.read_execution import SLURM_KEYS
+from nnunet_transfer.study.spec import load_study
 from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, base_configuration_hash,
                                          definition, evaluation_current, evaluation_key, file_stamp, host_pid, progress,
                                          read_json, read_state, results_folder, run_dir, update_state, write_json)

@@ -38,7 +38,7 @@ from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.nnunet_io import env_folder, load_plans
 from nnunet_transfer.plans.configure import resolved_configuration
 from nnunet_transfer.study.lock import Holder, RunLock, is_locked, lock_holder
-from nnunet_transfer.study.spec import PREDICT_CHECKPOINTS, Study
+from nnunet_transfer.study.model import PREDICT_CHECKPOINTS, Study
 from nnunet_transfer.study.table import Run
 
 RUN_FILE, STATE_FILE = "run.json", "state.json"

@@ -9,8 +9,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from nnunet_transfer.study.model import Study
 from nnunet_transfer.study.runner import job_alive
-from nnunet_transfer.study.spec import Study, load_study
+from nnunet_transfer.study.spec import load_study
 from nnunet_transfer.study.state import Progress, progress
 from nnunet_transfer.study.table import build_table, plan_study_splits
 

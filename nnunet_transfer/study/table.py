@@ -10,7 +10,8 @@ from pathlib import Path
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.study.folds import StudySplits, dataset_cases, fold_plan
-from nnunet_transfer.study.spec import Strategy, Study, _trainer_classes
+from nnunet_transfer.study.model import Strategy, Study
+from nnunet_transfer.study.read_strategies import trainer_classes
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def plan_study_splits(study: Study, files: dict | None = None, file_ending: str 
 
 def build_table(study: Study, splits: StudySplits) -> list[Run]:
     """Every run of the study in a stable order: strategy, then fold, repeat and size."""
-    classes = _trainer_classes()
+    classes = trainer_classes()
     index = {str(s): i for i, s in enumerate(study.splits.n_train)}
     outer_folds = study.splits.folds_to_run or tuple(range(len(splits.tests)))
     runs = []

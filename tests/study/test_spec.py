@@ -9,7 +9,9 @@ import pytest
 
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, DataError
-from nnunet_transfer.study.spec import StudyFileError, load_study, sweep_label
+from nnunet_transfer.study.model import sweep_label
+from nnunet_transfer.study.problems import StudyFileError
+from nnunet_transfer.study.spec import load_study
 
 from study.fake_tree import DEFAULT_STUDY, make_tree, set_env
 
