@@ -213,7 +213,7 @@ def test_the_flag_loads_a_file_you_trust(target, tmp_path, capsys):
 
 
 def test_compare_reads_the_training_log_safely(tmp_path, evil, marker):
-    from nnunet_transfer.experiments.compare import run_info
+    from nnunet_transfer.experiments.arms import run_info
 
     fold = tmp_path / "fold_0"
     fold.mkdir()

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from nnunet_transfer.cli import add_trust_argument
-from nnunet_transfer.experiments.compare import CORRECTIONS, DEFAULT_METRICS
+from nnunet_transfer.experiments.compare import DEFAULT_METRICS
+from nnunet_transfer.experiments.paired import CORRECTIONS
 from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
 
 

@@ -33,24 +33,21 @@ import gc
 import io
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from nnunet_transfer.experiments.convergence import CONVERGENCE_TOLERANCE, log_convergence
 from nnunet_transfer.errors import DataError
-from nnunet_transfer.experiments.evaluate import PER_CASE, SUMMARY, _short, describe, find_run, read_per_case
+from nnunet_transfer.experiments.arms import ArmResults, load_arm_results, parse_evals, run_info
+from nnunet_transfer.experiments.evaluate import _short, describe
 from nnunet_transfer.experiments.metrics import DIRECTION, METRIC_COLUMNS
 from nnunet_transfer.figures import colors, figure
 from nnunet_transfer.fileio import plain, write_atomic
+from nnunet_transfer.experiments.paired import CORRECTIONS, TESTS, holm, paired_comparison, tukey
 
 DEFAULT_METRICS = ("dice", "hd95", "assd", "nsd", "precision", "recall", "lesion_f1")
-TESTS = ("ttest", "wilcoxon")
-#: multiple-comparison correction of ``p_adjusted``: Holm over the strategies, or none (the papers' tests)
-CORRECTIONS = ("holm", "none")
 METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 [mm]", "hd95_max": "HD95 max [mm]", "hd": "HD [mm]",
                  "assd": "ASSD [mm]", "nsd": "NSD", "precision": "precision", "recall": "recall",
                  "lesion_f1": "lesion F1", "lesion_tp": "lesion TP", "lesion_fp": "lesion FP",
@@ -59,177 +56,6 @@ CSV_COLUMNS = ("strategy", "metric", "label", "label_name", "n", "n_infinite", "
                "mean_diff", "ci_low", "ci_high", "p_ttest", "p_wilcoxon", "p_ttest_holm", "p_wilcoxon_holm",
                "p_adjusted", "significant", "p_tukey")
 TUKEY_COLUMNS = ("metric", "label", "a", "b", "mean_diff", "ci_low", "ci_high", "p")
-
-
-# --------------------------------------------------------------------------- statistics
-def paired_comparison(x: Sequence[float], baseline: Sequence[float], *, confidence: float = 0.95,
-                      n_resamples: int = 9999, seed: int = 0) -> dict:
-    """Paired statistics of ``x`` against ``baseline`` (same cases, same order) on the finite pairs.
-
-    Returns ``n_pairs, mean_diff, ci_low, ci_high, p_ttest, p_wilcoxon`` (None where undefined).
-    """
-    from scipy import stats
-
-    x, b = np.asarray(x, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
-    if x.shape != b.shape:
-        raise ValueError(f"paired samples differ in length: {x.shape} vs {b.shape}")
-    ok = np.isfinite(x) & np.isfinite(b)
-    x, b = x[ok], b[ok]
-    d = x - b
-    out: dict[str, Any] = {"n_pairs": int(d.size), "mean_diff": float(d.mean()) if d.size else None,
-                           "ci_low": None, "ci_high": None, "p_ttest": None, "p_wilcoxon": None}
-    if d.size < 2:
-        return out
-    if np.all(d == d[0]):  # no variation: scipy's tests and BCa are undefined here
-        out.update(ci_low=float(d[0]), ci_high=float(d[0]))
-        if d[0] == 0:
-            out.update(p_ttest=1.0, p_wilcoxon=1.0)
-        else:
-            out.update(p_ttest=float(stats.ttest_rel(x, b).pvalue), p_wilcoxon=float(stats.wilcoxon(x, b).pvalue))
-        return out
-    ci = stats.bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="BCa",
-                         rng=np.random.default_rng(seed)).confidence_interval
-    with warnings.catch_warnings():
-        # a handful of zero differences makes scipy warn about its normal approximation; the p stands
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p_w = stats.wilcoxon(x, b).pvalue
-    out.update(ci_low=float(ci.low), ci_high=float(ci.high), p_ttest=float(stats.ttest_rel(x, b).pvalue),
-               p_wilcoxon=float(p_w))
-    return out
-
-
-def holm(pvalues: Sequence[float | None]) -> list[float | None]:
-    """Holm step-down adjusted p-values (statsmodels) over the defined ones; None stays None."""
-    from statsmodels.stats.multitest import multipletests
-
-    idx = [i for i, p in enumerate(pvalues) if p is not None and math.isfinite(p)]
-    out: list[float | None] = [None] * len(pvalues)
-    if idx:
-        adj = multipletests([pvalues[i] for i in idx], method="holm")[1]
-        for i, a in zip(idx, adj):
-            out[i] = float(a)
-    return out
-
-
-def tukey(groups: Mapping[str, Sequence[float]], *, confidence: float = 0.95) -> list[dict]:
-    """Tukey's HSD over the groups (scipy); one row per unordered pair ``a < b`` (by order given)."""
-    from scipy import stats
-
-    names = list(groups)
-    data = [np.asarray(groups[n], dtype=np.float64) for n in names]
-    if len(data) < 2 or any(g.size < 2 for g in data):
-        return []
-    if all(np.all(g == data[0][0]) for g in data):  # all values identical: no variance to test against
-        return [{"a": names[i], "b": names[j], "mean_diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0}
-                for i in range(len(names)) for j in range(i + 1, len(names))]
-    res = stats.tukey_hsd(*data)
-    ci = res.confidence_interval(confidence_level=confidence)
-    return [{"a": names[i], "b": names[j], "mean_diff": float(res.statistic[i, j]), "ci_low": float(ci.low[i, j]),
-             "ci_high": float(ci.high[i, j]), "p": float(res.pvalue[i, j])}
-            for i in range(len(names)) for j in range(i + 1, len(names))]
-
-
-# --------------------------------------------------------------------------- inputs
-@dataclass
-class ArmResults:
-    """The evaluated results of one arm of the comparison: one EVAL folder (``evaluate``'s per-case rows and
-    summary) under its name, and the run it evaluated."""
-
-    name: str
-    folder: Path
-    rows: list[dict]
-    summary: dict
-    run: Path | None = None
-    run_info: dict | None = None
-
-    @property
-    def cases(self) -> list[str]:
-        return sorted({r["case"] for r in self.rows})
-
-    @property
-    def labels(self) -> list[int]:
-        return sorted({int(r["label"]) for r in self.rows})
-
-
-def parse_evals(items: Sequence[str | Path | tuple[str, str | Path]]) -> list[tuple[str, Path]]:
-    """``name=path`` / ``path`` (named by its folder) / ``(name, path)`` -> ``[(name, path)]``, names unique."""
-    out = []
-    for item in items:
-        if isinstance(item, tuple):
-            name, path = item
-        else:
-            text = str(item)
-            name, sep, path = text.partition("=")
-            if not sep or not name or "/" in name:
-                name, path = Path(text).name, text
-        out.append((str(name), Path(path)))
-    if not out:
-        raise DataError("compare needs at least two EVAL folders (outputs of nnunet_transfer evaluate)")
-    names = [n for n, _ in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise DataError(f"several EVAL folders are named {', '.join(map(repr, dup))}; name them: NAME=PATH, "
-                        f"e.g. scratch=runs/a/eval finetune=runs/b/eval")
-    if len(out) < 2:
-        raise DataError(f"compare needs at least two EVAL folders, got one ({out[0][1]})")
-    return out
-
-
-def run_info(fold: Path, *, tolerance: float | None = None) -> dict:
-    """Trainable share and time to convergence of one run (fold folder)."""
-    info: dict[str, Any] = {"run": str(fold), "trainer": None, "trainable": None, "total": None,
-                            "trainable_share": None, "checkpoint": None, "convergence": None}
-    cfg = fold / "transfer_config.json"
-    if cfg.is_file():
-        try:
-            content = json.loads(cfg.read_text())
-        except ValueError:
-            raise DataError(f"{cfg} is not valid JSON") from None
-        params = content.get("parameters") or {}
-        info["trainer"] = content.get("trainer")
-        if params.get("total"):
-            info.update(trainable=int(params["trainable"]), total=int(params["total"]),
-                        trainable_share=params["trainable"] / params["total"])
-    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
-        ckpt = fold / name
-        if ckpt.is_file():
-            from nnunet_transfer.checkpoints import read_checkpoint  # lazy: torch; `--help` imports this module
-
-            content = read_checkpoint(ckpt)  # a truncated file or one that would run code: one line naming it
-            logging = content.get("logging") if isinstance(content, dict) else None
-            if not logging:
-                raise DataError(f"checkpoint {ckpt} has no training log ('logging'); is it an nnU-Net checkpoint?")
-            info["checkpoint"] = name
-            info["trainer"] = info["trainer"] or content.get("trainer_name")
-            # nnU-Net logs numpy scalars (np.float32), which first_within does not count as numbers
-            logging = {k: [v.item() if isinstance(v, np.generic) else v for v in vals]
-                       if isinstance(vals, (list, tuple)) else vals for k, vals in logging.items()}
-            conv = log_convergence(logging, tolerance=CONVERGENCE_TOLERANCE if tolerance is None else tolerance)
-            conv["epochs"] = len(conv["curve"])
-            info["convergence"] = conv
-            break
-    return info
-
-
-def load_arm_results(name: str, folder: Path) -> ArmResults:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"EVAL folder {folder} ({name}) does not exist")
-    rows = read_per_case(folder / PER_CASE)
-    summary_path = folder / SUMMARY
-    if not summary_path.is_file():
-        raise DataError(f"{summary_path} not found; is {folder} an output folder of nnunet_transfer evaluate?")
-    try:
-        summary = json.loads(summary_path.read_text())
-    except ValueError:
-        raise DataError(f"{summary_path} is not valid JSON") from None
-    if not rows:
-        raise DataError(f"{folder / PER_CASE} holds no cases")
-    run = Path(summary["run"]) if summary.get("run") else find_run(folder)
-    if run is not None and not run.is_dir():
-        raise DataError(f"{summary_path} names the run {run}, which does not exist; re-run evaluate with --run, "
-                        f"or move the run back")
-    return ArmResults(name=name, folder=folder, rows=rows, summary=summary, run=run)
 
 
 # --------------------------------------------------------------------------- the command

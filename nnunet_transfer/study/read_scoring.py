@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from nnunet_transfer.config import is_int
-from nnunet_transfer.experiments.compare import CORRECTIONS, TESTS
+from nnunet_transfer.experiments.paired import CORRECTIONS, TESTS
 from nnunet_transfer.experiments.metrics import METRIC_COLUMNS
 from nnunet_transfer.study.model import PREDICT_CHECKPOINTS, Scoring
 from nnunet_transfer.study.problems import Problems, read_int, read_table, suggest

@@ -16,7 +16,8 @@ from statsmodels.stats.multitest import multipletests
 from nnunet_transfer.experiments.convergence import log_convergence
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.errors import DataError
-from nnunet_transfer.experiments.compare import compare_evaluations, paired_comparison
+from nnunet_transfer.experiments.compare import compare_evaluations
+from nnunet_transfer.experiments.paired import paired_comparison
 from nnunet_transfer.experiments.evaluate import rows_to_csv
 from nnunet_transfer.experiments.metrics import empty_label_metrics
 
