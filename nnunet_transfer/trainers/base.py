@@ -57,19 +57,21 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
-from nnunet_transfer.checkpoints import is_seg_key, read_checkpoint
+from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.fileio import save_atomic, write_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
 from nnunet_transfer.nnunet_compat import checkpoint_dict, train_step as nnunet_train_step
-from nnunet_transfer.plans.provenance import record_text, source_param_names
+from nnunet_transfer.plans.provenance import record_text
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.runtime import nnunet_train_args, pretrained_weights_argument, redirect_nnunet_loader
 from nnunet_transfer.training.checkpoint_state import (CHECKPOINT_KEY, check_resume_settings, checkpoint_state,
                                                        not_ours_message, restore_transfer_state)
 from nnunet_transfer.training.drift import drift_from_file
 from nnunet_transfer.training.heads import copy_head_rows
+from nnunet_transfer.training.not_transferred import (not_transferred_names, not_transferred_text, source_names,
+                                                      spare_not_transferred)
 from nnunet_transfer.training.pretrained import (PretrainedFile, check_pretrained, planned_network,
                                                  weights_changed, weights_fingerprint)
 from nnunet_transfer.training.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
@@ -286,7 +288,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ what was not transferred
     def _source_names(self, net: nn.Module) -> frozenset[str] | None:
-        """Parameters that came from ``-pretrained_weights`` (:func:`~nnunet_transfer.plans.provenance.source_param_names`);
+        """Parameters that came from ``-pretrained_weights`` (:func:`~nnunet_transfer.training.not_transferred.source_names`);
         None without pretrained weights (or in-process use without the file): the network counts as a whole."""
         if self._resume_origin is not None:
             record, heads = self._resume_origin
@@ -295,49 +297,27 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             heads = heads.to_dict() if heads is not None else None
         else:
             return None
-        return source_param_names(record, net, heads_transferred=bool(heads and heads.get("copied")
-                                                                      and not heads.get("new")))
+        return source_names(net, record, heads)
 
     def not_transferred(self, net: nn.Module) -> set[str]:
         """Parameters outside the heads that did not come from the source (re-initialised or new after `weights
         adapt`): no strategy freezes or anchors them unless ``freeze_reinit``; the heads follow ``freeze_seg``."""
-        source = self._source_names(net)
-        if source is None:
-            return set()
-        return {n for n in unique_named_parameters(net) if n not in source and not is_seg_key(n)}
+        return not_transferred_names(unique_named_parameters(net), self._source_names(net))
 
     def _spare_not_transferred(self, net: nn.Module, names: set[str] | None) -> set[str] | None:
         """``names`` (what the strategy trains; None = all) plus the parameters not from the source, which train in
         full unless ``freeze_reinit``; the counts go to ``transfer_state["not_transferred"]``."""
-        fresh = self.not_transferred(net)
-        sizes = {n: p.numel() for n, p in unique_named_parameters(net).items()}
-        spared = set() if names is None else fresh - names
-        keep_frozen = self.transfer_config.freeze_reinit
-        self.transfer_state["not_transferred"] = {
-            "tensors": len(fresh), "parameters": sum(sizes[n] for n in fresh),
-            "trained_in_full_by_rule": 0 if keep_frozen else sum(sizes[n] for n in spared),
-            "frozen_by_freeze_reinit": sum(sizes[n] for n in spared) if keep_frozen else 0,
-            **self._not_transferred_extras()}
-        return names if names is None or keep_frozen else names | spared
+        names, counts = spare_not_transferred(unique_named_parameters(net), self.not_transferred(net), names,
+                                              freeze_reinit=self.transfer_config.freeze_reinit)
+        self.transfer_state["not_transferred"] = {**counts, **self._not_transferred_extras()}
+        return names
 
     def _not_transferred_extras(self) -> dict[str, Any]:
         """Strategy counts added to ``transfer_state["not_transferred"]`` (LoRA: convolutions without adapter)."""
         return {}
 
     def _not_transferred_text(self) -> str | None:
-        nt = self.transfer_state.get("not_transferred") or {}
-        if not nt.get("tensors"):
-            return None
-        rules = [f"{nt['trained_in_full_by_rule']:,} would be frozen by this strategy and train in full"
-                 if nt["trained_in_full_by_rule"] else "",
-                 f"{nt['frozen_by_freeze_reinit']:,} stay frozen (freeze_reinit=true)"
-                 if nt["frozen_by_freeze_reinit"] else "",
-                 f"L2-SP anchors none of them, {nt['l2sp_beta']:,} are in its beta group" if "l2sp_beta" in nt else "",
-                 f"{nt['lora_convs_without_adapter']} convolution(s) train in full instead of carrying adapters"
-                 if nt.get("lora_convs_without_adapter") else ""]
-        return (f"{nt['parameters']:,} parameters in {nt['tensors']} tensors did not come from the source "
-                f"(re-initialised or new in the `weights adapt` report): "
-                + ("; ".join(r for r in rules if r) or "they train as every other parameter"))
+        return not_transferred_text(self.transfer_state.get("not_transferred"))
 
     def _before_train_epoch(self) -> None:
         """Start of every epoch, before nnU-Net's ``on_train_epoch_start`` calls ``network.train()`` and steps the
