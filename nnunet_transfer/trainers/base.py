@@ -76,7 +76,8 @@ from nnunet_transfer.training.pretrained import (PretrainedFile, check_pretraine
                                                  weights_changed, weights_fingerprint)
 from nnunet_transfer.training.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
 from nnunet_transfer.training.snapshots import START_FILE, save_snapshot, save_weights
-from nnunet_transfer.training.stopping import EarlyStopping
+from nnunet_transfer.training.stopping import (EarlyStopping, best_follows_monitor, end_of_epoch,
+                                               stopped_text)
 
 CONFIG_FILE = "transfer_config.json"
 #: what every trainer reads; strategy trainers add the keys of their group (a new setting is one field)
@@ -288,8 +289,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ what was not transferred
     def _source_names(self, net: nn.Module) -> frozenset[str] | None:
-        """Parameters that came from ``-pretrained_weights`` (:func:`~nnunet_transfer.training.not_transferred.source_names`);
-        None without pretrained weights (or in-process use without the file): the network counts as a whole."""
+        """Parameters that came from ``-pretrained_weights`` (:func:`.not_transferred.source_names`); None without
+        pretrained weights (or in-process use without the file): the network counts as a whole."""
         if self._resume_origin is not None:
             record, heads = self._resume_origin
         elif getattr(self, "pretrained_file", None) is not None:  # a trainer built without __init__ has none
@@ -425,11 +426,10 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             self.on_train_end()
 
     def on_epoch_start(self):
-        stopping = self.transfer_state.get("stopping")
-        if stopping and stopping.get("stopped_epoch") is not None:
+        stopped = stopped_text(self.transfer_state.get("stopping"))
+        if stopped:
             # --c of a run that stopped early: it is finished, nnU-Net would train on to num_epochs
-            self.print_to_log_file(f"nnunet_transfer: this run stopped early after epoch {stopping['stopped_epoch']} "
-                                   f"({stopping['monitor']}); nothing to continue")
+            self.print_to_log_file("nnunet_transfer: " + stopped)
             raise _StopTraining
         super().on_epoch_start()
 
@@ -463,32 +463,19 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
     # ------------------------------------------------------------------ early stopping
     def _best_follows_monitor(self) -> bool:
         """checkpoint_best.pth is the best by the monitored quantity; nnU-Net's is by EMA pseudo-Dice already."""
-        return self.transfer_config.early_stopping == "val_loss"
+        return best_follows_monitor(self.transfer_config.early_stopping)
 
     def _update_stopping(self) -> tuple[bool, bool]:
         """(stop now, new best) after the epoch nnU-Net is ending (setting ``early_stopping``)."""
         state = self.transfer_state.get("stopping")
         if not state:
             return False, False
-        rule = EarlyStopping.from_state(state)
-        epoch = self.current_epoch + 1  # completed epochs, this one included
-        value = float(self.logger.get_value(rule.logger_key, step=-1))
-        new_best = rule.update(value, epoch)
-        if new_best:
-            self.print_to_log_file(f"nnunet_transfer: new best {rule.monitor} {value:.6g} (epoch {epoch})")
-        stop = rule.should_stop()
-        if stop:
-            rule.finish(epoch, stopped=True)
-            self.print_to_log_file(f"nnunet_transfer: early stopping after epoch {epoch}: {rule.monitor} has not "
-                                   f"improved for {rule.patience} epochs (best {rule.best:.6g} at epoch "
-                                   f"{rule.best_epoch})")
-        elif epoch >= self.num_epochs:
-            rule.finish(epoch, stopped=False)
-            self.print_to_log_file(f"nnunet_transfer: NOT CONVERGED: no early stop within num_epochs="
-                                   f"{self.num_epochs} ({rule.monitor} last improved at epoch {rule.best_epoch}, "
-                                   f"patience {rule.patience})")
-        self.transfer_state["stopping"] = rule.state()
-        return stop, new_best
+        end = end_of_epoch(state, lambda key: self.logger.get_value(key, step=-1),
+                           self.current_epoch + 1, self.num_epochs)  # completed epochs, this one included
+        for line in end.messages:
+            self.print_to_log_file("nnunet_transfer: " + line)
+        self.transfer_state["stopping"] = end.state
+        return end.stop, end.new_best
 
     def _on_training_end(self) -> None:
         """Rank 0, at the end of ``on_train_end`` (after checkpoint_final and the drift): a strategy's own files."""
