@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import random
 from typing import Any, ContextManager, Mapping, Union
@@ -60,10 +59,9 @@ from nnunet_transfer.blocks import BlockModel, parse_spec
 from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
-from nnunet_transfer.fileio import save_atomic, write_atomic
+from nnunet_transfer.fileio import save_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
 from nnunet_transfer.nnunet_compat import checkpoint_dict, train_step as nnunet_train_step
-from nnunet_transfer.plans.provenance import record_text
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.runtime import nnunet_train_args, pretrained_weights_argument, redirect_nnunet_loader
 from nnunet_transfer.training.checkpoint_state import (CHECKPOINT_KEY, check_resume_settings, checkpoint_state,
@@ -74,12 +72,14 @@ from nnunet_transfer.training.not_transferred import (not_transferred_names, not
                                                       spare_not_transferred)
 from nnunet_transfer.training.pretrained import (PretrainedFile, check_pretrained, planned_network,
                                                  weights_changed, weights_fingerprint)
+from nnunet_transfer.training.run_record import (all_trainable_counts, config_file_content, drift_line,
+                                                 parameter_counts, settings_line, start_lines,
+                                                 write_config_file)
 from nnunet_transfer.training.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
 from nnunet_transfer.training.snapshots import START_FILE, save_snapshot, save_weights
 from nnunet_transfer.training.stopping import (EarlyStopping, best_follows_monitor, end_of_epoch,
                                                stopped_text)
 
-CONFIG_FILE = "transfer_config.json"
 #: what every trainer reads; strategy trainers add the keys of their group (a new setting is one field)
 BASE_KEYS = frozenset(TransferConfig.keys("schedule", "run"))
 
@@ -198,10 +198,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         return sorted(cls.transfer_keys | set(cls.transfer_defaults))
 
     def _log_settings(self) -> None:
-        cfg = self.transfer_config.to_json_dict()
-        used = {k: v for k, v in cfg.items() if k in self.settings_used()}
-        self.print_to_log_file(f"nnunet_transfer settings ({self.__class__.__name__}): "
-                               + json.dumps(used, sort_keys=True))
+        self.print_to_log_file(settings_line(self.__class__.__name__, self.transfer_config.to_json_dict(),
+                                             self.settings_used()))
 
     # ------------------------------------------------------------------ build and optimizer
     def initialize(self):
@@ -265,9 +263,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         names = self._trainable_names(net)
         if names is None:
             self._spare_not_transferred(net, None)
-            total = sum(p.numel() for p in params.values())
-            self.transfer_state["parameters"] = {"trainable": total, "frozen": 0, "total": total,
-                                                 "trainable_blocks": "all"}
+            self.transfer_state["parameters"] = all_trainable_counts(params.values())
             return params
         names = self._spare_not_transferred(net, names)
         model = self.blocks
@@ -277,14 +273,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             names = names | set(model.seg_param_names)
         report = apply_freeze(net, names)
         self._freeze_report = report
-        self.transfer_state["parameters"] = {
-            "trainable": report.n_trainable_scalars, "frozen": report.n_frozen_scalars,
-            "total": report.n_trainable_scalars + report.n_frozen_scalars,
-            "trainable_blocks": [b.number for b in model.blocks if set(b.param_names) <= names],
-            "frozen_blocks": [b.number for b in model.blocks if not set(b.param_names) & names],
-            "trainable_halves": [h for b in model.blocks for h, _, pn, _ in b.halves
-                                 if pn and set(pn) <= names and not set(b.param_names) <= names],
-            "seg_trainable": set(model.seg_param_names) <= names}
+        self.transfer_state["parameters"] = parameter_counts(report, model, names)
         return {n: params[n] for n in report.trainable_names}
 
     # ------------------------------------------------------------------ what was not transferred
@@ -363,25 +352,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             self._on_weights_ready(loaded)
         super().on_train_start()
         self._log_settings()
-        st = self.transfer_state
-        if st["pretrained_loaded"]:
-            heads = st.get("heads")
-            what = ("all layers but the segmentation heads" if not heads or not heads["copied"] else
-                    f"all layers; segmentation-head rows of {', '.join(c['target'] for c in heads['copied'])} "
-                    f"from the checkpoint")
-            self.print_to_log_file(f"nnunet_transfer: pretrained weights loaded"
-                                   f"{' from ' + st['pretrained_source'] if st['pretrained_source'] else ''}"
-                                   f" ({what})")
-            if st.get("transfer"):
-                self.print_to_log_file("nnunet_transfer: " + record_text(st["transfer"]))
-        else:
-            self.print_to_log_file("nnunet_transfer: no pretrained weights were loaded; the network "
-                                   "starts from its random initialisation")
-        p = st["parameters"]
-        self.print_to_log_file(f"nnunet_transfer: trainable parameters {p['trainable']:,} of {p['total']:,}"
-                               f" (frozen {p['frozen']:,})")
-        if self._not_transferred_text():
-            self.print_to_log_file("nnunet_transfer: " + self._not_transferred_text())
+        for line in start_lines(self.transfer_state):
+            self.print_to_log_file("nnunet_transfer: " + line)
         if self.local_rank == 0:
             self._write_config_file()
             if not self._resumed:
@@ -407,14 +379,13 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.print_to_log_file(f"nnunet_transfer: {checked.heads.text()} ({len(written)} head tensors)")
         checked.source_heads = {}  # no longer needed
 
-    def _config_file_content(self) -> dict:
-        return {"trainer": self.__class__.__name__, "configuration": self.configuration_name,
-                "settings": self.transfer_config.to_json_dict(),
-                "settings_used": self.settings_used(), **self.transfer_state}
-
     def _write_config_file(self) -> None:
-        path = os.path.join(self.output_folder, CONFIG_FILE)
-        write_atomic(path, json.dumps(self._config_file_content(), indent=2, sort_keys=True))
+        """``transfer_config.json`` (:mod:`nnunet_transfer.training.run_record`) from the settings and
+        ``transfer_state``."""
+        write_config_file(self.output_folder, config_file_content(
+            trainer=self.__class__.__name__, configuration=self.configuration_name,
+            settings=self.transfer_config.to_json_dict(), settings_used=self.settings_used(),
+            transfer_state=self.transfer_state))
 
     # ------------------------------------------------------------------ epochs
     def run_training(self):
@@ -488,8 +459,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             drift = self.drift_from_start()
             if drift is not None:
                 self.transfer_state["drift"] = drift
-                self.print_to_log_file("nnunet_transfer: moved from the start, ||theta - theta_0|| / ||theta_0||: "
-                                       + ", ".join(f"{k} {v:.4g}" for k, v in drift.items() if v is not None))
+                self.print_to_log_file("nnunet_transfer: " + drift_line(drift))
                 self._write_config_file()
             self._on_training_end()
 
