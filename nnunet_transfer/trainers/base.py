@@ -2,43 +2,15 @@
 
 Strategy trainers are declarations on top of this class: they set ``transfer_defaults`` and
 ``transfer_keys`` and override hooks only, never a method of ``nnUNetTrainer`` that this class
-overrides (tests/test_trainer_hooks.py enforces it). The hooks, by the nnU-Net method that calls them:
+overrides (tests/test_trainer_hooks.py enforces it). Which nnU-Net method calls which hook, and where things
+happen in nnU-Net 2.8's order of events: documentation/trainers.md, "Which nnU-Net method calls which hook".
 
-=============================  ====================================================================
-nnU-Net method                 hooks (in call order)
-=============================  ====================================================================
-``__init__``                   ``check_config``, ``check_network``, ``needs_pretrained``,
-                               ``check_pretrained_file`` (class-level checks, before any folder)
-``configure_optimizers``       ``_adapt_network``, ``trainable_spec`` / ``_trainable_names``,
-                               ``_not_transferred_extras``, ``_param_groups``, ``_make_scheduler``
-``on_train_start``             ``_on_weights_ready`` (new runs), ``_after_train_start``
-``on_train_epoch_start``       ``_before_train_epoch``, ``_after_train_epoch_start``
-``train_step``                 ``_gradient_penalty``
-``on_epoch_end``               ``_after_epoch``
-``on_train_end``               ``_weights_for_drift``, ``_on_training_end``
-``save_checkpoint``            ``_checkpoint_extras``
-``load_checkpoint``            ``_checkpoint_load_context``, ``_before_checkpoint_load``,
-                               ``_restore_checkpoint_extras``
-=============================  ====================================================================
-
-The jobs live in their own modules: the ``-pretrained_weights`` check and load detection in
-:mod:`nnunet_transfer.training.pretrained`, head rows in :mod:`nnunet_transfer.training.heads`, the checkpoint
-entry and ``--c`` checks in :mod:`nnunet_transfer.training.checkpoint_state`, start weights and snapshots in
-:mod:`nnunet_transfer.training.snapshots`, drift in :mod:`nnunet_transfer.training.drift`. ``self.blocks`` is
-the one :class:`~nnunet_transfer.blocks.BlockModel` of the trainer's network.
-
-Where things happen (nnU-Net 2.8 order of events, see documentation/trainers.md):
-
-* ``__init__``: settings are read and validated *before* nnU-Net creates any folder.
-* ``initialize`` (runs before ``-pretrained_weights`` are loaded): seed, build, then
-  ``configure_optimizers`` freezes and builds the optimizer *before* a DDP wrap, and a fingerprint of
-  the fresh weights is taken.
-* ``on_train_start`` (after ``-pretrained_weights`` or ``--c``): compare the fingerprint to learn whether
-  pretrained weights were loaded, let the strategy react (capture an anchor, refuse, re-initialise),
-  write ``transfer_config.json`` and the start snapshot.
-* ``save_checkpoint`` / ``load_checkpoint``: the effective settings and strategy state travel in every
-  checkpoint under the key ``"nnunet_transfer"``; ``--c`` restores them and refuses changed strategy
-  settings.
+The jobs live in their own modules of :mod:`nnunet_transfer.training`: the ``-pretrained_weights`` check and
+load detection in ``pretrained``, head rows in ``heads``, what did not come from the source in
+``not_transferred``, the checkpoint entry and ``--c`` checks in ``checkpoint_state``, start weights and
+snapshots in ``snapshots``, drift in ``drift``, early stopping in ``stopping``, and ``transfer_config.json``
+with the log lines in ``run_record``. ``self.blocks`` is the one :class:`~nnunet_transfer.blocks.BlockModel`
+of the trainer's network.
 """
 from __future__ import annotations
 
