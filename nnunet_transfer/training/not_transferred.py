@@ -23,9 +23,9 @@ from nnunet_transfer.plans.provenance import source_param_names
 
 def source_names(network: nn.Module | Iterable[str], record: Mapping | None,
                  heads: Mapping | None) -> frozenset[str] | None:
-    """Parameters of ``network`` (the network, or its canonical parameter names) that came from the source (``record``: the run's transfer record; ``heads``: its
-    head-copy record, whose rows count as transferred only when every target label got one). None without a
-    record: the network counts as a whole."""
+    """Parameters of ``network`` (the network, or its canonical parameter names) that came from the source
+    (``record``: the run's transfer record; ``heads``: its head-copy record, whose rows count as transferred only
+    when every target label got one). None without a record: the network counts as a whole."""
     return source_param_names(record, network, heads_transferred=bool(heads and heads.get("copied")
                                                                       and not heads.get("new")))
 
