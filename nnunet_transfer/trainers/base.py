@@ -2,49 +2,20 @@
 
 Strategy trainers are declarations on top of this class: they set ``transfer_defaults`` and
 ``transfer_keys`` and override hooks only, never a method of ``nnUNetTrainer`` that this class
-overrides (tests/test_trainer_hooks.py enforces it). The hooks, by the nnU-Net method that calls them:
+overrides (tests/test_trainer_hooks.py enforces it). Which nnU-Net method calls which hook, and where things
+happen in nnU-Net 2.8's order of events: documentation/trainers.md, "Which nnU-Net method calls which hook".
 
-=============================  ====================================================================
-nnU-Net method                 hooks (in call order)
-=============================  ====================================================================
-``__init__``                   ``check_config``, ``check_network``, ``needs_pretrained``,
-                               ``check_pretrained_file`` (class-level checks, before any folder)
-``configure_optimizers``       ``_adapt_network``, ``trainable_spec`` / ``_trainable_names``,
-                               ``_not_transferred_extras``, ``_param_groups``, ``_make_scheduler``
-``on_train_start``             ``_on_weights_ready`` (new runs), ``_after_train_start``
-``on_train_epoch_start``       ``_before_train_epoch``, ``_after_train_epoch_start``
-``train_step``                 ``_gradient_penalty``
-``on_epoch_end``               ``_after_epoch``
-``on_train_end``               ``_weights_for_drift``, ``_on_training_end``
-``save_checkpoint``            ``_checkpoint_extras``
-``load_checkpoint``            ``_checkpoint_load_context``, ``_before_checkpoint_load``,
-                               ``_restore_checkpoint_extras``
-=============================  ====================================================================
-
-The jobs live in their own modules: the ``-pretrained_weights`` check and load detection in
-:mod:`nnunet_transfer.training.pretrained`, head rows in :mod:`nnunet_transfer.training.heads`, the checkpoint
-entry and ``--c`` checks in :mod:`nnunet_transfer.training.checkpoint_state`, start weights and snapshots in
-:mod:`nnunet_transfer.training.snapshots`, drift in :mod:`nnunet_transfer.training.drift`. ``self.blocks`` is
-the one :class:`~nnunet_transfer.blocks.BlockModel` of the trainer's network.
-
-Where things happen (nnU-Net 2.8 order of events, see documentation/trainers.md):
-
-* ``__init__``: settings are read and validated *before* nnU-Net creates any folder.
-* ``initialize`` (runs before ``-pretrained_weights`` are loaded): seed, build, then
-  ``configure_optimizers`` freezes and builds the optimizer *before* a DDP wrap, and a fingerprint of
-  the fresh weights is taken.
-* ``on_train_start`` (after ``-pretrained_weights`` or ``--c``): compare the fingerprint to learn whether
-  pretrained weights were loaded, let the strategy react (capture an anchor, refuse, re-initialise),
-  write ``transfer_config.json`` and the start snapshot.
-* ``save_checkpoint`` / ``load_checkpoint``: the effective settings and strategy state travel in every
-  checkpoint under the key ``"nnunet_transfer"``; ``--c`` restores them and refuses changed strategy
-  settings.
+The jobs live in their own modules of :mod:`nnunet_transfer.training`: the ``-pretrained_weights`` check and
+load detection in ``pretrained``, head rows in ``heads``, what did not come from the source in
+``not_transferred``, the checkpoint entry and ``--c`` checks in ``checkpoint_state``, start weights and
+snapshots in ``snapshots``, drift in ``drift``, early stopping in ``stopping``, and ``transfer_config.json``
+with the log lines in ``run_record``. ``self.blocks`` is the one :class:`~nnunet_transfer.blocks.BlockModel`
+of the trainer's network.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import random
 from typing import Any, ContextManager, Mapping, Union
@@ -57,26 +28,30 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_transfer.blocks import BlockModel, parse_spec
-from nnunet_transfer.checkpoints import is_seg_key, read_checkpoint
+from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
-from nnunet_transfer.fileio import save_atomic, write_atomic
+from nnunet_transfer.fileio import save_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
 from nnunet_transfer.nnunet_compat import checkpoint_dict, train_step as nnunet_train_step
-from nnunet_transfer.plans.provenance import record_text, source_param_names
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.runtime import nnunet_train_args, pretrained_weights_argument, redirect_nnunet_loader
 from nnunet_transfer.training.checkpoint_state import (CHECKPOINT_KEY, check_resume_settings, checkpoint_state,
                                                        not_ours_message, restore_transfer_state)
 from nnunet_transfer.training.drift import drift_from_file
 from nnunet_transfer.training.heads import copy_head_rows
+from nnunet_transfer.training.not_transferred import (not_transferred_names, not_transferred_text, source_names,
+                                                      spare_not_transferred)
 from nnunet_transfer.training.pretrained import (PretrainedFile, check_pretrained, planned_network,
                                                  weights_changed, weights_fingerprint)
+from nnunet_transfer.training.run_record import (all_trainable_counts, config_file_content, drift_line,
+                                                 parameter_counts, settings_line, start_lines,
+                                                 write_config_file)
 from nnunet_transfer.training.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
 from nnunet_transfer.training.snapshots import START_FILE, save_snapshot, save_weights
-from nnunet_transfer.training.stopping import EarlyStopping
+from nnunet_transfer.training.stopping import (EarlyStopping, best_follows_monitor, end_of_epoch,
+                                               stopped_text)
 
-CONFIG_FILE = "transfer_config.json"
 #: what every trainer reads; strategy trainers add the keys of their group (a new setting is one field)
 BASE_KEYS = frozenset(TransferConfig.keys("schedule", "run"))
 
@@ -195,10 +170,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         return sorted(cls.transfer_keys | set(cls.transfer_defaults))
 
     def _log_settings(self) -> None:
-        cfg = self.transfer_config.to_json_dict()
-        used = {k: v for k, v in cfg.items() if k in self.settings_used()}
-        self.print_to_log_file(f"nnunet_transfer settings ({self.__class__.__name__}): "
-                               + json.dumps(used, sort_keys=True))
+        self.print_to_log_file(settings_line(self.__class__.__name__, self.transfer_config.to_json_dict(),
+                                             self.settings_used()))
 
     # ------------------------------------------------------------------ build and optimizer
     def initialize(self):
@@ -262,9 +235,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         names = self._trainable_names(net)
         if names is None:
             self._spare_not_transferred(net, None)
-            total = sum(p.numel() for p in params.values())
-            self.transfer_state["parameters"] = {"trainable": total, "frozen": 0, "total": total,
-                                                 "trainable_blocks": "all"}
+            self.transfer_state["parameters"] = all_trainable_counts(params.values())
             return params
         names = self._spare_not_transferred(net, names)
         model = self.blocks
@@ -274,20 +245,13 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             names = names | set(model.seg_param_names)
         report = apply_freeze(net, names)
         self._freeze_report = report
-        self.transfer_state["parameters"] = {
-            "trainable": report.n_trainable_scalars, "frozen": report.n_frozen_scalars,
-            "total": report.n_trainable_scalars + report.n_frozen_scalars,
-            "trainable_blocks": [b.number for b in model.blocks if set(b.param_names) <= names],
-            "frozen_blocks": [b.number for b in model.blocks if not set(b.param_names) & names],
-            "trainable_halves": [h for b in model.blocks for h, _, pn, _ in b.halves
-                                 if pn and set(pn) <= names and not set(b.param_names) <= names],
-            "seg_trainable": set(model.seg_param_names) <= names}
+        self.transfer_state["parameters"] = parameter_counts(report, model, names)
         return {n: params[n] for n in report.trainable_names}
 
     # ------------------------------------------------------------------ what was not transferred
     def _source_names(self, net: nn.Module) -> frozenset[str] | None:
-        """Parameters that came from ``-pretrained_weights`` (:func:`~nnunet_transfer.plans.provenance.source_param_names`);
-        None without pretrained weights (or in-process use without the file): the network counts as a whole."""
+        """Parameters that came from ``-pretrained_weights`` (:func:`.not_transferred.source_names`); None without
+        pretrained weights (or in-process use without the file): the network counts as a whole."""
         if self._resume_origin is not None:
             record, heads = self._resume_origin
         elif getattr(self, "pretrained_file", None) is not None:  # a trainer built without __init__ has none
@@ -295,49 +259,27 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             heads = heads.to_dict() if heads is not None else None
         else:
             return None
-        return source_param_names(record, net, heads_transferred=bool(heads and heads.get("copied")
-                                                                      and not heads.get("new")))
+        return source_names(net, record, heads)
 
     def not_transferred(self, net: nn.Module) -> set[str]:
         """Parameters outside the heads that did not come from the source (re-initialised or new after `weights
         adapt`): no strategy freezes or anchors them unless ``freeze_reinit``; the heads follow ``freeze_seg``."""
-        source = self._source_names(net)
-        if source is None:
-            return set()
-        return {n for n in unique_named_parameters(net) if n not in source and not is_seg_key(n)}
+        return not_transferred_names(unique_named_parameters(net), self._source_names(net))
 
     def _spare_not_transferred(self, net: nn.Module, names: set[str] | None) -> set[str] | None:
         """``names`` (what the strategy trains; None = all) plus the parameters not from the source, which train in
         full unless ``freeze_reinit``; the counts go to ``transfer_state["not_transferred"]``."""
-        fresh = self.not_transferred(net)
-        sizes = {n: p.numel() for n, p in unique_named_parameters(net).items()}
-        spared = set() if names is None else fresh - names
-        keep_frozen = self.transfer_config.freeze_reinit
-        self.transfer_state["not_transferred"] = {
-            "tensors": len(fresh), "parameters": sum(sizes[n] for n in fresh),
-            "trained_in_full_by_rule": 0 if keep_frozen else sum(sizes[n] for n in spared),
-            "frozen_by_freeze_reinit": sum(sizes[n] for n in spared) if keep_frozen else 0,
-            **self._not_transferred_extras()}
-        return names if names is None or keep_frozen else names | spared
+        names, counts = spare_not_transferred(unique_named_parameters(net), self.not_transferred(net), names,
+                                              freeze_reinit=self.transfer_config.freeze_reinit)
+        self.transfer_state["not_transferred"] = {**counts, **self._not_transferred_extras()}
+        return names
 
     def _not_transferred_extras(self) -> dict[str, Any]:
         """Strategy counts added to ``transfer_state["not_transferred"]`` (LoRA: convolutions without adapter)."""
         return {}
 
     def _not_transferred_text(self) -> str | None:
-        nt = self.transfer_state.get("not_transferred") or {}
-        if not nt.get("tensors"):
-            return None
-        rules = [f"{nt['trained_in_full_by_rule']:,} would be frozen by this strategy and train in full"
-                 if nt["trained_in_full_by_rule"] else "",
-                 f"{nt['frozen_by_freeze_reinit']:,} stay frozen (freeze_reinit=true)"
-                 if nt["frozen_by_freeze_reinit"] else "",
-                 f"L2-SP anchors none of them, {nt['l2sp_beta']:,} are in its beta group" if "l2sp_beta" in nt else "",
-                 f"{nt['lora_convs_without_adapter']} convolution(s) train in full instead of carrying adapters"
-                 if nt.get("lora_convs_without_adapter") else ""]
-        return (f"{nt['parameters']:,} parameters in {nt['tensors']} tensors did not come from the source "
-                f"(re-initialised or new in the `weights adapt` report): "
-                + ("; ".join(r for r in rules if r) or "they train as every other parameter"))
+        return not_transferred_text(self.transfer_state.get("not_transferred"))
 
     def _before_train_epoch(self) -> None:
         """Start of every epoch, before nnU-Net's ``on_train_epoch_start`` calls ``network.train()`` and steps the
@@ -382,25 +324,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             self._on_weights_ready(loaded)
         super().on_train_start()
         self._log_settings()
-        st = self.transfer_state
-        if st["pretrained_loaded"]:
-            heads = st.get("heads")
-            what = ("all layers but the segmentation heads" if not heads or not heads["copied"] else
-                    f"all layers; segmentation-head rows of {', '.join(c['target'] for c in heads['copied'])} "
-                    f"from the checkpoint")
-            self.print_to_log_file(f"nnunet_transfer: pretrained weights loaded"
-                                   f"{' from ' + st['pretrained_source'] if st['pretrained_source'] else ''}"
-                                   f" ({what})")
-            if st.get("transfer"):
-                self.print_to_log_file("nnunet_transfer: " + record_text(st["transfer"]))
-        else:
-            self.print_to_log_file("nnunet_transfer: no pretrained weights were loaded; the network "
-                                   "starts from its random initialisation")
-        p = st["parameters"]
-        self.print_to_log_file(f"nnunet_transfer: trainable parameters {p['trainable']:,} of {p['total']:,}"
-                               f" (frozen {p['frozen']:,})")
-        if self._not_transferred_text():
-            self.print_to_log_file("nnunet_transfer: " + self._not_transferred_text())
+        for line in start_lines(self.transfer_state):
+            self.print_to_log_file("nnunet_transfer: " + line)
         if self.local_rank == 0:
             self._write_config_file()
             if not self._resumed:
@@ -426,14 +351,13 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.print_to_log_file(f"nnunet_transfer: {checked.heads.text()} ({len(written)} head tensors)")
         checked.source_heads = {}  # no longer needed
 
-    def _config_file_content(self) -> dict:
-        return {"trainer": self.__class__.__name__, "configuration": self.configuration_name,
-                "settings": self.transfer_config.to_json_dict(),
-                "settings_used": self.settings_used(), **self.transfer_state}
-
     def _write_config_file(self) -> None:
-        path = os.path.join(self.output_folder, CONFIG_FILE)
-        write_atomic(path, json.dumps(self._config_file_content(), indent=2, sort_keys=True))
+        """``transfer_config.json`` (:mod:`nnunet_transfer.training.run_record`) from the settings and
+        ``transfer_state``."""
+        write_config_file(self.output_folder, config_file_content(
+            trainer=self.__class__.__name__, configuration=self.configuration_name,
+            settings=self.transfer_config.to_json_dict(), settings_used=self.settings_used(),
+            transfer_state=self.transfer_state))
 
     # ------------------------------------------------------------------ epochs
     def run_training(self):
@@ -445,11 +369,10 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             self.on_train_end()
 
     def on_epoch_start(self):
-        stopping = self.transfer_state.get("stopping")
-        if stopping and stopping.get("stopped_epoch") is not None:
+        stopped = stopped_text(self.transfer_state.get("stopping"))
+        if stopped:
             # --c of a run that stopped early: it is finished, nnU-Net would train on to num_epochs
-            self.print_to_log_file(f"nnunet_transfer: this run stopped early after epoch {stopping['stopped_epoch']} "
-                                   f"({stopping['monitor']}); nothing to continue")
+            self.print_to_log_file("nnunet_transfer: " + stopped)
             raise _StopTraining
         super().on_epoch_start()
 
@@ -483,32 +406,19 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
     # ------------------------------------------------------------------ early stopping
     def _best_follows_monitor(self) -> bool:
         """checkpoint_best.pth is the best by the monitored quantity; nnU-Net's is by EMA pseudo-Dice already."""
-        return self.transfer_config.early_stopping == "val_loss"
+        return best_follows_monitor(self.transfer_config.early_stopping)
 
     def _update_stopping(self) -> tuple[bool, bool]:
         """(stop now, new best) after the epoch nnU-Net is ending (setting ``early_stopping``)."""
         state = self.transfer_state.get("stopping")
         if not state:
             return False, False
-        rule = EarlyStopping.from_state(state)
-        epoch = self.current_epoch + 1  # completed epochs, this one included
-        value = float(self.logger.get_value(rule.logger_key, step=-1))
-        new_best = rule.update(value, epoch)
-        if new_best:
-            self.print_to_log_file(f"nnunet_transfer: new best {rule.monitor} {value:.6g} (epoch {epoch})")
-        stop = rule.should_stop()
-        if stop:
-            rule.finish(epoch, stopped=True)
-            self.print_to_log_file(f"nnunet_transfer: early stopping after epoch {epoch}: {rule.monitor} has not "
-                                   f"improved for {rule.patience} epochs (best {rule.best:.6g} at epoch "
-                                   f"{rule.best_epoch})")
-        elif epoch >= self.num_epochs:
-            rule.finish(epoch, stopped=False)
-            self.print_to_log_file(f"nnunet_transfer: NOT CONVERGED: no early stop within num_epochs="
-                                   f"{self.num_epochs} ({rule.monitor} last improved at epoch {rule.best_epoch}, "
-                                   f"patience {rule.patience})")
-        self.transfer_state["stopping"] = rule.state()
-        return stop, new_best
+        end = end_of_epoch(state, lambda key: self.logger.get_value(key, step=-1),
+                           self.current_epoch + 1, self.num_epochs)  # completed epochs, this one included
+        for line in end.messages:
+            self.print_to_log_file("nnunet_transfer: " + line)
+        self.transfer_state["stopping"] = end.state
+        return end.stop, end.new_best
 
     def _on_training_end(self) -> None:
         """Rank 0, at the end of ``on_train_end`` (after checkpoint_final and the drift): a strategy's own files."""
@@ -521,8 +431,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             drift = self.drift_from_start()
             if drift is not None:
                 self.transfer_state["drift"] = drift
-                self.print_to_log_file("nnunet_transfer: moved from the start, ||theta - theta_0|| / ||theta_0||: "
-                                       + ", ".join(f"{k} {v:.4g}" for k, v in drift.items() if v is not None))
+                self.print_to_log_file("nnunet_transfer: " + drift_line(drift))
                 self._write_config_file()
             self._on_training_end()
 

@@ -15,15 +15,20 @@ The rule, after every completed epoch ``e`` (1-based) with monitored value ``v_e
   run). The rule is also evaluated at the last epoch: a stop there is a stop.
 
 The state is a plain dict (:meth:`EarlyStopping.state`) so that it travels in the checkpoint and in
-``transfer_config.json`` and ``--c`` continues the count where it was.
+``transfer_config.json`` and ``--c`` continues the count where it was. A trainer calls :func:`end_of_epoch`
+after every epoch and :func:`stopped_text` before one; :func:`best_follows_monitor` says whether its
+``checkpoint_best.pth`` follows the monitored quantity.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 #: setting value -> (nnU-Net logger key, direction)
 MONITORS = {"val_loss": ("val_losses", "min"), "ema_dice": ("ema_fg_dice", "max")}
+#: the logger key by which nnU-Net itself writes checkpoint_best.pth (its EMA pseudo-Dice)
+NNUNET_BEST_KEY = "ema_fg_dice"
 
 
 @dataclass
@@ -86,3 +91,49 @@ class EarlyStopping:
     def from_state(cls, state: dict) -> "EarlyStopping":
         return cls(**{k: state[k] for k in ("monitor", "patience", "best", "best_epoch", "last_epoch",
                                             "stopped_epoch", "converged") if k in state})
+
+
+def best_follows_monitor(early_stopping: str) -> bool:
+    """Whether ``checkpoint_best.pth`` must be written by the monitored quantity (setting ``early_stopping``)
+    instead of nnU-Net's: nnU-Net's is the best by EMA pseudo-Dice already; ``none`` keeps nnU-Net's."""
+    return early_stopping in MONITORS and MONITORS[early_stopping][0] != NNUNET_BEST_KEY
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What :func:`end_of_epoch` decided: the new state, stop now, a new best, and the lines for the log."""
+
+    state: dict
+    stop: bool
+    new_best: bool
+    messages: tuple[str, ...]
+
+
+def end_of_epoch(state: dict, logged: Callable[[str], float], epoch: int, num_epochs: int) -> EpochEnd:
+    """Apply the rule after completed epoch ``epoch`` (1-based) of at most ``num_epochs``.
+
+    ``state``: the rule's state so far (:meth:`EarlyStopping.state`; not changed); ``logged(key)``: the value
+    nnU-Net's logger holds for ``key`` this epoch. The run ends converged when the rule fires, and not converged
+    when ``num_epochs`` is reached without a stop.
+    """
+    rule = EarlyStopping.from_state(state)
+    value = float(logged(rule.logger_key))
+    new_best = rule.update(value, epoch)
+    messages = [f"new best {rule.monitor} {value:.6g} (epoch {epoch})"] if new_best else []
+    stop = rule.should_stop()
+    if stop:
+        rule.finish(epoch, stopped=True)
+        messages.append(f"early stopping after epoch {epoch}: {rule.monitor} has not improved for {rule.patience} "
+                        f"epochs (best {rule.best:.6g} at epoch {rule.best_epoch})")
+    elif epoch >= num_epochs:
+        rule.finish(epoch, stopped=False)
+        messages.append(f"NOT CONVERGED: no early stop within num_epochs={num_epochs} ({rule.monitor} last improved "
+                        f"at epoch {rule.best_epoch}, patience {rule.patience})")
+    return EpochEnd(rule.state(), stop, new_best, tuple(messages))
+
+
+def stopped_text(state: dict | None) -> str | None:
+    """Why a run continued with ``--c`` has nothing left to train (it stopped early), or None."""
+    if not state or state.get("stopped_epoch") is None:
+        return None
+    return f"this run stopped early after epoch {state['stopped_epoch']} ({state['monitor']}); nothing to continue"
