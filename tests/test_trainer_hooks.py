@@ -42,3 +42,43 @@ def test_every_hook_the_strategies_override_is_documented_in_the_base():
              and hasattr(nnUNetTrainerTransferBase, name)}
     undocumented = sorted(h for h in hooks if not inspect.getdoc(getattr(nnUNetTrainerTransferBase, h)))
     assert hooks and not undocumented, undocumented
+
+
+def _documented_hooks() -> dict[str, list[str]]:
+    """documentation/trainers.md's table "Which nnU-Net method calls which hook": method -> hooks."""
+    from pathlib import Path
+    import re
+
+    text = (Path(__file__).parents[1] / "documentation" / "trainers.md").read_text()
+    table = text.split("Which nnU-Net method calls which hook", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        method, hooks = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[method.strip("`")] = re.findall(r"`(\w+)`", hooks)
+    return rows
+
+
+def _reached(method: str) -> set[str]:
+    """The base's own methods that METHOD calls, directly or through other methods of the base."""
+    import re
+
+    own = {n for n, v in vars(nnUNetTrainerTransferBase).items() if callable(v) or isinstance(v, classmethod)}
+    seen, todo = set(), [method]
+    while todo:
+        name = todo.pop()
+        source = inspect.getsource(getattr(nnUNetTrainerTransferBase, name))
+        for called in set(re.findall(r"\.(\w+)\(", source)) & own - seen - {name}:
+            seen.add(called)
+            todo.append(called)
+    return seen
+
+
+def test_the_documented_hook_table_is_what_the_base_calls():
+    rows = _documented_hooks()
+    assert len(rows) >= 9 and "configure_optimizers" in rows
+    for method, hooks in rows.items():
+        assert method == "__init__" or method in BASE_OVERRIDES, f"{method} is not an nnU-Net method the base overrides"
+        reached = _reached(method)
+        for hook in hooks:
+            assert callable(getattr(nnUNetTrainerTransferBase, hook, None)), f"{hook} is not a hook of the base"
+            assert hook in reached, f"documentation/trainers.md says {method} calls {hook}; the base's code does not"

@@ -4,7 +4,8 @@ Every class listed in ``__all__`` is re-exported by the ``nnUNet_extTrainer`` sh
 collide with nnU-Net's built-in trainers (nnU-Net searches its own package first).
 """
 from nnunet_transfer.trainers import freezing as _freezing
-from nnunet_transfer.trainers.base import nnUNetTrainerFinetune, nnUNetTrainerTransferBase
+from nnunet_transfer.trainers.base import nnUNetTrainerTransferBase
+from nnunet_transfer.trainers.finetune import nnUNetTrainerFinetune
 from nnunet_transfer.trainers.freezing import *  # noqa: F401,F403 - frozen encoder/decoder, 12 presets
 from nnunet_transfer.trainers.l2sp import (nnUNetTrainerL2SP, nnUNetTrainerL2SP_Li,
                                           nnUNetTrainerL2SP_Sagie)
