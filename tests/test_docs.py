@@ -128,3 +128,23 @@ def test_a_broken_link_is_found(tmp_path):
         f"{tmp_path / 'a.md'}: missing.md -> no such file",
         f"{tmp_path / 'a.md'}: b.md#nope -> no heading #nope in b.md",
         f"{tmp_path / 'a.md'}: b.md#not-a-heading -> no heading #not-a-heading in b.md"]
+
+
+def test_readme_layout_names_every_module_and_package_of_the_tree():
+    """The README's layout block matches the tree: every top-level module and package of ``nnunet_transfer``, every
+    module of a package the block describes by file (``blocks/``, ``plans/`` helpers, ``experiments/``, ``study/``
+    readers) appears in it, and nothing it names by path is missing from the tree."""
+    text = README.read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    package = ROOT / "nnunet_transfer"
+    top = sorted(p.name + ("/" if p.is_dir() else "") for p in package.iterdir()
+                 if not p.name.startswith("__") and (p.is_dir() or p.suffix == ".py"))
+    missing = [name for name in top if not re.search(rf"(?<![\w/]){re.escape(name)}", block)]
+    assert missing == [], f"README.md's layout does not name {missing}; add a line (or a clause) for each"
+    named = set(re.findall(r"(?<![\w/])([a-z_]+\.py)\b", block))
+    files = {p.name for folder in (package, ROOT / "tests", ROOT / "benchmarks") for p in folder.rglob("*.py")}
+    assert named - files == set(), f"README.md's layout names files that do not exist: {sorted(named - files)}"
+    for folder in ("blocks", "experiments"):
+        unnamed = sorted(p.name for p in (package / folder).glob("*.py")
+                         if p.name != "__init__.py" and p.stem not in block)
+        assert unnamed == [], f"README.md's layout line for {folder}/ does not name {unnamed}"
