@@ -215,6 +215,10 @@ def adapt_weights(checkpoint: str | Path, output: str | Path, *, in_channels: in
 
     output = Path(output)
     weights = load_weights(resolve_checkpoint(checkpoint))
+    if weights.is_nnssl:
+        raise ConfigError(f"{weights.path} is an nnssl checkpoint: it holds the whole pretraining network, of which a "
+                          f"target takes the encoder and stem only; map it onto the target's network with -d TARGET "
+                          f"-c CONFIG (or give it to -pretrained_weights of this package's trainers directly)")
     if output.resolve() == weights.path.resolve():
         raise ConfigError(f"the output {output} is the input checkpoint; write to another file")
     if output.exists() and not force:
