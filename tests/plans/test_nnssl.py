@@ -310,3 +310,11 @@ def test_the_trainers_check_an_nnssl_checkpoint_before_any_folder_exists(ckpt):
     with pytest.raises(TransferError, match="is an nnssl checkpoint, pretrained without labels; set heads=new"):
         check_pretrained(str(path), trainer_class=cls, plans=plans, configuration="net", dataset_json=dj,
                          heads="by-name")
+
+
+def test_plans_transfer_points_an_nnssl_checkpoint_to_from_checkpoint(env, ckpt, capsys):
+    path = ckpt[0]
+    assert main(["plans", "transfer", "-s", str(path), "-t", "902"]) == 2
+    err = capsys.readouterr().err
+    assert f"-s {path} is a file" in err and f"plans from-checkpoint -d 902 -c {path} -n NAME" in err
+    assert err.count("\n") == 1
