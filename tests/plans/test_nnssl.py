@@ -318,3 +318,22 @@ def test_plans_transfer_points_an_nnssl_checkpoint_to_from_checkpoint(env, ckpt,
     err = capsys.readouterr().err
     assert f"-s {path} is a file" in err and f"plans from-checkpoint -d 902 -c {path} -n NAME" in err
     assert err.count("\n") == 1
+
+
+def test_load_nnssl_encoder_into_a_network_that_already_carries_lora_adapters(ckpt):
+    """nnUNetTrainerLoRA adds its adapters in configure_optimizers, before nnU-Net loads -pretrained_weights: the
+    loader maps onto the plain state dict (adapters are no checkpoint tensors) and the layers compute with the
+    checkpoint's kernels (B = 0)."""
+    from nnunet_transfer.policies.lora import inject_lora
+
+    path, pt, raw = ckpt
+    net = target_network(read_plan(raw).architecture(), seed=2)
+    convs = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv3d) and n.startswith("encoder.stages.")]
+    inject_lora(net, convs, rank=2, alpha=2.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = load_nnssl_encoder(net, path)
+    after = net.state_dict()
+    assert all(torch.equal(after[k], pt[k]) if k.startswith(("encoder.", "decoder.encoder.")) else
+               torch.equal(after[k], before[k]) for k in after)
+    assert all(not n.endswith(("lora_A", "lora_B")) for t in report.tensors for n in [t.name])
+    assert {b.block: b.share for b in report.blocks} == {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0, 5: 0.0}
