@@ -8,7 +8,8 @@ anything of it runs, in one line naming the global and the opt-in (:data:`TRUST_
 :data:`TRUST_ENV` for ``nnUNetv2_train`` and studies), which reads the file as nnU-Net does
 (``weights_only=False``).
 
-Weights are read through :func:`load_weights` (an nnU-Net checkpoint, a snapshot, a dict holding a state
+Weights are read through :func:`load_weights` (an nnU-Net checkpoint, a snapshot, an nnssl checkpoint — its
+``nnssl_adaptation_plan`` kept as stored, for :mod:`nnunet_transfer.plans.nnssl` — a dict holding a state
 dict or a plain state dict; a pickled module only when trusted; wrapper prefixes ``module.`` /
 ``_orig_mod.`` stripped, tensors on the CPU) and compared with a network through :func:`compare`, which
 applies the rules of nnU-Net's ``load_pretrained_weights``:
@@ -45,6 +46,9 @@ from nnunet_transfer.nnunet_compat import SEG_KEY, is_seg_key
 CONTAINER_KEYS = ("network_weights", "state_dict", "model")
 #: where a file written by ``weights adapt`` keeps its report (what came from the source, per block)
 ADAPTED_KEY = "nnunet_transfer_adapted"
+#: where an nnssl (self-supervised pretraining, github.com/MIC-DKFZ/nnssl) checkpoint keeps its adaptation plan:
+#: ``AdaptationPlan.serialize()``, plain JSON types (read by :mod:`nnunet_transfer.plans.nnssl`)
+NNSSL_KEY = "nnssl_adaptation_plan"
 
 
 # --------------------------------------------------------------------------- reading files safely
@@ -182,10 +186,17 @@ class LoadedWeights:
     init_args: dict[str, Any] = field(default_factory=dict)
     #: the report ``weights adapt`` stored in the file (:data:`ADAPTED_KEY`), if any
     adapted: dict[str, Any] | None = None
+    #: an nnssl checkpoint's adaptation plan (:data:`NNSSL_KEY`) as stored, if any: its ``state`` is then the
+    #: whole *pretraining* network, of which only the encoder and stem are meant for a target
+    nnssl_plan: Any = None
 
     @property
     def nnunet_format(self) -> bool:
         return self.container == "network_weights"
+
+    @property
+    def is_nnssl(self) -> bool:
+        return self.nnssl_plan is not None
 
     @property
     def dataset_json(self) -> dict | None:
@@ -214,7 +225,7 @@ def load_weights(path: str | Path, *, trust: bool | None = None) -> LoadedWeight
         return storage
 
     obj = read_checkpoint(path, map_location=on_cpu, trust=trust)
-    container, meta, init_args, adapted = None, {}, {}, None
+    container, meta, init_args, adapted, nnssl_plan = None, {}, {}, None, None
     if isinstance(obj, nn.Module):
         container, state = "model", obj.state_dict()
     elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -227,6 +238,7 @@ def load_weights(path: str | Path, *, trust: bool | None = None) -> LoadedWeight
         meta = {"trainer_name": obj.get("trainer_name"), "configuration": init_args.get("configuration")}
         meta = {k: v for k, v in meta.items() if v is not None}
         adapted = dict(obj[ADAPTED_KEY]) if isinstance(obj.get(ADAPTED_KEY), Mapping) else None
+        nnssl_plan = obj.get(NNSSL_KEY)  # validated where it is used (plans.nnssl), not here
     else:
         what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
         raise DataError(f"{path} holds {what}; expected an nnU-Net checkpoint or a state dict of tensors, "
@@ -244,7 +256,7 @@ def load_weights(path: str | Path, *, trust: bool | None = None) -> LoadedWeight
             raise DataError(f"{path}: keys {k!r} and another one both become {name!r} once the "
                             f"'module.'/'_orig_mod.' prefixes are stripped")
         clean[name] = v.detach().cpu()
-    return LoadedWeights(path, clean, container, prefixed, sorted(devices), meta, init_args, adapted)
+    return LoadedWeights(path, clean, container, prefixed, sorted(devices), meta, init_args, adapted, nnssl_plan)
 
 
 def load_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -432,6 +444,6 @@ def comparison_to_dict(c: Comparison) -> dict:
 
 __all__ = ["TRUST_ENV", "TRUST_FLAG", "UnsafeCheckpointError", "trusting_checkpoints", "checkpoints_trusted",
            "checkpoint_globals", "read_checkpoint",
-           "SEG_KEY", "CONTAINER_KEYS", "ADAPTED_KEY", "LoadedWeights", "load_weights", "load_state", "clean_state_dict",
+           "SEG_KEY", "CONTAINER_KEYS", "ADAPTED_KEY", "NNSSL_KEY", "LoadedWeights", "load_weights", "load_state", "clean_state_dict",
            "canonical_key", "storage_key", "alias_groups", "Mismatch", "Comparison", "compare", "file_problems",
            "load_into", "is_seg_key"]

@@ -12,7 +12,8 @@ Effect on the process → the function that does it → when:
   the trainer which file it loads).
 * replaces ``nnunetv2.run.run_training.load_pretrained_weights`` with a wrapper that swaps the file name and
   calls nnU-Net's own → :func:`redirect_nnunet_loader` → a trainer's ``__init__``, when ``-pretrained_weights``
-  names a fold or model folder rather than the file.
+  names a fold or model folder rather than the file; for an nnssl checkpoint the wrapper calls this package's
+  loader instead (encoder and stem only).
 * replaces ``sys.excepthook`` (our ``TransferError`` and a misspelt trainer or model folder print as one line)
   → :func:`install_excepthook` → when nnU-Net imports the ``nnUNet_extTrainer`` shim (``_ext/``), or at
   start-up (next item).
@@ -86,14 +87,17 @@ def pretrained_weights_argument(argv: list[str] | None = None) -> str | None:
 
 
 # --------------------------------------------------------------------------- nnU-Net's loader
-def redirect_nnunet_loader(given: str, resolved: Path) -> bool:
-    """Make ``nnUNetv2_train`` load ``resolved`` when its command line names the folder ``given``.
+def redirect_nnunet_loader(given: str, resolved: Path, loader=None) -> bool:
+    """Make ``nnUNetv2_train`` load ``resolved`` when its command line names the folder ``given``, and load it with
+    ``loader(network, path, verbose=...)`` instead of nnU-Net's own function when one is given (an nnssl
+    checkpoint: its encoder and stem only, where nnU-Net's would load the pretraining decoder too).
 
     ``maybe_load_checkpoint`` in ``nnunetv2.run.run_training`` looks ``load_pretrained_weights`` up in
     its module globals at call time; it gets a wrapper that swaps the path and calls nnU-Net's own
-    function — what is loaded and how stays nnU-Net's. Returns whether a redirect was installed.
+    function — what is loaded and how stays nnU-Net's for every other file. Returns whether a redirect
+    was installed.
     """
-    if Path(given) == resolved:
+    if Path(given) == resolved and loader is None:
         return False
     module = sys.modules.get("nnunetv2.run.run_training")
     if module is None:
@@ -103,6 +107,8 @@ def redirect_nnunet_loader(given: str, resolved: Path) -> bool:
 
     def load_pretrained_weights(network, fname, verbose=False):
         if os.path.abspath(str(fname)) == os.path.abspath(given):
+            if loader is not None:
+                return loader(network, str(resolved), verbose=verbose)
             fname = str(resolved)
         return original(network, fname, verbose=verbose)
 

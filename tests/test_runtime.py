@@ -59,6 +59,20 @@ def test_loader_redirect_swaps_only_the_given_name_and_never_stacks(monkeypatch,
     assert calls == [str(file), "other.pth"]
 
 
+def test_loader_redirect_hands_the_given_file_to_our_loader_and_every_other_to_nnunets(monkeypatch, tmp_path):
+    """An nnssl checkpoint: our loader (encoder and stem only) takes it, even given as the file itself."""
+    calls, ours = [], []
+    module = types.ModuleType("nnunetv2.run.run_training")
+    module.load_pretrained_weights = lambda network, fname, verbose=False: calls.append(fname)
+    monkeypatch.setitem(sys.modules, "nnunetv2.run.run_training", module)
+    file = tmp_path / "nnssl.pth"
+    assert runtime.redirect_nnunet_loader(str(file), file,
+                                          loader=lambda network, path, verbose=False: ours.append((path, verbose)))
+    module.load_pretrained_weights(None, str(file), verbose=True)
+    module.load_pretrained_weights(None, "other.pth")
+    assert ours == [(str(file), True)] and calls == ["other.pth"]
+
+
 def test_excepthook_prints_our_errors_as_one_line_once(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(sys, "excepthook", lambda *a: seen.append(a[0]))

@@ -1,5 +1,8 @@
-"""``nnunet_transfer plans transfer``: the source's plans for a target, ready to preprocess and fine-tune."""
+"""``nnunet_transfer plans transfer``: the source's plans for a target, ready to preprocess and fine-tune;
+``plans from-checkpoint``: a target configuration for an nnssl checkpoint."""
 from __future__ import annotations
+
+from nnunet_transfer.cli import add_trust_argument
 
 
 def add_parser(sub) -> None:
@@ -36,6 +39,31 @@ def add_parser(sub) -> None:
     t.add_argument("--force", action="store_true",
                    help="replace existing target plans of that name (kept as <name>.json.bak)")
     t.set_defaults(func=run)
+    f = ps.add_parser(
+        "from-checkpoint",
+        help="a target configuration built for an nnssl checkpoint (its architecture and patch size)",
+        description="Write configuration NAME into the target's plans for the nnssl (self-supervised) checkpoint "
+                    "CKPT: it inherits BASE (spacing, the target's own normalisation, preprocessed data) and takes "
+                    "the checkpoint's architecture (class and kwargs), its recommended downstream patch size unless "
+                    "--patch-size, and batch size 2 unless --batch-size (what nnU-Net master's "
+                    "nnUNetv2_preprocess_like_nnssl writes). Checks that the network builds and the checkpoint's "
+                    "encoder maps onto it before writing. Then: nnUNetv2_train TARGET NAME FOLD -tr STRATEGY "
+                    "-pretrained_weights CKPT (the encoder and stem are loaded, the decoder starts fresh).")
+    f.add_argument("-d", dest="dataset", required=True, metavar="TARGET", help="target dataset name or id (planned)")
+    f.add_argument("-c", dest="checkpoint", required=True, metavar="CKPT", help="the nnssl checkpoint (.pth)")
+    f.add_argument("-n", dest="name", required=True, metavar="NAME", help="name of the new configuration")
+    f.add_argument("-p", dest="plans", default="nnUNetPlans", metavar="PLANS",
+                   help="target plans identifier (default nnUNetPlans)")
+    f.add_argument("--base", default="3d_fullres", help="configuration NAME inherits (default 3d_fullres)")
+    f.add_argument("--patch-size", dest="patch_size", default=None, metavar="X,Y,Z",
+                   help="patch size (default: the checkpoint's recommended_downstream_patchsize)")
+    f.add_argument("--batch-size", dest="batch_size", type=int, default=None, metavar="B",
+                   help="batch size (default 2)")
+    f.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a transfer setting of the configuration (as `nnunet_transfer configure --set`); repeat")
+    f.add_argument("--force", action="store_true", help="replace an existing configuration NAME")
+    add_trust_argument(f)
+    f.set_defaults(func=run_from_checkpoint)
 
 
 def run(args) -> int:
@@ -45,5 +73,16 @@ def run(args) -> int:
                             target_plans=args.target_plans, normalization=args.normalization,
                             allow_channel_change=args.allow_channel_change, configuration=args.configuration,
                             num_processes=args.num_processes, force=args.force, echo=print)
+    print(result.text())
+    return 0
+
+
+def run_from_checkpoint(args) -> int:
+    from nnunet_transfer.cli.configure import parse_settings
+    from nnunet_transfer.plans.from_checkpoint import from_checkpoint
+
+    result = from_checkpoint(args.dataset, args.checkpoint, args.name, base=args.base, plans_identifier=args.plans,
+                             patch_size=args.patch_size, batch_size=args.batch_size,
+                             settings=parse_settings(args.settings), force=args.force)
     print(result.text())
     return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 from nnunet_transfer.cli import add_trust_argument
 
 CHECKPOINT_HELP = ("nnU-Net checkpoint (.pth), a state dict, a fold folder or a one-fold model folder "
-                   "(what nnUNetv2_install_pretrained_model_from_zip installs)")
+                   "(what nnUNetv2_install_pretrained_model_from_zip installs), or an nnssl checkpoint "
+                   "(self-supervised; its encoder and stem are mapped, the decoder starts fresh)")
 
 
 def add_parser(sub) -> None:
@@ -69,9 +70,9 @@ def add_parser(sub) -> None:
 def run_check(args) -> int:
     import json
 
-    from nnunet_transfer.plans.weights import check_against_plans
+    from nnunet_transfer.plans.adapt import check_to_plans
 
-    report = check_against_plans(args.checkpoint, args.dataset, args.configuration, args.plans)
+    report = check_to_plans(args.checkpoint, args.dataset, args.configuration, args.plans)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
     return 0 if report.loadable else 1
 

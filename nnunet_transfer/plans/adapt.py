@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,8 +43,8 @@ from torch import nn
 
 from nnunet_transfer.blocks import BlockModel
 from nnunet_transfer.checkpoints import (ADAPTED_KEY, LoadedWeights, alias_groups, canonical_key, is_seg_key,
-                                         load_weights)
-from nnunet_transfer.errors import ConfigError, DataError, TransferError
+                                         load_into, load_weights)
+from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError, TransferError
 from nnunet_transfer.fileio import atomic_path, save_atomic
 from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.nnunet_io import build_network, dataset_name, load_dataset_json, load_plans
@@ -51,7 +52,8 @@ from nnunet_transfer.plans.adapt_report import FRESH, FROM_SOURCE, AdaptReport, 
 from nnunet_transfer.plans.family import _n_stages, check_family
 from nnunet_transfer.plans.kernels import KernelRuleError, describe_kernel_change, map_kernel
 from nnunet_transfer.plans.model_folder import resolve_checkpoint
-from nnunet_transfer.plans.weights import METHODS, adapt_first_conv, find_first_conv
+from nnunet_transfer.plans.nnssl import NnsslPlan, encoder_tensors, in_encoder, plan_of, refuse_primus
+from nnunet_transfer.plans.weights import METHODS, WeightsReport, adapt_first_conv, check_weights, find_first_conv
 
 _DECODER = re.compile(r"^decoder\.(stages|transpconvs|seg_layers)\.(\d+)\.(.*)$")
 
@@ -87,7 +89,7 @@ def _tensor_rule(name: str, s: torch.Tensor, t: torch.Tensor) -> tuple[str, str,
 
 def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_channels: int | None = None,
                 method: str = "repeat", seed: int = 0, source_label: str = "checkpoint",
-                target_label: str = "target", source_class: str | None = None
+                target_label: str = "target", source_class: str | None = None, encoder_only: bool = False
                 ) -> tuple[dict[str, torch.Tensor], AdaptReport]:
     """The target network's full ``state_dict`` (every alias) filled from ``source`` by the rules of
     :mod:`.adapt_report` (what each tensor gets) and :mod:`.kernels`.
@@ -98,7 +100,8 @@ def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_ch
     net = unwrap(network)
     target_state = net.state_dict()
     target_class = type(net).__name__
-    check_family(source, target_state, source_class=source_class, target_class=target_class)
+    check_family(source, target_state, source_class=source_class, target_class=target_class,
+                 encoder_only=encoder_only)
     model = BlockModel.from_network(net)
     src: dict[str, torch.Tensor] = {}
     for keys in alias_groups(source):  # state_dict order: a module's own name comes before all_modules.k
@@ -168,19 +171,23 @@ def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_ch
 
     state = {k: values[name] for keys, name in zip(groups, canonical) if name in values for k in keys}
 
-    param_action = {n: actions[n] for n in model.all_param_names}
+    # parameters outside the state dict (LoRA's adapters, when a trainer's network is mapped at load time) are
+    # nothing a checkpoint holds: the report counts the state dict's tensors
+    param_action = {n: actions[n] for n in model.all_param_names if n in actions}
     rows = []
     for b in model.blocks:
         counts: dict[str, int] = {}
         mods: list[str] = []
-        for n in b.param_names:
+        names = [n for n in b.param_names if n in param_action]
+        for n in names:
             a = param_action[n]
             counts[a.action] = counts.get(a.action, 0) + a.numel
             if a.action in FROM_SOURCE and a.source and stage_module(a.source) not in mods:
                 mods.append(stage_module(a.source))
-        rows.append(BlockRow(b.number, b.group, b.n_params, counts, mods,
-                             [n for n in b.param_names if param_action[n].action in FRESH]))
-    carried = sum(param_action[n].reason == "source rows carried" for n in model.seg_param_names)
+        rows.append(BlockRow(b.number, b.group, sum(param_action[n].numel for n in names), counts, mods,
+                             [n for n in names if param_action[n].action in FRESH]))
+    carried = sum(param_action[n].reason == "source rows carried" for n in model.seg_param_names
+                  if n in param_action)
     heads = {"params": model.n_seg_params, "tensors": len(model.seg_param_names), "carried": carried}
     dropped: dict[str, int] = {}
     for n in src:
@@ -198,6 +205,135 @@ def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_ch
                             + "). Plan the target with the source's plans (nnunet_transfer plans transfer -s SOURCE "
                               "-t TARGET) or with the source's features_per_stage")
     return state, report
+
+
+# --------------------------------------------------------------------------- any checkpoint onto a network
+#: why an nnssl source leaves the target's decoder fresh (the report's reason for every decoder tensor)
+NNSSL_DECODER = ("the decoder starts fresh: an nnssl checkpoint brings its encoder and stem, as nnU-Net master's "
+                 "PretrainedTrainer loads them")
+
+
+def _nnunet_source_class(weights: LoadedWeights) -> str | None:
+    """The network class an nnU-Net checkpoint's own plans name (from its ``init_args``), if they do."""
+    arch = (weights.init_args.get("plans") or {}).get("configurations", {}) \
+        .get(weights.init_args.get("configuration"), {}).get("architecture", {}).get("network_class_name")
+    return arch.rsplit(".", 1)[-1] if isinstance(arch, str) else None
+
+
+def map_checkpoint(weights: LoadedWeights, network: nn.Module, *, in_channels: int | None = None,
+                   method: str = "repeat", seed: int = 0, source_label: str | None = None,
+                   target_label: str = "target") -> tuple[dict[str, torch.Tensor], AdaptReport]:
+    """The one mapping of a checkpoint onto a target network: the target's full ``state_dict`` and the report of
+    what each tensor got. Dispatches on what the checkpoint holds:
+
+    * an nnU-Net network (or a state dict of one): :func:`adapt_state`, every part aligned by resolution;
+    * an nnssl checkpoint of a convolutional U-Net (ResEncL, ResidualEncoderUNet, PlainConvUNet): its encoder
+      and stem only (:func:`nnunet_transfer.plans.nnssl.encoder_tensors`), then :func:`adapt_state` with
+      ``encoder_only``; the decoder and the heads keep the target's fresh initialisation (reason
+      :data:`NNSSL_DECODER`). The input projection takes the target's K channels by ``method`` — ``repeat``
+      from a 1-channel checkpoint is nnssl's rule, the weight repeated K times and divided by K;
+    * an nnssl Primus checkpoint: not yet (:func:`nnunet_transfer.plans.nnssl.refuse_primus`).
+    """
+    label = source_label or str(weights.path)
+    if not weights.is_nnssl:
+        return adapt_state(weights.state, network, in_channels=in_channels, method=method, seed=seed,
+                           source_label=label, target_label=target_label,
+                           source_class=_nnunet_source_class(weights))
+    plan = plan_of(weights)
+    if plan.is_primus:
+        refuse_primus(plan)
+    return _map_nnssl_conv(weights, plan, network, in_channels=in_channels, method=method, seed=seed,
+                           source_label=label, target_label=target_label)
+
+
+def _map_nnssl_conv(weights: LoadedWeights, plan: NnsslPlan, network: nn.Module, *, in_channels: int | None,
+                    method: str, seed: int, source_label: str, target_label: str
+                    ) -> tuple[dict[str, torch.Tensor], AdaptReport]:
+    net = unwrap(network)
+    to_encoder, to_stem = getattr(net, "key_to_encoder", None), getattr(net, "key_to_stem", None)
+    if not isinstance(to_encoder, str) or not isinstance(to_stem, str):
+        raise ArchitectureError(f"the target network ({type(net).__name__}) names no key_to_encoder / key_to_stem, "
+                                f"which dynamic-network-architectures' U-Nets do: an nnssl encoder has no place in "
+                                f"it")
+    source = encoder_tensors(weights, plan, to_encoder=to_encoder, to_stem=to_stem)
+    own = net.state_dict()
+    k_tgt = int(own[find_first_conv(own)[0]].shape[1])
+    # the input projection always takes the target's channels (nnU-Net master does it unasked)
+    state, report = adapt_state(source, net, in_channels=k_tgt if in_channels is None else in_channels,
+                                method=method, seed=seed, source_label=source_label, target_label=target_label,
+                                source_class=f"nnssl {plan.arch_class_name}", encoder_only=True)
+    report.origin = "nnssl"
+    for t in report.tensors:
+        if t.action == "new" and t.name.startswith("decoder."):
+            t.reason = NNSSL_DECODER
+    # the pretraining network's other tensors, once each (decoder.encoder.* is the encoder, all_modules.0 a conv)
+    rest = [k for k in weights.state if not in_encoder(k, plan) and not k.startswith("decoder.encoder.")
+            and ".all_modules." not in k]
+    if rest:
+        report.dropped["pretraining decoder and heads (nnssl)"] = len(rest)
+    report.notes.append(plan.summary())
+    if report.channels:
+        rule = " (nnssl's rule: the weight repeated over the channels and divided by their number)" \
+            if report.channels[0] == 1 and method == "repeat" else ""
+        report.notes.append(f"input projection: {report.channels[0]} -> {report.channels[1]} channels by "
+                            f"{method!r}{rule}")
+    report.notes.append(NNSSL_DECODER + "; the segmentation heads start fresh")
+    report.notes.extend(plan.notes)
+    return state, report
+
+
+@dataclass
+class NnsslCheck:
+    """``weights check`` of an nnssl checkpoint: what ``-pretrained_weights`` loads with this package's trainers."""
+
+    checkpoint: str
+    target: str
+    report: AdaptReport
+    loadable: bool = True
+
+    def text(self) -> str:
+        return "\n".join([self.report.text(),
+                          f"OK: -pretrained_weights {self.checkpoint} with this package's trainers loads the encoder "
+                          f"and stem ({self.report.share:.1%} of the target's parameters outside the heads); the "
+                          f"decoder and heads keep nnU-Net's initialisation",
+                          f"hint: nnU-Net's own trainers would load the pretraining decoder too: for them, write "
+                          f"the mapped file with nnunet_transfer weights adapt {self.checkpoint} -d TARGET -c CONFIG "
+                          f"-o ADAPTED.pth"])
+
+    def to_dict(self) -> dict:
+        return {"kind": "nnssl", "checkpoint": self.checkpoint, "target": self.target, "loadable": self.loadable,
+                "report": self.report.to_dict()}
+
+
+def check_to_plans(checkpoint: str | Path, dataset: str | int, configuration: str,
+                   plans: str = "nnUNetPlans") -> WeightsReport | NnsslCheck:
+    """``weights check``: an nnU-Net checkpoint under nnU-Net's loading rules
+    (:func:`nnunet_transfer.plans.weights.check_weights`), an nnssl checkpoint by :func:`map_checkpoint`."""
+    weights = load_weights(resolve_checkpoint(checkpoint))  # a file, a fold folder or a one-fold model folder
+    network = build_network(load_plans(dataset, plans), configuration, load_dataset_json(dataset))
+    target = f"{dataset_name(dataset)} / {plans} / {configuration}"
+    if not weights.is_nnssl:
+        return check_weights(weights, network, target=target)
+    _, report = map_checkpoint(weights, network, source_label=str(weights.path), target_label=target)
+    return NnsslCheck(str(weights.path), target, report)
+
+
+def load_nnssl_encoder(network: nn.Module, path: str | Path, *, verbose: bool = False) -> AdaptReport:
+    """What ``-pretrained_weights NNSSL.pth`` does with this package's trainers (in place of nnU-Net's
+    ``load_pretrained_weights``, which would load the pretraining decoder as well): the tensors that
+    :func:`map_checkpoint` takes from the checkpoint go into ``network``; everything else keeps the values
+    nnU-Net initialised it with."""
+    weights = load_weights(path)
+    state, report = map_checkpoint(weights, network, source_label=str(path))
+    action = {t.name: t.action for t in report.tensors}
+    keys = [k for k in state if action.get(canonical_key(k)) in FROM_SOURCE]
+    load_into(network, state, keys=keys)
+    print(f"nnunet_transfer: loaded the encoder and stem of nnssl checkpoint {path} ({len(keys)} state_dict keys, "
+          f"{report.share:.1%} of the parameters outside the heads); the decoder and heads keep nnU-Net's "
+          f"initialisation")
+    if verbose:
+        print(report.text())
+    return report
 
 
 # --------------------------------------------------------------------------- the command
@@ -250,12 +386,9 @@ def adapt_to_plans(checkpoint: str | Path, output: str | Path, *, dataset: str |
         # the fresh initialisation that new / re-initialised tensors keep: nnU-Net's own init, seeded
         torch.manual_seed(seed)
         network = build_network(plans_dict, configuration, target_json)
-    arch = (weights.init_args.get("plans") or {}).get("configurations", {}) \
-        .get(weights.init_args.get("configuration"), {}).get("architecture", {}).get("network_class_name")
-    state, report = adapt_state(weights.state, network, in_channels=in_channels, method=method, seed=seed,
-                                source_label=str(source_path),
-                                target_label=f"{dataset_name(dataset)} / {plans} / {configuration}",
-                                source_class=arch.rsplit(".", 1)[-1] if isinstance(arch, str) else None)
+    state, report = map_checkpoint(weights, network, in_channels=in_channels, method=method, seed=seed,
+                                   source_label=str(source_path),
+                                   target_label=f"{dataset_name(dataset)} / {plans} / {configuration}")
     report.output = str(output)
     if min_share is not None and report.share < min_share:
         low = sorted(report.blocks, key=lambda b: b.share)[:3]
@@ -274,4 +407,5 @@ def adapt_to_plans(checkpoint: str | Path, output: str | Path, *, dataset: str |
     return report
 
 
-__all__ = ["source_name_for", "adapt_state", "adapt_to_plans", "report_path"]
+__all__ = ["source_name_for", "adapt_state", "map_checkpoint", "NNSSL_DECODER", "NnsslCheck", "check_to_plans",
+           "load_nnssl_encoder", "adapt_to_plans", "report_path"]

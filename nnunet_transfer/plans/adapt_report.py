@@ -95,6 +95,8 @@ class AdaptReport:
     method: str | None = None
     output: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: what the source was: "weights adapt" (an nnU-Net network) or "nnssl" (an nnssl checkpoint's encoder + stem)
+    origin: str = "weights adapt"
 
     @property
     def params(self) -> int:
@@ -113,7 +115,7 @@ class AdaptReport:
         return [t for t in self.tensors if t.action == action]
 
     def to_dict(self) -> dict:
-        return {"kind": "adapted", "version": 1, "source": self.source, "target": self.target,
+        return {"kind": "adapted", "version": 1, "origin": self.origin, "source": self.source, "target": self.target,
                 "architecture": self.architecture, "source_stages": self.source_stages,
                 "target_stages": self.target_stages, "seed": self.seed, "channels": self.channels,
                 "method": self.method, "output": self.output,
@@ -122,7 +124,8 @@ class AdaptReport:
                 "tensors": [t.to_dict() for t in self.tensors], "dropped": self.dropped, "notes": self.notes}
 
     def text(self) -> str:
-        out = [f"weights adapt: {self.source} -> {self.target} ({self.architecture}, {self.target_stages} stages; "
+        what = "weights adapt" if self.origin == "weights adapt" else f"{self.origin} encoder + stem"
+        out = [f"{what}: {self.source} -> {self.target} ({self.architecture}, {self.target_stages} stages; "
                f"the checkpoint has {self.source_stages})",
                f"{'block':>5}  {'group':<10} {'parameters':>10}  {'from source':>11}  {'copied':>8} {'mapped':>8} "
                f"{'re-init':>8} {'not transf.':>11} {'new':>8}"]

@@ -44,9 +44,13 @@ def _spatial_dims(state: Mapping[str, torch.Tensor]) -> set[int]:
 
 
 def check_family(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], *,
-                 source_class: str | None = None, target_class: str | None = None) -> None:
-    """Refuse a checkpoint of another architecture family (one message naming both)."""
+                 source_class: str | None = None, target_class: str | None = None,
+                 encoder_only: bool = False) -> None:
+    """Refuse a checkpoint of another architecture family (one message naming both). ``encoder_only``: the
+    source holds an encoder alone (an nnssl checkpoint's encoder and stem); only the encoders are compared."""
     s_fam, t_fam = _family(source), _family(target)
+    if encoder_only:
+        s_fam = (s_fam[0], t_fam[1])
     if None in s_fam:
         first = list(source)[:3]
         raise ArchitectureError(f"the checkpoint holds no U-Net of dynamic-network-architectures (no "

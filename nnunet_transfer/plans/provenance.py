@@ -14,13 +14,16 @@ from nnunet_transfer.errors import ArchitectureError
 from nnunet_transfer.netutil import unwrap
 
 
-def transfer_record(weights: LoadedWeights, network: nn.Module, *, loaded_keys: int) -> dict:
-    """What ``-pretrained_weights`` brings into ``network``: the adapt report of an adapted file, or a plain
-    same-plans load (every tensor but the heads). ``loaded_keys`` from :func:`checkpoints.compare`."""
-    report = weights.adapted if isinstance(getattr(weights, "adapted", None), Mapping) else None
+def transfer_record(weights: LoadedWeights, network: nn.Module, *, loaded_keys: int,
+                    report: Mapping | None = None) -> dict:
+    """What ``-pretrained_weights`` brings into ``network``: the adapt report of an adapted file (or ``report``,
+    the mapping this package's loader applies to an nnssl checkpoint), or a plain same-plans load (every tensor
+    but the heads). ``loaded_keys`` from :func:`checkpoints.compare`."""
+    if report is None:
+        report = weights.adapted if isinstance(getattr(weights, "adapted", None), Mapping) else None
     if report is not None and report.get("kind") == "adapted":
-        keep = ("source", "target", "architecture", "source_stages", "target_stages", "seed", "channels", "method",
-                "total", "heads", "dropped")
+        keep = ("origin", "source", "target", "architecture", "source_stages", "target_stages", "seed", "channels",
+                "method", "total", "heads", "dropped")
         return {"kind": "adapted", "file": str(weights.path), **{k: report.get(k) for k in keep},
                 "blocks": [{k: b.get(k) for k in ("block", "group", "params", "from_source", "share", "copied",
                                                   "mapped", "channels", "reinit", "not_transferable", "new",
@@ -72,6 +75,11 @@ def source_param_names(record: Mapping | None, network: nn.Module | Iterable[str
 def record_text(record: Mapping) -> str:
     """One log line for a transfer record."""
     total = record.get("total") or {}
+    if record.get("kind") == "adapted" and record.get("origin") == "nnssl":
+        via = "" if record.get("source") == record.get("file") else f" (through {record.get('file')})"
+        return (f"encoder and stem of the nnssl checkpoint {record.get('source')}{via}: {total.get('share', 0):.1%} of "
+                f"the {total.get('params', 0):,} parameters outside the heads came from it; the decoder and the "
+                f"heads start fresh")
     if record.get("kind") == "adapted":
         partial = [f"{b['block']} ({b['share']:.0%})" for b in record.get("blocks", []) if b["share"] < 1]
         return (f"weights adapted by `weights adapt` from {record.get('source')}: {total.get('share', 0):.1%} of the "

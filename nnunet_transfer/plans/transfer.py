@@ -37,7 +37,7 @@ from nnunet_transfer.nnunet_compat import USES_PROPERTIES, mask_for_norm, move_p
 from nnunet_transfer.nnunet_io import dataset_name, env_folder, load_dataset_json, load_json, plans_path
 from nnunet_transfer.pipeline import executable
 from nnunet_transfer.plans.configure import write_plans
-from nnunet_transfer.plans.model_folder import is_path_argument, load_model_folder
+from nnunet_transfer.plans.model_folder import LAYOUT, is_path_argument, load_model_folder
 
 NORMALIZATION = ("target", "source")
 
@@ -177,6 +177,10 @@ def transfer_plans(source: str | int | Path, target: str | int, *, source_plans:
 
     if normalization not in NORMALIZATION:
         raise ConfigError(f"--normalization must be one of {', '.join(NORMALIZATION)}, got {normalization!r}")
+    if is_path_argument(source) and Path(source).is_file():
+        raise DataError(f"-s {source} is a file: plans transfer takes a dataset or a model folder ({LAYOUT}); for an "
+                        f"nnssl checkpoint write a target configuration for it with nnunet_transfer plans "
+                        f"from-checkpoint -d {target} -c {source} -n NAME")
     model = load_model_folder(source) if is_path_argument(source) else None
     tgt = dataset_name(target)
     if model is not None:

@@ -44,7 +44,6 @@ from nnunet_transfer.checkpoints import (SEG_KEY, LoadedWeights, Mismatch, canon
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.fileio import save_atomic
 from nnunet_transfer.netutil import unwrap
-from nnunet_transfer.nnunet_io import build_network, dataset_name, load_dataset_json, load_plans
 from nnunet_transfer.plans.model_folder import resolve_checkpoint
 
 SKIP = SEG_KEY  # nnU-Net's skip_strings_in_pretrained
@@ -156,15 +155,6 @@ def check_weights(weights: LoadedWeights, network: nn.Module, *, target: str = "
                          dict(weights.meta))
 
 
-def check_against_plans(checkpoint: str | Path, dataset: str | int, configuration: str,
-                        plans: str = "nnUNetPlans") -> WeightsReport:
-    """Build the target network nnU-Net would build, then :func:`check_weights`."""
-    weights = load_weights(resolve_checkpoint(checkpoint))  # a file, a fold folder or a one-fold model folder
-    plans_dict = load_plans(dataset, plans)
-    network = build_network(plans_dict, configuration, load_dataset_json(dataset))
-    return check_weights(weights, network, target=f"{dataset_name(dataset)} / {plans} / {configuration}")
-
-
 # --------------------------------------------------------------------------- adapt
 def adapt_first_conv(weight: torch.Tensor, *, in_channels: int, method: str = "repeat") -> torch.Tensor:
     """``(O, C, *k)`` -> ``(O, K, *k)`` by ``method`` (see the module docstring), same dtype."""
@@ -215,6 +205,10 @@ def adapt_weights(checkpoint: str | Path, output: str | Path, *, in_channels: in
 
     output = Path(output)
     weights = load_weights(resolve_checkpoint(checkpoint))
+    if weights.is_nnssl:
+        raise ConfigError(f"{weights.path} is an nnssl checkpoint: it holds the whole pretraining network, of which a "
+                          f"target takes the encoder and stem only; map it onto the target's network with -d TARGET "
+                          f"-c CONFIG (or give it to -pretrained_weights of this package's trainers directly)")
     if output.resolve() == weights.path.resolve():
         raise ConfigError(f"the output {output} is the input checkpoint; write to another file")
     if output.exists() and not force:
@@ -245,5 +239,5 @@ def adapt_weights(checkpoint: str | Path, output: str | Path, *, in_channels: in
 
 
 __all__ = ["LoadedWeights", "load_weights", "canonical_key", "find_first_conv", "Mismatch", "WeightsReport",
-           "check_weights", "check_against_plans", "adapt_first_conv", "adapt_weights", "AdaptResult",
+           "check_weights", "adapt_first_conv", "adapt_weights", "AdaptResult",
            "METHODS"]

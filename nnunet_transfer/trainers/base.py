@@ -121,7 +121,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                                    configuration=configuration, dataset_json=dataset_json,
                                    heads=self.transfer_config.heads, heads_fallback_new=self.heads_fallback_new)
         self.check_pretrained_file(checked)
-        redirect_nnunet_loader(args.pretrained, checked.path)
+        redirect_nnunet_loader(args.pretrained, checked.path, loader=checked.loader)
         return checked
 
     def check_pretrained_file(self, checked: PretrainedFile) -> None:

@@ -17,8 +17,11 @@ nnU-Net creates the fold folder, and
 A folder given to ``-pretrained_weights`` (a fold folder or an installed model folder, see
 :mod:`nnunet_transfer.plans.model_folder`) is resolved to its ``checkpoint_final.pth``; nnU-Net's loader
 is then handed that file (see :func:`nnunet_transfer.runtime.redirect_nnunet_loader`), because it would ``torch.load`` the folder
-itself. What the file brings is recorded (:func:`nnunet_transfer.plans.provenance.transfer_record`): the
-per-block report of a ``weights adapt`` file, or a plain same-plans load.
+itself. An nnssl checkpoint (self-supervised; :mod:`nnunet_transfer.plans.nnssl`) is mapped instead of compared:
+nnU-Net's loader is redirected to :func:`nnunet_transfer.plans.adapt.load_nnssl_encoder`, which loads its encoder
+and stem and leaves the decoder and heads as nnU-Net initialised them. What the file brings is recorded
+(:func:`nnunet_transfer.plans.provenance.transfer_record`): the per-block report of a ``weights adapt`` file or
+of the nnssl mapping, or a plain same-plans load.
 
 In-process use (a notebook building a trainer and calling nnU-Net's loader) has no command line: the
 trainers then still detect a load from the weights themselves: :func:`weights_fingerprint` of the fresh
@@ -34,9 +37,11 @@ import torch
 from torch import nn
 
 from nnunet_transfer.blocks import BlockModel
-from nnunet_transfer.checkpoints import LoadedWeights, compare, file_problems, load_weights
+from nnunet_transfer.checkpoints import LoadedWeights, canonical_key, compare, file_problems, load_weights
 from nnunet_transfer.errors import ArchitectureError, TransferError
 from nnunet_transfer.netutil import unique_named_parameters
+from nnunet_transfer.plans.adapt import load_nnssl_encoder, map_checkpoint
+from nnunet_transfer.plans.adapt_report import FROM_SOURCE
 from nnunet_transfer.plans.provenance import source_param_names, transfer_record
 from nnunet_transfer.plans.model_folder import resolve_checkpoint
 from nnunet_transfer.training.heads import HeadPlan, plan_heads, seg_head_state
@@ -75,6 +80,9 @@ class PretrainedFile:
     transfer: dict | None = None
     #: the target network's blocks (names only), for strategies that refuse to freeze fresh parameters
     blocks: Any = None
+    #: what loads the file in place of nnU-Net's ``load_pretrained_weights`` (``(network, path, verbose=)``), or
+    #: None for nnU-Net's own: an nnssl checkpoint's encoder and stem only
+    loader: Any = None
 
     def to_dict(self) -> dict:
         return {"given": self.given, "path": str(self.path),
@@ -135,6 +143,9 @@ def check_pretrained(given: str, *, trainer_class, plans: dict, configuration: s
     path = resolve_checkpoint(given, what="pretrained weights")
     weights = load_weights(path)
     network = target_network(trainer_class, plans, configuration, dataset_json)
+    if weights.is_nnssl:
+        return _check_nnssl(given, weights, network, heads=heads, heads_fallback_new=heads_fallback_new,
+                            dataset_json=dataset_json, target=f"{plans.get('dataset_name', '?')} / {configuration}")
     comparison = compare(weights.state, network)
     problems = file_problems(weights)
     if problems or comparison.blocking:
@@ -150,6 +161,37 @@ def check_pretrained(given: str, *, trainer_class, plans: dict, configuration: s
     return PretrainedFile(given, path, plan, heads_state,
                           dict(weights.dataset_json.get("labels", {})) if weights.dataset_json else None,
                           transfer_record(weights, network, loaded_keys=comparison.loaded_keys), blocks)
+
+
+def _check_nnssl(given: str, weights: LoadedWeights, network: nn.Module, *, heads: str | Mapping,
+                 heads_fallback_new: bool, dataset_json: dict, target: str) -> PretrainedFile:
+    """An nnssl checkpoint given to ``-pretrained_weights``: its encoder and stem will be loaded by
+    :func:`nnunet_transfer.plans.adapt.load_nnssl_encoder` (the trainer redirects nnU-Net's loader to it), the
+    rest keeps nnU-Net's initialisation; the record says so per block. It has no labels: ``heads=by-name`` of a
+    strategy that falls back to new heads starts every row new (said in the log), any other ``heads`` is refused."""
+    head_plan = None
+    if heads == "by-name" and heads_fallback_new:
+        labels = {str(k): v for k, v in (dataset_json.get("labels") or {}).items() if k != "ignore"}
+        head_plan = HeadPlan("by-name", [], [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])],
+                             fallback=f"the nnssl checkpoint {weights.path} was pretrained without labels: every "
+                                      f"head row starts new")
+    elif heads != "new":
+        raise TransferError(f"heads={heads!r} copies segmentation-head rows from the checkpoint, but "
+                            f"{weights.path} is an nnssl checkpoint, pretrained without labels; set heads=new")
+    try:
+        state, report = map_checkpoint(weights, network, source_label=str(weights.path), target_label=target)
+    except TransferError as e:
+        raise type(e)(f"-pretrained_weights {weights.path} (an nnssl checkpoint) cannot be mapped onto the {target} "
+                      f"network: {e}") from None
+    try:
+        blocks = BlockModel.from_network(network)
+    except ArchitectureError:
+        blocks = None
+    action = {t.name: t.action for t in report.tensors}
+    loaded = sum(action.get(canonical_key(k)) in FROM_SOURCE for k in state)
+    return PretrainedFile(given, weights.path, head_plan, {}, None,
+                          transfer_record(weights, network, loaded_keys=loaded, report=report.to_dict()), blocks,
+                          loader=load_nnssl_encoder)
 
 
 __all__ = ["weights_fingerprint", "weights_changed", "PretrainedFile", "check_pretrained", "target_network",

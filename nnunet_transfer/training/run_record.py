@@ -62,6 +62,8 @@ def start_lines(state: Mapping[str, Any]) -> list[str]:
         what = ("all layers but the segmentation heads" if not heads or not heads["copied"] else
                 f"all layers; segmentation-head rows of {', '.join(c['target'] for c in heads['copied'])} "
                 f"from the checkpoint")
+        if (state.get("transfer") or {}).get("origin") == "nnssl":
+            what = "the encoder and stem of an nnssl checkpoint; the decoder and heads as nnU-Net initialised them"
         source = state["pretrained_source"]
         lines.append(f"pretrained weights loaded{' from ' + source if source else ''} ({what})")
         if state.get("transfer"):

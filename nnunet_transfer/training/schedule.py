@@ -46,6 +46,46 @@ def poly_warmup_lr(step: int, *, initial_lr: float, max_steps: int, warmup_steps
     return poly_lr(step, initial_lr=initial_lr, max_steps=max_steps, exponent=exponent)
 
 
+class PretrainedWarmupLRScheduler(_LRScheduler):
+    """nnU-Net master's fine-tuning schedule (``PretrainedTrainer`` in
+    ``nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py``), by nnU-Net's own classes of
+    ``nnunetv2.training.lr_scheduler.warmup`` (shipped with 2.8.1 too)::
+
+        lr(e) = initial_lr · (e + 1) / W                                e < W   (Lin_incr_LRScheduler)
+        lr(e) = initial_lr · (1 − (e − W) / (max_steps − W))^exponent   e ≥ W   (PolyLRScheduler_offset)
+
+    Master builds the first for epochs ``0 … W−1`` and switches to the second at epoch ``W`` on the same
+    optimizer (its momentum kept); here one scheduler steps whichever applies, stepped once per epoch by nnU-Net
+    with the epoch index. Every parameter group gets the same rate, as there.
+    """
+
+    def __init__(self, optimizer: Optimizer, initial_lr: float, max_steps: int, *, warmup_steps: int,
+                 exponent: float = 0.9):
+        # nnU-Net's own classes; imported here so that the pure-torch policies importing this module stay so
+        from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
+
+        self.initial_lr, self.max_steps = initial_lr, max_steps
+        self.warmup_steps, self.exponent = warmup_steps, exponent
+        self.ctr = 0
+        # each writes the rate of its own first step on construction; step() below sets the one that applies
+        self._warmup = Lin_incr_LRScheduler(optimizer, initial_lr, warmup_steps) if warmup_steps > 0 else None
+        # a run no longer than the warm-up never reaches the poly phase (its length max_steps − W would be <= 0)
+        self._poly = PolyLRScheduler_offset(optimizer, initial_lr, max_steps, warmup_steps, exponent) \
+            if max_steps > warmup_steps else None
+        super().__init__(optimizer, -1)
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        phase = self._warmup if current_step < self.warmup_steps or self._poly is None else self._poly
+        phase.step(current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return self._last_lr
+
+
 class WarmupPolyLRScheduler(_LRScheduler):
     """Stepped once per epoch by nnU-Net with the epoch index, like ``PolyLRScheduler``."""
 

@@ -46,6 +46,13 @@ def test_start_lines_say_where_the_weights_came_from_and_what_trains():
                        "trainable parameters 1,500 of 4,000 (frozen 2,500)"]
     assert start_lines({**STATE, "pretrained_source": None, "heads": None})[0] == (
         "pretrained weights loaded (all layers but the segmentation heads)")
+    record = {"kind": "adapted", "origin": "nnssl", "source": "/x/source.pth", "file": "/x/source.pth",
+              "total": {"params": 10, "from_source": 5, "share": 0.5}, "blocks": []}
+    nnssl = start_lines({**STATE, "heads": None, "transfer": record})
+    assert nnssl[:2] == ["pretrained weights loaded from /x/source.pth (the encoder and stem of an nnssl checkpoint; "
+                         "the decoder and heads as nnU-Net initialised them)",
+                         "encoder and stem of the nnssl checkpoint /x/source.pth: 50.0% of the 10 parameters outside "
+                         "the heads came from it; the decoder and the heads start fresh"]
 
 
 def test_settings_and_drift_lines():

@@ -37,6 +37,59 @@ def test_warmup_ramps_linearly_then_decays_and_keeps_group_factors():
     assert all(x > y for x, y in zip(lrs[3:], lrs[4:]))
 
 
+def _master_lrs(initial_lr: float, num_epochs: int, warmup: int) -> list[float]:
+    """The rates nnU-Net master's PretrainedTrainer sets, driven as it drives them: Lin_incr_LRScheduler built at
+    epoch 0, PolyLRScheduler_offset built on the same optimizer at epoch ``warmup``; nnU-Net's
+    on_train_epoch_start steps the current one with the epoch index."""
+    from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
+
+    opt, lrs, sched = _opt(), [], None
+    for epoch in range(num_epochs):
+        if epoch == 0:
+            sched = Lin_incr_LRScheduler(opt, initial_lr, warmup)
+        elif epoch == warmup:
+            sched = PolyLRScheduler_offset(opt, initial_lr, num_epochs, warmup)
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_finetune_warmup_follows_nnunet_masters_pretrained_trainer():
+    import json
+    from pathlib import Path
+
+    from nnunet_transfer.trainers import nnUNetTrainerFinetune_warmup as T
+
+    plans = json.loads((Path(__file__).parent.parent / "data" / "nnUNetPlans_3d_32.json").read_text())
+    cfg = T.read_transfer_config(plans, "3d_fullres")
+    assert (cfg.initial_lr * cfg.lr_scale, cfg.warmup_epochs, cfg.deep_supervision) == (1e-3, 50, False)
+    trainer = object.__new__(T)  # the hook needs the settings, the LR and the epochs only
+    trainer.transfer_config, trainer.initial_lr, trainer.num_epochs = cfg, 1e-3, 120
+    opt = _opt()
+    ours = trainer._make_scheduler(opt)
+    got = []
+    for epoch in range(120):
+        ours.step(epoch)
+        got.append(opt.param_groups[0]["lr"])
+    assert got == _master_lrs(1e-3, 120, 50)  # equal floats: the same classes, driven alike
+    # and the formula, independently: linear to 1e-3 over 50 epochs, then poly over the remaining 70
+    assert got[:50] == pytest.approx([1e-3 * (e + 1) / 50 for e in range(50)], rel=1e-12)
+    assert got[50:] == pytest.approx([1e-3 * (1 - (e - 50) / 70) ** 0.9 for e in range(50, 120)], rel=1e-12)
+
+
+def test_a_run_shorter_than_the_warmup_only_warms_up():
+    from nnunet_transfer.training.schedule import PretrainedWarmupLRScheduler
+
+    for epochs in (1, 5):  # 5 = the warm-up's length: the poly phase would have no length
+        opt = _opt()
+        sched = PretrainedWarmupLRScheduler(opt, 1e-3, epochs, warmup_steps=5)
+        got = []
+        for epoch in range(epochs):
+            sched.step(epoch)
+            got.append(opt.param_groups[0]["lr"])
+        assert got == pytest.approx([1e-3 * (e + 1) / 5 for e in range(epochs)], rel=1e-12)
+
+
 def test_snapshot_round_trip_and_index(tmp_path):
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.InstanceNorm3d(2, affine=True))
     save_snapshot(net, tmp_path, 0, trainer_name="T")
