@@ -1,4 +1,6 @@
-"""``nnUNetTrainerLoRA``: low-rank adapters on the convolutions of a block spec; the base kernels stay frozen.
+"""``nnUNetTrainerLoRA``: low-rank adapters on the convolutions (and linear layers) of a block spec; the base
+kernels stay frozen. On a Primus the targets are its attention q/k/v/proj and MLP linears, the patch embedding and
+the up-projection's transposed convolutions.
 
 Settings: ``lora_targets`` (block spec, default ``encoder+decoder``: every conv and transposed conv of the
 U-Net but the heads), ``lora_rank`` r, ``lora_alpha`` α (the update is (α/r)·B·A, see
@@ -49,7 +51,8 @@ ADAPTER_FILE = "lora_adapters.pth"
 
 
 def target_convs(model: BlockModel, spec: str) -> list[str]:
-    """Canonical names of the convolutions whose kernels ``spec`` selects (heads refused), in network order."""
+    """Canonical names of the convolutions (and linear layers: a Primus' attention and MLP projections) whose kernels
+    ``spec`` selects (heads refused), in block order."""
     sel = model.select(spec)
     if sel.seg or any(p.seg for p in sel.parts):
         raise ConfigError(f"setting 'lora_targets'={spec!r} includes the segmentation heads ('seg'/'all'); the heads "
