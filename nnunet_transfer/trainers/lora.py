@@ -106,7 +106,9 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
                                 f"has a pretrained base; target transferred blocks, or use nnUNetTrainerFinetune")
         inject_lora(net, convs, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(net).values())
+        # "convs" counts every adapted layer (as before Primus); "linear" the linear layers among them
         self.transfer_state["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "convs": len(convs),
+                                       "linear": sum(isinstance(net.get_submodule(c), nn.Linear) for c in convs),
                                        "adapter_params": adapters,
                                        "plain_params": sum(p.numel() for p in net.parameters()) - adapters,
                                        "convs_not_transferred": len(without)}
@@ -125,8 +127,11 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
             self.print_to_log_file("WARNING nnunet_transfer: nnUNetTrainerLoRA started WITHOUT pretrained weights: "
                                    "the frozen base is the random initialisation")
         lo = self.transfer_state["lora"]
-        self.print_to_log_file(f"nnunet_transfer: LoRA rank {lo['rank']} (alpha {lo['alpha']}) on {lo['convs']} "
-                               f"convolutions of {self.transfer_config.lora_targets!r}: {lo['adapter_params']:,} "
+        linear = lo.get("linear", 0)
+        layers = (f"{lo['convs']} layers ({linear} linear, {lo['convs'] - linear} convolutions)" if linear
+                  else f"{lo['convs']} convolutions")
+        self.print_to_log_file(f"nnunet_transfer: LoRA rank {lo['rank']} (alpha {lo['alpha']}) on {layers} of "
+                               f"{self.transfer_config.lora_targets!r}: {lo['adapter_params']:,} "
                                f"adapter parameters for {lo['plain_params']:,} in the network")
 
     def _weights_for_drift(self):
