@@ -35,6 +35,11 @@ Copy → the nnU-Net 2.8.1 code it mirrors (paths under ``nnunetv2/``) → guard
 * :func:`nnunet_trainer_names`, :data:`TRAINER_NOT_FOUND` → ``utilities/find_objects.py``
   ``recursive_find_trainer_class_by_name`` → :func:`check_trainer_names` (its error for an unknown name; every
   trainer class it imports is among the names read from the source).
+* :func:`network_without_deep_supervision` → ``utilities/get_network_from_plans.py`` ``get_network_from_plans``
+  (it passes ``deep_supervision`` to every class, which Primus does not take; ``None`` leaves it out) and
+  ``training/nnUNetTrainer/primus/primus_trainers.py`` (``input_shape`` = the patch size) →
+  :func:`check_network_without_deep_supervision` (a tiny Primus: nnU-Net's call with a bool still fails, ours
+  builds the class with the plans' kwargs).
 * :data:`TRAIN_FLAGS` → ``run/run_training.py`` ``run_training_entry`` (option names) and
   ``maybe_load_checkpoint`` (looks ``load_pretrained_weights`` up in its module globals, which
   :func:`nnunet_transfer.runtime.redirect_nnunet_loader` relies on) → :func:`check_train_command_line` (source
@@ -775,10 +780,59 @@ def check_train_command_line() -> None:
                        "how nnUNetv2_train loads -pretrained_weights (redirect_nnunet_loader replaces that name)")
 
 
+# =========================================================================== networks without deep supervision
+def network_without_deep_supervision(arch_class_name: str, arch_kwargs: Mapping[str, Any],
+                                     arch_kwargs_req_import: Iterable[str], input_channels: int,
+                                     output_channels: int, *, patch_size: Iterable[int]) -> nn.Module:
+    """nnU-Net's ``get_network_from_plans`` for a class that takes no ``deep_supervision`` argument (Primus).
+
+    nnU-Net 2.8.1's ``nnUNetTrainer.build_network_architecture`` always passes ``deep_supervision=`` a bool,
+    which ``Primus.__init__`` refuses; its own ``AbstractPrimus`` trainers build Primus by hand with
+    ``input_shape`` = the configuration's patch size. ``get_network_from_plans(..., deep_supervision=None)``
+    leaves the argument out and keeps everything else of nnU-Net's way (class lookup, imported kwargs)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    kwargs = dict(arch_kwargs)
+    kwargs["input_shape"] = tuple(int(v) for v in patch_size)
+    return get_network_from_plans(arch_class_name, kwargs, list(arch_kwargs_req_import), input_channels,
+                                  output_channels, allow_init=True, deep_supervision=None)
+
+
+#: the tiny Primus the guard builds (dynamic-network-architectures 0.4.4's kwargs)
+_TINY_PRIMUS = {"embed_dim": 24, "patch_embed_size": [4, 4, 4], "eva_depth": 1, "eva_numheads": 1}
+
+
+def check_network_without_deep_supervision() -> None:
+    """nnU-Net's ``get_network_from_plans`` with ``deep_supervision=False`` still refuses a Primus (so our build
+    is needed) and :func:`network_without_deep_supervision` builds one of the plans' sizes."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    name = "dynamic_network_architectures.architectures.primus.Primus"
+    kwargs = {**_TINY_PRIMUS, "input_shape": (8, 8, 8)}
+    try:
+        get_network_from_plans(name, kwargs, [], 1, 2, allow_init=True, deep_supervision=False)
+        passes = False
+    except TypeError as e:
+        passes = "deep_supervision" in str(e)
+    if not passes:
+        raise _differs("get_network_from_plans", "network_without_deep_supervision",
+                       "building a Primus with deep_supervision=False no longer fails on that argument",
+                       "utilities/get_network_from_plans.py and nnUNetTrainer.build_network_architecture: if nnU-Net "
+                       "now builds Primus itself, drop our dispatch in nnunet_io.network_from_plans")
+    net = network_without_deep_supervision(name, _TINY_PRIMUS, [], 1, 2, patch_size=(8, 8, 8))
+    got = (type(net).__name__, tuple(net.down_projection.proj.weight.shape), len(net.eva.blocks),
+           tuple(net.eva.pos_embed.shape))
+    want = ("Primus", (24, 1, 4, 4, 4), 1, (1, 8, 24))
+    if got != want:
+        raise _differs("get_network_from_plans", "network_without_deep_supervision",
+                       f"the tiny Primus came out as {got}, expected {want}",
+                       "how get_network_from_plans passes kwargs and num_classes to the class")
+
+
 #: every guard, in the order of the table above
 CHECKS = (check_save_checkpoint, check_train_step, check_sgd, check_poly_lr, check_move_plans,
           check_mask_for_norm, check_uses_properties, check_training_cases, check_load_pretrained_weights,
-          check_reinitialise, check_trainer_names, check_train_command_line)
+          check_reinitialise, check_trainer_names, check_network_without_deep_supervision, check_train_command_line)
 
 
 def check_all() -> list[str]:
@@ -801,5 +855,6 @@ if __name__ == "__main__":  # pragma: no cover - by hand, after installing anoth
 __all__ = ["NNUNET_VERSION", "CompatError", "checkpoint_dict", "MAX_GRAD_NORM", "penalised_step", "train_step",
            "nnunet_sgd", "poly_lr", "move_plans", "MASK_RELATIVE_SIZE", "mask_for_norm",
            "USES_PROPERTIES", "list_training_cases", "SEG_KEY", "is_seg_key",
-           "pretrained_refusals", "reinitialise", "TRAINER_NOT_FOUND", "nnunet_trainer_names", "TRAIN_FLAGS",
+           "pretrained_refusals", "reinitialise", "TRAINER_NOT_FOUND", "nnunet_trainer_names",
+           "network_without_deep_supervision", "TRAIN_FLAGS",
            "CHECKS", "check_all", *[c.__name__ for c in CHECKS]]

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nnunet_transfer.errors import DataError
+from nnunet_transfer.errors import ConfigError, DataError
 
 ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -90,10 +90,43 @@ def check_configuration(plans: dict, configuration: str) -> None:
                         f"available: {sorted(configs)}")
 
 
+def network_from_plans(configuration_manager, num_input_channels: int, num_output_channels: int, *,
+                       deep_supervision: bool = True):
+    """The network of a configuration as nnU-Net builds it (``get_network_from_plans``, random init). A Primus
+    (``network_class_name`` a Primus class of dynamic-network-architectures) has one output and takes no
+    ``deep_supervision``: it is built as nnU-Net's own Primus trainers build it, ``input_shape`` = the patch size
+    (:func:`nnunet_transfer.nnunet_compat.network_without_deep_supervision`)."""
+    import inspect
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnunet_transfer.blocks import primus_class_named  # lazy: torch; `--help` imports this module
+    from nnunet_transfer.nnunet_compat import network_without_deep_supervision  # lazy: torch, as above
+
+    cm = configuration_manager
+    cls = primus_class_named(cm.network_arch_class_name)
+    if cls is None:
+        return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                      cm.network_arch_init_kwargs_req_import, num_input_channels,
+                                      num_output_channels, allow_init=True, deep_supervision=deep_supervision)
+    if "num_classes" not in inspect.signature(cls.__init__).parameters:
+        raise ConfigError(f"network_class_name {cm.network_arch_class_name!r} takes 'output_channels' and a "
+                          f"'config_name', which nnU-Net's plans cannot pass; use "
+                          f"dynamic_network_architectures.architectures.primus.Primus with its embed_dim, eva_depth "
+                          f"and eva_numheads in arch_kwargs")
+    kwargs = dict(cm.network_arch_init_kwargs)
+    patch = [int(v) for v in cm.patch_size]
+    given = kwargs.pop("input_shape", None)
+    if given is not None and [int(v) for v in given] != patch:
+        raise ConfigError(f"arch_kwargs input_shape {list(given)} differs from the configuration's patch_size {patch}; "
+                          f"a Primus is built for the patch it is trained on: remove input_shape from arch_kwargs")
+    return network_without_deep_supervision(cm.network_arch_class_name, kwargs, cm.network_arch_init_kwargs_req_import,
+                                            num_input_channels, num_output_channels, patch_size=patch)
+
+
 def build_network(plans: dict, configuration: str, dataset_json: dict, *,
                   deep_supervision: bool = True):
-    """The network nnU-Net would build for these plans (random init), on the CPU."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    """The network nnU-Net would build for these plans (random init), on the CPU (a Primus: one output)."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -101,11 +134,8 @@ def build_network(plans: dict, configuration: str, dataset_json: dict, *,
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     lm = pm.get_label_manager(dataset_json)
-    return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                  cm.network_arch_init_kwargs_req_import,
-                                  determine_num_input_channels(pm, cm, dataset_json),
-                                  lm.num_segmentation_heads, allow_init=True,
-                                  deep_supervision=deep_supervision)
+    return network_from_plans(cm, determine_num_input_channels(pm, cm, dataset_json), lm.num_segmentation_heads,
+                              deep_supervision=deep_supervision)
 
 
 def raw_training_cases(dataset: str) -> tuple[dict, str]:

@@ -76,6 +76,17 @@ class Workspace:
 
         configure(dataset, base=base, new=new, settings=settings, force=force, **kw)
 
+    def configure_primus(self, dataset, base: str, new: str, settings: dict, *, patch=(16, 16, 16),
+                         batch_size: int = 2, **arch) -> None:
+        """A tiny Primus configuration (embed_dim 48, 2 heads, 4 transformer blocks, 8³ patch embedding; ``arch``
+        overrides) inheriting ``base``'s preprocessed data."""
+        from nnunet_transfer.plans.primus import configure_primus, primus_architecture
+
+        architecture = primus_architecture(**{"embed_dim": 48, "eva_depth": 4, "eva_numheads": 2,
+                                              "patch_embed_size": (8, 8, 8), **arch})
+        configure_primus(dataset, base=base, new=new, architecture=architecture, patch=patch, batch_size=batch_size,
+                         settings=settings, force=True)
+
     def write_configuration(self, dataset, base: str, new: str, settings: dict) -> None:
         """Write a configuration into the plans WITHOUT configure's validation (to test the trainers' own checks)."""
         path = self.root / "preprocessed" / self.dataset_name(dataset) / "nnUNetPlans.json"

@@ -40,6 +40,23 @@ def unet(arch: str = "plain", n: int = 4, *, seed: int | None = None, n_conv: in
     return net
 
 
+#: the tiny Primus of the tests: embed_dim 48 with 2 heads (head dim 24: Eva's rotary embedding needs a head dim
+#: divisible by 1.5 whose two-thirds are divisible by 4, so 32 with 2 heads cannot be built), 4 transformer blocks,
+#: 8³ patch embedding, a 16³ input (a 2³ token grid)
+PRIMUS = {"embed_dim": 48, "eva_depth": 4, "eva_numheads": 2, "patch_embed_size": (8, 8, 8)}
+
+
+def primus(*, seed: int | None = None, input_shape=(16, 16, 16), num_classes: int = 3, input_channels: int = 1,
+           **kwargs) -> nn.Module:
+    """A tiny dynamic-network-architectures ``Primus`` (:data:`PRIMUS`, ``kwargs`` override)."""
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Primus(input_channels=input_channels, num_classes=num_classes, input_shape=tuple(input_shape),
+                  **{**PRIMUS, **kwargs})
+
+
 def plans_network(plans: dict, configuration: str, dataset_json: dict, *, seed: int,
                   deep_supervision: bool = True) -> nn.Module:
     """The network nnU-Net builds for ``plans`` / ``configuration`` (CPU), after ``torch.manual_seed(seed)``."""

@@ -438,16 +438,6 @@ def _plain_kwargs(n: int) -> dict:
                 n_conv_per_stage_decoder=1)
 
 
-def test_primus_is_refused():
-    pytest.importorskip("timm")
-    from dynamic_network_architectures.architectures.primus import Primus
-
-    net = Primus(1, 24, (8, 8, 8), 2, eva_depth=1, eva_numheads=2, input_shape=(16, 16, 16))
-    with pytest.raises(ArchitectureError, match=r"primus\.Primus is not supported by the U-Net block model"
-                                                r".*PlainConvUNet.*Primus have no encoder/decoder"):
-        BlockModel.from_network(net)
-
-
 # ---- command line -------------------------------------------------------------------------------------
 
 ARCH_KWARGS = {

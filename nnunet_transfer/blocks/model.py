@@ -29,6 +29,26 @@ block ``2N − k`` works at the resolution of block ``k``. Depth, both of Amiri'
 * scheme 2 (distance from the top of the "U" through the skip connections): blocks ``k`` and
   ``2N − k`` have depth ``k``, the bottleneck has depth ``N``.
 
+Primus (dynamic-network-architectures' ViT: a patch embedding, ``D`` Eva transformer blocks, a light
+up-projection of ``S`` stages) has ``D + S − 1`` blocks, no bottleneck and no skip connections
+(:meth:`Layout.transformer <nnunet_transfer.blocks.spec.Layout.transformer>`)::
+
+    =========  ========  ============================================================================
+    block      group     modules / parameters
+    =========  ========  ============================================================================
+    1          encoder   ``down_projection`` (patch embedding) + ``eva.pos_embed`` + ``register_tokens``
+                         + ``eva.blocks.0``
+    2..D       encoder   ``eva.blocks.{k−1}``; block D also ``eva.norm`` (the encoder's last norm)
+    D+1..      decoder   ``up_projection.decode.{j}``, j = k − D − 1 (transposed conv, LayerNormNd, GELU)
+    seg        seg       ``up_projection.decode.{S−1}``: the last transposed conv, to the classes
+    =========  ========  ============================================================================
+
+The positional embedding and the register tokens go with the patch embedding, as nnU-Net master's
+``PretrainedTrainer.load_pretrained_weights`` loads them with the stem and encoder (``key_to_lpe``
+``eva.pos_embed``); ``S`` is the up-projection's length (log2 of the largest patch-embedding side). Depth in
+both schemes is the block number (there are no skip connections); the resolution level of every encoder block
+is ``S`` (the token grid), decoder block ``D+1+j`` works at level ``S − 1 − j``.
+
 Parameter names are those of the *unwrapped* network's ``named_parameters()``: wrappers
 (``module.``, ``_orig_mod.``) are removed once by :func:`nnunet_transfer.netutil.unwrap`, and the
 aliases dynamic-network-architectures creates (``decoder.encoder`` *is* the encoder, every conv is
@@ -42,7 +62,7 @@ from typing import Iterable
 
 from torch import nn
 
-from nnunet_transfer.blocks.spec import KINDS, KindPart, Selection, _range_text, parse_spec
+from nnunet_transfer.blocks.spec import KINDS, KindPart, Layout, Selection, _range_text, parse_spec
 from nnunet_transfer.errors import ArchitectureError, SpecError
 from nnunet_transfer.netutil import KERNEL_MODULES, unwrap
 
@@ -50,6 +70,7 @@ SUPPORTED_ARCHITECTURES = (
     "dynamic_network_architectures.architectures.unet.PlainConvUNet",
     "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
     "dynamic_network_architectures.architectures.unet.ResidualUNet",
+    "dynamic_network_architectures.architectures.primus.Primus",
 )
 
 
@@ -115,23 +136,33 @@ def _supported_classes() -> tuple[type, ...]:
     return PlainConvUNet, ResidualEncoderUNet, ResidualUNet
 
 
+def _primus_class() -> type:
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    return Primus
+
+
+def is_primus(network: nn.Module) -> bool:
+    """Whether ``network`` (wrappers removed) is a Primus of dynamic-network-architectures (or a subclass)."""
+    return isinstance(unwrap(network), _primus_class())
+
+
 def _unsupported(net: nn.Module, why: str) -> ArchitectureError:
     cls = type(net)
     return ArchitectureError(
         f"{cls.__module__}.{cls.__qualname__} is not supported by the U-Net block model ({why}); "
-        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (and their subclasses). Transformer "
-        f"networks such as Primus have no encoder/decoder stages to select.")
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (and their subclasses)")
 
 
 @dataclass(frozen=True)
 class BlockModel:
-    """Blocks of a PlainConvUNet / ResidualEncoderUNet / ResidualUNet with any stage count.
+    """Blocks of a PlainConvUNet / ResidualEncoderUNet / ResidualUNet with any stage count, or of a Primus.
 
     Build it with :meth:`from_network`; it holds only names and counts, no reference to the network.
     """
 
     architecture: str
-    n_stages: int
+    layout: Layout
     blocks: tuple[Block, ...]
     seg_module_names: tuple[str, ...]
     seg_param_names: tuple[str, ...]
@@ -145,28 +176,13 @@ class BlockModel:
     def from_network(cls, network: nn.Module) -> "BlockModel":
         """Describe ``network`` (DDP / ``torch.compile`` wrappers are removed first)."""
         net = unwrap(network)
-        if not isinstance(net, _supported_classes()):
-            raise _unsupported(net, "not a convolutional U-Net of dynamic-network-architectures")
-        enc, dec = net.encoder, net.decoder
-        n = len(enc.stages)
-        if n < 2:
-            raise _unsupported(net, f"it has {n} stage(s); a U-Net needs at least 2")
-        for part in ("stages", "transpconvs", "seg_layers"):
-            got = len(getattr(dec, part))
-            if got != n - 1:
-                raise _unsupported(net, f"decoder.{part} has {got} entries, expected N-1 = {n - 1} "
-                                        f"for {n} encoder stages")
-
-        specs: list[tuple[int, str, tuple[str, ...], str]] = []
-        for k in range(1, n + 1):
-            mods = (f"encoder.stages.{k - 1}",)
-            if k == 1 and getattr(enc, "stem", None) is not None:
-                mods = ("encoder.stem",) + mods
-            specs.append((k, "bottleneck" if k == n else "encoder", mods, f"encoder.stages.{k - 1}"))
-        for j in range(n - 1):
-            specs.append((n + 1 + j, "decoder", (f"decoder.transpconvs.{j}", f"decoder.stages.{j}"),
-                          f"decoder.stages.{j}"))
-        seg_modules = tuple(f"decoder.seg_layers.{j}" for j in range(n - 1))
+        if isinstance(net, _primus_class()):
+            layout, specs, seg_modules = _primus_units(net)
+        elif isinstance(net, _supported_classes()):
+            layout, specs, seg_modules = _unet_units(net)
+        else:
+            raise _unsupported(net, "not a convolutional U-Net or a Primus of dynamic-network-architectures")
+        n = layout.n_encoder
 
         # Assign by module identity, then name by the canonical (first registered) name, so the
         # aliases (decoder.encoder, all_modules.k) cannot put a parameter in two places.
@@ -178,7 +194,9 @@ class BlockModel:
         def collect(mod_names: Iterable[str], label: str) -> tuple[tuple[str, ...], int]:
             ids = []
             for m in mod_names:
-                for p in net.get_submodule(m).parameters():
+                # a unit is a module, or a parameter held directly by a module (Primus' eva.pos_embed)
+                found = [params[m]] if m in params else net.get_submodule(m).parameters()
+                for p in found:
                     if id(p) in owner and owner[id(p)] != label:
                         raise _unsupported(net, f"parameter {canonical[id(p)]} is shared by "
                                                 f"{owner[id(p)]} and {label}")
@@ -189,27 +207,31 @@ class BlockModel:
             return tuple(canonical[i] for i in ids), sum(params[canonical[i]].numel() for i in ids)
 
         blocks = []
-        for k, group, mods, out in specs:
-            names, count = collect(mods, f"block {k}")
-            halves = _bottleneck_halves(net, k, mods[-1], names) if k == n else ()
+        for k, group, mods, extra, out, depth2, level in specs:
+            names, count = collect(mods + extra, f"block {k}")
+            halves = _bottleneck_halves(net, k, mods[-1], names) if layout.bottleneck and k == n else ()
             blocks.append(Block(number=k, group=group, module_names=mods, output_module=out,
                                 param_names=names, n_params=count, depth_scheme1=k,
-                                depth_scheme2=min(k, 2 * n - k), resolution_level=min(k, 2 * n - k) - 1,
-                                halves=halves))
+                                depth_scheme2=depth2, resolution_level=level, halves=halves))
         seg_names, seg_count = collect(seg_modules, "seg")
         missing = [name for pid, name in canonical.items() if pid not in owner]
         if missing:
             raise _unsupported(net, f"{len(missing)} parameter(s) belong to no block, e.g. "
                                     f"{missing[:3]}")
         cls_ = type(net)
-        return cls(architecture=cls_.__name__, n_stages=n, blocks=tuple(blocks),
+        return cls(architecture=cls_.__name__, layout=layout, blocks=tuple(blocks),
                    seg_module_names=seg_modules, seg_param_names=seg_names, n_seg_params=seg_count,
                    kind_names=_kind_names(net, canonical), param_sizes={k: v.numel() for k, v in params.items()})
 
     # ---- plain facts --------------------------------------------------------------------------------
     @property
+    def n_stages(self) -> int:
+        """A U-Net's stage count N; a Primus raises :class:`ArchitectureError` (it has no U-Net stages)."""
+        return self.layout.n_stages
+
+    @property
     def n_blocks(self) -> int:
-        return 2 * self.n_stages - 1
+        return self.layout.n_blocks
 
     @property
     def all_param_names(self) -> tuple[str, ...]:
@@ -222,21 +244,21 @@ class BlockModel:
 
     def block(self, number: int) -> Block:
         if not 1 <= number <= self.n_blocks:
-            raise SpecError(f"block {number} is out of range: {_range_text(self.n_stages)}")
+            raise SpecError(f"block {number} is out of range: {_range_text(self.layout)}")
         return self.blocks[number - 1]
 
     # ---- spec resolution ----------------------------------------------------------------------------
     def select(self, spec: str | Selection) -> Selection:
         if isinstance(spec, Selection):
-            if spec.n_stages != self.n_stages:
-                raise SpecError(f"selection {spec.spec!r} was parsed for N={spec.n_stages} stages; "
-                                f"this network has N={self.n_stages}")
+            if spec.layout != self.layout:
+                raise SpecError(f"selection {spec.spec!r} was parsed for {spec.layout.describe()}; "
+                                f"this network has {self.layout.describe()}")
             return spec
-        return parse_spec(spec, self.n_stages)
+        return parse_spec(spec, self.layout)
 
     def _unit_names(self, blocks: Iterable[int], halves: Iterable[str], seg: bool) -> set[str]:
         names = {n for k in blocks for n in self.blocks[k - 1].param_names}
-        names |= {n for h in halves for n in self.block(self.n_stages).half(h)[2]}
+        names |= {n for h in halves for n in self.block(self.layout.n_encoder).half(h)[2]}
         return names | set(self.seg_param_names) if seg else names
 
     def _part_names(self, sel: Selection) -> list[tuple[KindPart, set[str]]]:
@@ -264,7 +286,8 @@ class BlockModel:
         sel = self.select(spec)
         sel.refuse_kinds("give whole blocks or groups here")
         units: list[tuple[int, list[str]]] = [(k, list(self.blocks[k - 1].module_names)) for k in sel.blocks]
-        units += [(self.n_stages, list(self.block(self.n_stages).half(h)[1])) for h in sorted(sel.halves)]
+        n = self.layout.n_encoder
+        units += [(n, list(self.block(n).half(h)[1])) for h in sorted(sel.halves)]
         out = [m for _, mods in sorted(units, key=lambda u: u[0]) for m in mods]
         return out + (list(self.seg_module_names) if sel.seg else [])
 
@@ -272,7 +295,7 @@ class BlockModel:
         """Parameters (scalars) a spec selects; 0 when it selects nothing."""
         sel = self.select(spec)
         whole = (sum(self.blocks[k - 1].n_params for k in sel.blocks)
-                 + sum(self.block(self.n_stages).half(h)[3] for h in sel.halves)
+                 + sum(self.block(self.layout.n_encoder).half(h)[3] for h in sel.halves)
                  + (self.n_seg_params if sel.seg else 0))
         if not sel.parts:
             return whole
@@ -341,7 +364,11 @@ class BlockModel:
                 seg["trainable_kinds"] = [p.kind for p, mine in self._part_names(sel)
                                           if mine & set(self.seg_param_names)]
                 seg["n_selected"] = sum(self.param_sizes[n] for n in chosen if n in set(self.seg_param_names))
-        out = {"architecture": self.architecture, "n_stages": self.n_stages, "n_blocks": self.n_blocks,
+        out = {"architecture": self.architecture,
+               "n_stages": self.layout.n_encoder if self.layout.bottleneck else None,
+               "layout": {"n_encoder": self.layout.n_encoder, "n_decoder": self.layout.n_decoder,
+                          "bottleneck": self.layout.bottleneck, "name": self.layout.name},
+               "n_blocks": self.n_blocks,
                "n_params": total, "blocks": rows, "seg": seg}
         if sel is not None:
             n_train = self.n_selected(sel)
@@ -372,7 +399,9 @@ class BlockModel:
             if sel is not None:
                 row.append(self._train_mark(sel, b))
             rows.append(row)
-        seg_row = ["seg", "seg", f"decoder.seg_layers.0-{self.n_stages - 2}", f"{self.n_seg_params:,}",
+        seg_text = (f"decoder.seg_layers.0-{self.layout.n_encoder - 2}" if self.layout.bottleneck
+                    else " + ".join(self.seg_module_names))
+        seg_row = ["seg", "seg", seg_text, f"{self.n_seg_params:,}",
                    pct(self.n_seg_params), "-", "-", "-"]
         if sel is not None:
             seg_row.append("yes" if sel.seg else (self._kind_mark(sel, self.seg_param_names) or "-"))
@@ -389,7 +418,7 @@ class BlockModel:
             cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
             return "  ".join(cells).rstrip()
 
-        title = (f"{self.architecture}: N={self.n_stages} stages, {self.n_blocks} blocks, "
+        title = (f"{self.architecture}: {self.layout.describe()}, {self.n_blocks} blocks, "
                  f"{total:,} parameters")
         if sel is not None:
             title += f"; spec {sel.spec!r} trains {sel.describe()}"
@@ -398,10 +427,72 @@ class BlockModel:
         return "\n".join(lines)
 
 
-def _kind_names(net: nn.Module, canonical: dict[int, str]) -> dict[str, frozenset[str]]:
-    """Canonical parameter names of each kind: norm layers' parameters, every ``bias``, conv/linear kernels."""
-    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, *(
+#: one unit of a block: (number, group, modules, parameters held directly by a module, output module,
+#: depth in Amiri's scheme 2, resolution level)
+_Unit = tuple[int, str, tuple[str, ...], tuple[str, ...], str, int, int]
+
+
+def _unet_units(net: nn.Module) -> tuple[Layout, list[_Unit], tuple[str, ...]]:
+    enc, dec = net.encoder, net.decoder
+    n = len(enc.stages)
+    if n < 2:
+        raise _unsupported(net, f"it has {n} stage(s); a U-Net needs at least 2")
+    for part in ("stages", "transpconvs", "seg_layers"):
+        got = len(getattr(dec, part))
+        if got != n - 1:
+            raise _unsupported(net, f"decoder.{part} has {got} entries, expected N-1 = {n - 1} "
+                                    f"for {n} encoder stages")
+    specs: list[_Unit] = []
+    for k in range(1, n + 1):
+        mods = (f"encoder.stages.{k - 1}",)
+        if k == 1 and getattr(enc, "stem", None) is not None:
+            mods = ("encoder.stem",) + mods
+        specs.append((k, "bottleneck" if k == n else "encoder", mods, (), f"encoder.stages.{k - 1}",
+                      min(k, 2 * n - k), min(k, 2 * n - k) - 1))
+    for j in range(n - 1):
+        k = n + 1 + j
+        specs.append((k, "decoder", (f"decoder.transpconvs.{j}", f"decoder.stages.{j}"), (),
+                      f"decoder.stages.{j}", min(k, 2 * n - k), min(k, 2 * n - k) - 1))
+    return Layout.unet(n), specs, tuple(f"decoder.seg_layers.{j}" for j in range(n - 1))
+
+
+def _primus_units(net: nn.Module) -> tuple[Layout, list[_Unit], tuple[str, ...]]:
+    """Primus: patch embedding + transformer blocks (encoder), up-projection stages (decoder), last stage (seg)."""
+    depth = len(net.eva.blocks)
+    decode = net.up_projection.decode
+    n_dec = len(decode) - 1  # the last entry is the projection to the classes: the heads
+    if depth < 1:
+        raise _unsupported(net, "its Eva encoder has no transformer block")
+    params = dict(net.named_parameters())
+    # parameters outside the transformer blocks that travel with the stem (nnU-Net master loads them with it)
+    extra_first = tuple(p for p in ("eva.pos_embed", "register_tokens") if p in params)
+    specs: list[_Unit] = []
+    for k in range(1, depth + 1):
+        mods = (f"eva.blocks.{k - 1}",)
+        if k == 1:
+            mods = ("down_projection",) + mods
+        if k == depth:
+            mods = mods + ("eva.norm",)
+        specs.append((k, "encoder", mods, extra_first if k == 1 else (),
+                      "eva.norm" if k == depth else f"eva.blocks.{k - 1}", k, n_dec + 1))
+    for j in range(n_dec):
+        k = depth + 1 + j
+        specs.append((k, "decoder", (f"up_projection.decode.{j}",), (), f"up_projection.decode.{j}", k,
+                      n_dec - j))
+    return Layout.transformer(depth, n_dec, type(net).__name__), specs, (f"up_projection.decode.{n_dec}",)
+
+
+def _norm_classes() -> tuple[type, ...]:
+    from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd
+
+    return (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, LayerNormNd, *(
         (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def _kind_names(net: nn.Module, canonical: dict[int, str]) -> dict[str, frozenset[str]]:
+    """Canonical parameter names of each kind: norm layers' parameters (Primus' ``LayerNormNd`` included), every
+    ``bias``, conv/linear kernels."""
+    norms = _norm_classes()
     out: dict[str, set[str]] = {k: set() for k in KINDS}
     for module in net.modules():
         for local, p in module.named_parameters(recurse=False):
@@ -413,6 +504,43 @@ def _kind_names(net: nn.Module, canonical: dict[int, str]) -> dict[str, frozense
             if local == "weight" and isinstance(module, KERNEL_MODULES):
                 out["kernel"].add(name)
     return {k: frozenset(v) for k, v in out.items()}
+
+
+def primus_class_named(class_name: str | None) -> type | None:
+    """The Primus class (or subclass) a plans' ``network_class_name`` names; None for any other class."""
+    import pydoc
+
+    if not isinstance(class_name, str) or not class_name:
+        return None
+    cls = pydoc.locate(class_name)
+    if not isinstance(cls, type) or not any("Primus" in c.__name__ for c in cls.__mro__):
+        return None  # a U-Net: no need to import Primus (and timm) to know
+    return cls if issubclass(cls, _primus_class()) else None
+
+
+def layout_from_architecture(architecture: dict) -> Layout | None:
+    """The block layout a plans configuration's ``architecture`` entry describes, without building the network:
+    a U-Net's ``n_stages``; a Primus' ``eva_depth`` and up-projection stages (log2 of the largest
+    ``patch_embed_size`` side, the last of them the heads). None for an architecture this package does not
+    describe (the trainer reports it when it builds the network)."""
+    import math
+
+    kw = architecture.get("arch_kwargs", {}) or {}
+    cls = primus_class_named(architecture.get("network_class_name"))
+    if cls is not None:
+        depth, patch = kw.get("eva_depth"), kw.get("patch_embed_size")
+        if "config_name" in kw:  # PrimusX variants: depth from dynamic-network-architectures' table
+            from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS
+
+            depth = _PRIMUS_CONFIGS.get(kw["config_name"], {}).get("eva_depth")
+        if not isinstance(depth, int) or not patch:
+            return None
+        n_up = int(math.log(max(patch)) / math.log(2))  # PatchDecode's num_stages, as it computes it
+        return Layout.transformer(depth, max(n_up - 1, 0), cls.__name__)
+    n_stages = kw.get("n_stages")
+    if isinstance(n_stages, int) and not isinstance(n_stages, bool) and n_stages >= 2:
+        return Layout.unet(n_stages)
+    return None
 
 
 def block_model(network_or_model: nn.Module | BlockModel) -> BlockModel:

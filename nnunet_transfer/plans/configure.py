@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from nnunet_transfer.blocks import parse_spec
+from nnunet_transfer.blocks import Layout, layout_from_architecture, parse_spec
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, DataError, SpecError
 from nnunet_transfer.fileio import write_atomic
@@ -123,16 +123,18 @@ def add_configuration(plans: dict, *, base: str, new: str, settings: Mapping[str
     if settings:
         conf[PLANS_KEY] = settings
     arch = conf.get("architecture", base_conf.get("architecture", {}))
-    check_specs(settings, arch.get("arch_kwargs", {}).get("n_stages"), where=f"configuration {new!r}")
+    check_specs(settings, layout_from_architecture(arch), where=f"configuration {new!r}")
     out = copy.deepcopy(plans)
     out["configurations"][new] = conf
     return out
 
 
-def check_specs(settings: Mapping[str, Any], n_stages: Any, *, where: str) -> None:
-    """Parse every block-spec setting against the network's stage count, so a bad spec fails here and not
-    at the start of ``nnUNetv2_train``."""
-    if not isinstance(n_stages, int) or isinstance(n_stages, bool) or n_stages < 2:
+def check_specs(settings: Mapping[str, Any], layout: Layout | int | None, *, where: str) -> None:
+    """Parse every block-spec setting against the network's block layout (a U-Net's stage count, a Primus'
+    :class:`~nnunet_transfer.blocks.Layout`), so a bad spec fails here and not at the start of ``nnUNetv2_train``."""
+    if isinstance(layout, int) and not isinstance(layout, bool) and layout >= 2:
+        layout = Layout.unet(layout)
+    if not isinstance(layout, Layout):
         return  # an architecture this package does not describe; the trainer reports it
     specs = [(key, settings.get(key)) for key in TransferConfig.spec_keys()]
     stages = settings.get("stages")
@@ -141,9 +143,9 @@ def check_specs(settings: Mapping[str, Any], n_stages: Any, *, where: str) -> No
     for key, spec in specs:
         if isinstance(spec, str):
             try:
-                parse_spec(spec, n_stages)
+                parse_spec(spec, layout)
             except SpecError as e:
-                raise ConfigError(f"setting {key!r} of {where} (N={n_stages} stages): {e}") from None
+                raise ConfigError(f"setting {key!r} of {where} ({layout.describe()}): {e}") from None
 
 
 def resolved_configuration(plans: dict, name: str) -> dict:

@@ -1,10 +1,11 @@
-r"""Low-rank adapters (LoRA) on 2-D / 3-D convolutions, serialised as the plain convolutions they compute.
+r"""Low-rank adapters (LoRA) on 2-D / 3-D convolutions and linear layers, serialised as the plain layers they compute.
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, https://arxiv.org/abs/2106.09685.
 For a convolution with kernel :math:`W \in \mathbb{R}^{o \times i \times k_1 \times k_2 \times k_3}` (a
 transposed one stores :math:`i \times o \times \dots`) viewed as the matrix :math:`W_{(1)}` of its first
 axis against the rest (:math:`d_1 \times d_2`, :math:`d_1 = o`, :math:`d_2 = i k_1 k_2 k_3`), the layer
-computes with
+computes with (a linear layer, e.g. a transformer's attention ``q_proj`` / ``proj`` or its MLP ``fc1`` / ``fc2``,
+is the case :math:`W \in \mathbb{R}^{o \times i}`: :math:`d_1 = o`, :math:`d_2 = i`, Hu et al.'s own setting)
 
 .. math::
 
@@ -48,18 +49,23 @@ from torch import nn
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.netutil import CONV_TYPES, TRANSPOSED_TYPES, unwrap
 
+#: the layers that take an adapter: forward and transposed convolutions, and linear layers
+ADAPTABLE_TYPES = CONV_TYPES + TRANSPOSED_TYPES + (nn.Linear,)
+
 ADAPTER_PARAMS = ("lora_A", "lora_B")
 PAYLOAD_FORMAT = "nnunet_transfer.lora/1"
 
 
 def kernel_matrix_shape(conv: nn.Module) -> tuple[int, int]:
-    """``(d1, d2)``: the kernel's first axis against the rest (out × in·k³; transposed: in × out·k³)."""
+    """``(d1, d2)``: the kernel's first axis against the rest (out × in·k³; transposed: in × out·k³; linear:
+    out × in)."""
     w = conv.weight
     return int(w.shape[0]), int(w[0].numel())
 
 
 class LoRAConvMixin:
-    """Adds ``lora_A`` (r × d2) and ``lora_B`` (d1 × r) to a convolution; see the module docstring."""
+    """Adds ``lora_A`` (r × d2) and ``lora_B`` (d1 × r) to a convolution or linear layer; see the module
+    docstring."""
 
     lora_rank: int
     lora_alpha: float
@@ -78,6 +84,8 @@ class LoRAConvMixin:
 
     def forward(self, input: torch.Tensor, output_size=None) -> torch.Tensor:  # noqa: A002 - torch's name
         weight = self.merged_weight()
+        if isinstance(self, nn.Linear):
+            return F.linear(input, weight, self.bias)
         if isinstance(self, CONV_TYPES):
             return self._conv_forward(input, weight, self.bias)
         # the transposed convolutions' forward, with the merged kernel (torch/nn/modules/conv.py)
@@ -149,7 +157,7 @@ def is_lora(module: nn.Module) -> bool:
 
 
 def lora_modules(network: nn.Module) -> dict[str, nn.Module]:
-    """Adapted convolutions by canonical (first registered) module name."""
+    """Adapted convolutions and linear layers by canonical (first registered) module name."""
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
     for name, m in unwrap(network).named_modules():
@@ -174,7 +182,8 @@ def check_rank(rank: int, convs: Mapping[str, nn.Module]) -> None:
 
 def inject_lora(network: nn.Module, conv_names: Iterable[str], *, rank: int, alpha: float,
                 generator: torch.Generator | None = None) -> dict[str, nn.Module]:
-    """Add adapters to the named convolutions of the unwrapped network (in place); returns them by name.
+    """Add adapters to the named convolutions / linear layers of the unwrapped network (in place); returns them
+    by name.
 
     Call before the network is wrapped in DistributedDataParallel (the adapters are new parameters) and
     before the optimizer is built. ``A`` ~ Kaiming-uniform (a = √5, as peft), ``B`` = 0.
@@ -186,14 +195,14 @@ def inject_lora(network: nn.Module, conv_names: Iterable[str], *, rank: int, alp
             m = net.get_submodule(name)
         except AttributeError:
             raise ConfigError(f"{name!r} is not a module of this {type(net).__name__}") from None
-        if not isinstance(m, CONV_TYPES + TRANSPOSED_TYPES):
-            raise ConfigError(f"{name} is a {type(m).__name__}; adapters go on convolutions "
-                              f"({', '.join(c.__name__ for c in CONV_TYPES + TRANSPOSED_TYPES)})")
+        if not isinstance(m, ADAPTABLE_TYPES):
+            raise ConfigError(f"{name} is a {type(m).__name__}; adapters go on convolutions and linear layers "
+                              f"({', '.join(c.__name__ for c in ADAPTABLE_TYPES)})")
         if is_lora(m):
             raise ConfigError(f"{name} already has an adapter")
         convs[name] = m
     if not convs:
-        raise ConfigError("no convolution to adapt")
+        raise ConfigError("no convolution or linear layer to adapt")
     check_rank(rank, convs)
     if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
         raise ConfigError(f"setting 'lora_alpha' must be a finite number > 0, got {alpha!r}")
@@ -316,6 +325,6 @@ def apply_adapter_payload(network: nn.Module, payload: Mapping) -> dict[str, nn.
     return mods
 
 
-__all__ = ["LoRAConvMixin", "inject_lora", "remove_lora", "lora_modules", "is_lora", "check_rank",
+__all__ = ["ADAPTABLE_TYPES", "LoRAConvMixin", "inject_lora", "remove_lora", "lora_modules", "is_lora", "check_rank",
            "kernel_matrix_shape", "training_form", "lora_state", "load_lora_state", "adapter_parameter_names",
            "adapter_payload", "apply_adapter_payload", "tensor_digest", "ADAPTER_PARAMS", "PAYLOAD_FORMAT"]

@@ -27,12 +27,13 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_transfer.blocks import BlockModel, parse_spec
+from nnunet_transfer.blocks import BlockModel, is_primus, layout_from_architecture, parse_spec, primus_class_named
 from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError, TransferError
 from nnunet_transfer.fileio import save_atomic
 from nnunet_transfer.netutil import unique_named_parameters, unwrap
+from nnunet_transfer.nnunet_io import network_from_plans
 from nnunet_transfer.nnunet_compat import checkpoint_dict, train_step as nnunet_train_step
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
 from nnunet_transfer.runtime import nnunet_train_args, pretrained_weights_argument, redirect_nnunet_loader
@@ -87,8 +88,9 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.num_val_iterations_per_epoch = cfg.num_val_iterations_per_epoch
         self.save_every = cfg.save_every
         self.initial_lr = (cfg.initial_lr if cfg.initial_lr is not None else self.initial_lr) * cfg.lr_scale
-        # what nnUNetTrainerNoDeepSupervision sets; nnU-Net reads it when it builds network, loss and loaders
-        self.enable_deep_supervision = cfg.deep_supervision
+        # what nnUNetTrainerNoDeepSupervision sets; nnU-Net reads it when it builds network, loss and loaders.
+        # A Primus has one output (nnU-Net's own AbstractPrimus sets it off too)
+        self.enable_deep_supervision = cfg.deep_supervision and not self.builds_primus(self.configuration_manager)
         self.transfer_state: dict[str, Any] = {"pretrained_loaded": None, "pretrained_source": None,
                                                "parameters": None, "transfer": None}
         self._fresh_fingerprint: torch.Tensor | None = None
@@ -139,13 +141,13 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     @classmethod
     def check_config(cls, cfg: TransferConfig, configuration: dict) -> None:
-        """Strategy-specific checks at start; block specs are parsed against the planned stage count."""
-        n_stages = configuration.get("architecture", {}).get("arch_kwargs", {}).get("n_stages")
+        """Strategy-specific checks at start; block specs are parsed against the planned block layout."""
+        layout = layout_from_architecture(configuration.get("architecture", {}))
         for key in TransferConfig.spec_keys():
             spec = getattr(cfg, key)
-            if key in cls.settings_used() and spec is not None and n_stages:
+            if key in cls.settings_used() and spec is not None and layout is not None:
                 try:
-                    parse_spec(spec, int(n_stages))
+                    parse_spec(spec, layout)
                 except SpecError as e:
                     raise ConfigError(f"setting {key!r}: {e}") from None
 
@@ -154,6 +156,11 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         """Checks that need the planned network's structure (parameter names and kinds, conv shapes), before any
         folder exists: ``network()`` builds it on the meta device (no memory, no initialisation cost). By
         default every block spec in use must select a parameter (``seg:norm`` selects none)."""
+        if cfg.heads != "new" and is_primus(network()):
+            raise ConfigError(f"setting 'heads'={cfg.heads!r} copies rows of nnU-Net's segmentation heads "
+                              f"('.seg_layers.'), which a Primus has not: its heads are the last up-projection stage, "
+                              f"which nnU-Net's -pretrained_weights loader loads with the rest when the class count "
+                              f"is the same; use heads=new")
         specs = {k: getattr(cfg, k) for k in TransferConfig.spec_keys()
                  if k in cls.settings_used() and getattr(cfg, k) is not None}
         if specs:
@@ -174,6 +181,24 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                                              self.settings_used()))
 
     # ------------------------------------------------------------------ build and optimizer
+    @staticmethod
+    def builds_primus(configuration_manager) -> bool:
+        """Whether the configuration's ``network_class_name`` is a Primus (one output, no deep supervision)."""
+        return primus_class_named(configuration_manager.network_arch_class_name) is not None
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        # nnU-Net 2.8.1's build always passes deep_supervision, which Primus does not take; nnUNetv2_predict builds
+        # through this method of the checkpoint's trainer class too, so a Primus configuration predicts as it trains
+        return network_from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                  deep_supervision=enable_deep_supervision)
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        # nnU-Net's sets decoder.deep_supervision, which a Primus has not (its AbstractPrimus does nothing either)
+        if not self.builds_primus(self.configuration_manager):
+            super().set_deep_supervision_enabled(enabled)
+
     def initialize(self):
         seed = self.transfer_config.seed
         if seed is not None:

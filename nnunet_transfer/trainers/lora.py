@@ -1,4 +1,6 @@
-"""``nnUNetTrainerLoRA``: low-rank adapters on the convolutions of a block spec; the base kernels stay frozen.
+"""``nnUNetTrainerLoRA``: low-rank adapters on the convolutions (and linear layers) of a block spec; the base
+kernels stay frozen. On a Primus the targets are its attention q/k/v/proj and MLP linears, the patch embedding and
+the up-projection's transposed convolutions.
 
 Settings: ``lora_targets`` (block spec, default ``encoder+decoder``: every conv and transposed conv of the
 U-Net but the heads), ``lora_rank`` r, ``lora_alpha`` α (the update is (α/r)·B·A, see
@@ -49,7 +51,8 @@ ADAPTER_FILE = "lora_adapters.pth"
 
 
 def target_convs(model: BlockModel, spec: str) -> list[str]:
-    """Canonical names of the convolutions whose kernels ``spec`` selects (heads refused), in network order."""
+    """Canonical names of the convolutions (and linear layers: a Primus' attention and MLP projections) whose kernels
+    ``spec`` selects (heads refused), in block order."""
     sel = model.select(spec)
     if sel.seg or any(p.seg for p in sel.parts):
         raise ConfigError(f"setting 'lora_targets'={spec!r} includes the segmentation heads ('seg'/'all'); the heads "
@@ -103,7 +106,9 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
                                 f"has a pretrained base; target transferred blocks, or use nnUNetTrainerFinetune")
         inject_lora(net, convs, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(net).values())
+        # "convs" counts every adapted layer (as before Primus); "linear" the linear layers among them
         self.transfer_state["lora"] = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "convs": len(convs),
+                                       "linear": sum(isinstance(net.get_submodule(c), nn.Linear) for c in convs),
                                        "adapter_params": adapters,
                                        "plain_params": sum(p.numel() for p in net.parameters()) - adapters,
                                        "convs_not_transferred": len(without)}
@@ -122,8 +127,11 @@ class nnUNetTrainerLoRA(nnUNetTrainerTransferBase):
             self.print_to_log_file("WARNING nnunet_transfer: nnUNetTrainerLoRA started WITHOUT pretrained weights: "
                                    "the frozen base is the random initialisation")
         lo = self.transfer_state["lora"]
-        self.print_to_log_file(f"nnunet_transfer: LoRA rank {lo['rank']} (alpha {lo['alpha']}) on {lo['convs']} "
-                               f"convolutions of {self.transfer_config.lora_targets!r}: {lo['adapter_params']:,} "
+        linear = lo.get("linear", 0)
+        layers = (f"{lo['convs']} layers ({linear} linear, {lo['convs'] - linear} convolutions)" if linear
+                  else f"{lo['convs']} convolutions")
+        self.print_to_log_file(f"nnunet_transfer: LoRA rank {lo['rank']} (alpha {lo['alpha']}) on {layers} of "
+                               f"{self.transfer_config.lora_targets!r}: {lo['adapter_params']:,} "
                                f"adapter parameters for {lo['plain_params']:,} in the network")
 
     def _weights_for_drift(self):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-from nnunet_transfer.blocks import BlockModel, parse_spec
+from nnunet_transfer.blocks import BlockModel, layout_from_architecture, parse_spec
 from nnunet_transfer.config import TransferConfig
 from nnunet_transfer.errors import ConfigError, SpecError
 from nnunet_transfer.fileio import write_atomic
@@ -46,11 +46,11 @@ class nnUNetTrainerStaged(nnUNetTrainerTransferBase):
             raise ConfigError(f"{cls.__name__} needs the setting 'stages', e.g. --set stages=decoder+seg:50,all "
                               f"(the decoder and heads for 50 epochs, then everything); or use "
                               f"nnUNetTrainerStaged_decoderFirst / nnUNetTrainerStaged_headsFirst")
-        n_stages = configuration.get("architecture", {}).get("arch_kwargs", {}).get("n_stages")
+        layout = layout_from_architecture(configuration.get("architecture", {}))
         for s in schedule(cfg.stages):
-            if n_stages:
+            if layout is not None:
                 try:
-                    parse_spec(s.spec, int(n_stages))
+                    parse_spec(s.spec, layout)
                 except SpecError as e:
                     raise ConfigError(f"setting 'stages': {s.text()}: {e}") from None
 
