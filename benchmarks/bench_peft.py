@@ -18,6 +18,11 @@ rounds; wall and CPU time), the memory increment (peak RSS during two steps − 
   the trained tensors for norm-only / BitFit (``torch.save`` of them), the whole network's weights for full
   fine-tuning.
 
+**Primus** (``--archs Primus-S``): the same measurements on a Primus-S (embed 396, 12 transformer blocks, 6
+heads, 8³ patch embedding) built by our trainers from the PlainConvUNet plan's data and patch, full fine-tuning
+against LoRA r = 8 on every attention / MLP linear, the patch embedding and the up-projection (the variant
+``nnUNetTrainerLoRA@r8``); on a transformer the frozen base saves the optimizer state of most parameters.
+
 Why LoRA's step is not cheaper here: the update is applied in weight space (W₀ + (α/r)·B·A, so the adapted
 conv is exactly a conv with the merged kernel), so backward still computes each conv's kernel gradient —
 LoRA saves the optimizer state and the gradients of the frozen kernels, not backward compute.
@@ -25,6 +30,7 @@ LoRA saves the optimizer state and the gradients of the frozen kernels, not back
     python benchmarks/bench_peft.py                          # ~8-12 min on 2 CPU cores (quick: ~4 min)
     python benchmarks/bench_peft.py --quick                  # smoke run: one repeat, one timed round
     python benchmarks/bench_peft.py --workdir /tmp/bf --json peft.json   # reuse bench_freezing's setup
+    python benchmarks/bench_peft.py --archs Primus-S --variants nnUNetTrainerLoRA@r8   # the Primus row
 """
 from __future__ import annotations
 
@@ -47,20 +53,32 @@ BASELINE = "nnUNetTrainerFinetune"
 VARIANTS = {
     BASELINE: (BASELINE, {}),
     "nnUNetTrainerLoRA@r4": ("nnUNetTrainerLoRA", {"lora_rank": 4}),
+    "nnUNetTrainerLoRA@r8": ("nnUNetTrainerLoRA", {"lora_rank": 8}),
     "nnUNetTrainerLoRA@r16": ("nnUNetTrainerLoRA", {"lora_rank": 16}),
     "nnUNetTrainerNormOnly": ("nnUNetTrainerNormOnly", {}),
     "nnUNetTrainerBitFit": ("nnUNetTrainerBitFit", {}),
 }
 RESULT_TAG = "BENCH_PEFT_RESULT "
+#: transformer targets: label -> Primus arch_kwargs (dynamic-network-architectures' Primus-S sizes), built on the
+#: PlainConvUNet plan's configuration (its data and patch size)
+PRIMUS_ARCHS = {"Primus-S": {"embed_dim": 396, "eva_depth": 12, "eva_numheads": 6, "patch_embed_size": [8, 8, 8]}}
+ALL_ARCHS = [*bf.ARCHS, *PRIMUS_ARCHS]
 
 
 def configuration_of(variant: str) -> str:
     return bf.CONFIGURATION if not VARIANTS[variant][1] else "peft_" + variant.split("@", 1)[1]
 
 
-def write_plans(plans_file: Path, out: Path) -> Path:
-    """The plans with one configuration per settings variant (inheriting 3d_fullres: the same data)."""
+def write_plans(plans_file: Path, out: Path, arch: str | None = None) -> Path:
+    """The plans with one configuration per settings variant (inheriting 3d_fullres: the same data); for a
+    Primus label, 3d_fullres builds that Primus (patch: the plan's)."""
     plans = json.loads(plans_file.read_text())
+    if arch in PRIMUS_ARCHS:
+        from nnunet_transfer.plans.primus import primus_architecture, token_grid
+
+        conf = plans["configurations"][bf.CONFIGURATION]
+        token_grid(conf["patch_size"], PRIMUS_ARCHS[arch]["patch_embed_size"])  # refuses a patch it cannot embed
+        conf["architecture"] = primus_architecture(**PRIMUS_ARCHS[arch])
     for variant, (_, settings) in VARIANTS.items():
         if settings:
             plans["configurations"][configuration_of(variant)] = {"inherits_from": bf.CONFIGURATION,
@@ -133,6 +151,23 @@ def short(name: str) -> str:
     return name.replace("nnUNetTrainer", "").replace("@r", " r=") or name
 
 
+def describe_plan(plans_file: Path, arch: str) -> dict:
+    if arch not in PRIMUS_ARCHS:
+        return bf.describe_plan(plans_file)
+    conf = json.loads(plans_file.read_text())["configurations"][bf.CONFIGURATION]
+    return {"plans": plans_file.stem, "class": "Primus", **PRIMUS_ARCHS[arch], "patch_size": conf["patch_size"],
+            "batch_size": conf["batch_size"], "spacing": conf["spacing"]}
+
+
+def plan_text(arch: str, p: dict, n_params: int) -> str:
+    if p["class"] == "Primus":
+        return (f"- **{arch}**: Primus, embed {p['embed_dim']}, {p['eva_depth']} transformer blocks, {p['eva_numheads']} "
+                f"heads, patch embedding {p['patch_embed_size']}, patch {p['patch_size']}, batch {p['batch_size']}, "
+                f"{n_params:,} parameters")
+    return (f"- **{arch}**: {p['class']}, {p['n_stages']} stages, features {p['features']}, patch "
+            f"{p['patch_size']}, batch {p['batch_size']}, {n_params:,} parameters")
+
+
 def report(meta: dict, plans: dict, summary: dict, files: dict, variants: list[str]) -> list[str]:
     m = meta["machine"]
     lines = ["## PEFT benchmark: step time, training-memory increment and per-target file vs full fine-tuning",
@@ -143,8 +178,7 @@ def report(meta: dict, plans: dict, summary: dict, files: dict, variants: list[s
              f"memory: {meta['mem_repeats']} fresh processes per trainer, {meta['mem_steps']} steps; "
              f"total {meta['wall_s'] / 60:.1f} min.", ""]
     for arch, p in plans.items():
-        lines.append(f"- **{arch}**: {p['class']}, {p['n_stages']} stages, features {p['features']}, patch "
-                     f"{p['patch_size']}, batch {p['batch_size']}, {files[arch][BASELINE]['params_total']:,} parameters")
+        lines.append(plan_text(arch, p, files[arch][BASELINE]["params_total"]))
     lines += ["", "| plan | trainer | trainable | step ratio | CPU ratio | step s | increment MiB | increment ratio "
                   "| per-target file |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arch in plans:
@@ -176,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-steps", type=int, default=2, help="train steps per memory process (default 2)")
     ap.add_argument("--size", type=float, default=32.0, help="generated cube side in mm (default 32: 32³ patch)")
     ap.add_argument("--workdir", type=Path, help="keep/reuse the setup here (bench_freezing's works too)")
-    ap.add_argument("--archs", nargs="+", default=list(bf.ARCHS), choices=list(bf.ARCHS))
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS)[1:], choices=list(VARIANTS)[1:],
+    ap.add_argument("--archs", nargs="+", default=list(bf.ARCHS), choices=ALL_ARCHS,
+                    help=f"plans to measure (default {' '.join(bf.ARCHS)}; {', '.join(PRIMUS_ARCHS)}: a Primus on "
+                         f"the PlainConvUNet plan's data)")
+    ap.add_argument("--variants", nargs="+", default=[v for v in list(VARIANTS)[1:] if v != "nnUNetTrainerLoRA@r8"],
+                    choices=list(VARIANTS)[1:],
                     help=f"variants besides the baseline {BASELINE}")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement (default 1)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 1 timed round, 1 memory repeat")
@@ -201,14 +238,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"setup in {workdir} ({args.size:g} mm cubes)", flush=True)
         plans_files = bf.setup(workdir, args.size, workdir / "logs")
-        plans = {a: bf.describe_plan(plans_files[a]) for a in args.archs}
+        base_of = {a: plans_files[a] if a in plans_files else plans_files["PlainConvUNet"] for a in args.archs}
+        plans = {a: describe_plan(base_of[a], a) for a in args.archs}
         env = nnunet_environment(workdir, defaults=SMALL_MACHINE)
         mem_env = {**env, **bf.LIVE_ALLOCATOR_ENV}
         mem, tim, files = [], [], {}
         for arch in args.archs:
-            peft_plans = write_plans(plans_files[arch], workdir / "peft_plans" / f"{arch}.json")
+            peft_plans = write_plans(base_of[arch], workdir / "peft_plans" / f"{arch}.json", arch)
             base = {"arch": arch, "plans_file": str(peft_plans), "threads": args.threads,
-                    "dataset_json": str(plans_files[arch].parent / "dataset.json")}
+                    "dataset_json": str(base_of[arch].parent / "dataset.json")}
             r = run_one({**base, "kind": "files", "trainers": variants}, env, logs / f"{arch}_files.log")
             files[arch] = r["files"]
             for name, info in r["files"].items():
