@@ -188,3 +188,25 @@ def assert_one_line_error(printed: str, message: str) -> None:
 def load_checkpoint(path: Path) -> dict:
     """What our trainers and nnU-Net wrote, read without the opt-in: it must never need to run code."""
     return read_checkpoint(path, trust=False)
+
+
+def predict_with_network(net, fold, configuration: str, trainer: str, images, out):
+    """Predict IMAGES into OUT (created) with NET as it is (no checkpoint file), through nnU-Net's own predictor
+    and the fold's plans and dataset.json, probabilities saved: what a stock ``nnUNetv2_predict`` of the saved
+    checkpoint must reproduce. Returns OUT."""
+    import json as _json
+
+    import torch as _torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_transfer.policies.lora import training_form
+
+    with training_form(net):
+        params = {k: v.clone() for k, v in net.state_dict().items()}  # W0, A, B: loaded exactly
+    pm = PlansManager(_json.loads((fold.parent / "plans.json").read_text()))
+    predictor = nnUNetPredictor(use_mirroring=False, device=_torch.device("cpu"), allow_tqdm=False)
+    predictor.manual_initialization(net, pm, pm.get_configuration(configuration), [params],
+                                    _json.loads((fold.parent / "dataset.json").read_text()), trainer, None)
+    out.mkdir()
+    predictor.predict_from_files_sequential(str(images), str(out), save_probabilities=True)
+    return out

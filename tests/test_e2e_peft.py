@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
+from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint, predict_with_network
 from test_e2e_freezing import parameters
 
 pytestmark = pytest.mark.slow
@@ -119,11 +119,8 @@ def test_lora_base_frozen_and_merged_weights_are_base_plus_scaled_ba(workspace, 
 
 
 def test_lora_stock_prediction_equals_the_adapted_network_and_merge_rebuilds_it(workspace, lora_run, tmp_path):
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from nnunet_transfer.cli.main import main
-    from nnunet_transfer.policies.lora import lora_modules, training_form
+    from nnunet_transfer.policies.lora import lora_modules
     from nnunet_transfer.trainers.lora import ADAPTER_FILE, merged_network
 
     ws, fold = workspace, lora_run
@@ -132,17 +129,8 @@ def test_lora_stock_prediction_equals_the_adapted_network_and_merge_rebuilds_it(
     net, payload = merged_network(fold / ADAPTER_FILE, ws.source_checkpoint)
     assert lora_modules(net) and payload["rank"] == 4
     net.decoder.deep_supervision = False
-    with training_form(net):
-        params = {k: v.clone() for k, v in net.state_dict().items()}  # W0, A, B: loaded exactly
-    plans = json.loads((fold.parent / "plans.json").read_text())
-    pm = PlansManager(plans)
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.manual_initialization(net, pm, pm.get_configuration("lora"), [params],
-                                    json.loads((fold.parent / "dataset.json").read_text()), LORA, None)
-    adapted = tmp_path / "adapted"
-    adapted.mkdir()
-    predictor.predict_from_files_sequential(str(ws.root / "raw" / ws.target / "imagesTs"), str(adapted),
-                                            save_probabilities=True)
+    adapted = predict_with_network(net, fold, "lora", LORA, ws.root / "raw" / ws.target / "imagesTs",
+                                   tmp_path / "adapted")
     cases = sorted(p.name for p in stock.glob("*.npz"))
     assert len(cases) == 2 and cases == sorted(p.name for p in adapted.glob("*.npz"))
     for case in cases:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK_SETTINGS, TARGET_ID, load_checkpoint
+from conftest import QUICK_SETTINGS, TARGET_ID, load_checkpoint, predict_with_network
 from nets import primus
 
 pytestmark = pytest.mark.slow
@@ -25,12 +25,9 @@ CONF = "primus_lora"
 
 
 def test_primus_lora_through_nnunetv2_train_and_predict(workspace, tmp_path):
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from nnunet_transfer.nnunet_io import build_network
     from nnunet_transfer.plans.primus import map_primus_state
-    from nnunet_transfer.policies.lora import lora_modules, training_form
+    from nnunet_transfer.policies.lora import lora_modules
     from nnunet_transfer.trainers.lora import ADAPTER_FILE, merged_network
 
     ws = workspace
@@ -81,16 +78,8 @@ def test_primus_lora_through_nnunetv2_train_and_predict(workspace, tmp_path):
     # ... against the network with the adapters applied on the source base (unmerged)
     net, payload = merged_network(fold / ADAPTER_FILE, source_file)
     assert type(net).__name__ == "Primus" and lora_modules(net) and payload["rank"] == 4
-    with training_form(net):
-        params = {k: v.clone() for k, v in net.state_dict().items()}
-    pm = PlansManager(json.loads((fold.parent / "plans.json").read_text()))
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
-    predictor.manual_initialization(net, pm, pm.get_configuration(CONF), [params],
-                                    json.loads((fold.parent / "dataset.json").read_text()), LORA, None)
-    adapted = tmp_path / "adapted"
-    adapted.mkdir()
-    predictor.predict_from_files_sequential(str(ws.root / "raw" / ws.target / "imagesTs"), str(adapted),
-                                            save_probabilities=True)
+    adapted = predict_with_network(net, fold, CONF, LORA, ws.root / "raw" / ws.target / "imagesTs",
+                                   tmp_path / "adapted")
     cases = sorted(p.name for p in stock.glob("*.npz"))
     assert len(cases) == 2 and cases == sorted(p.name for p in adapted.glob("*.npz"))
     for case in cases:
