@@ -210,3 +210,14 @@ def predict_with_network(net, fold, configuration: str, trainer: str, images, ou
     out.mkdir()
     predictor.predict_from_files_sequential(str(images), str(out), save_probabilities=True)
     return out
+
+
+def assert_same_probabilities(stock, adapted, *, cases: int, tol: float = 1e-5) -> None:
+    """The two prediction folders hold the same CASES cases and their saved probabilities agree within TOL."""
+    import numpy as _np
+
+    names = sorted(p.name for p in stock.glob("*.npz"))
+    assert len(names) == cases and names == sorted(p.name for p in adapted.glob("*.npz"))
+    for name in names:
+        a, b = _np.load(stock / name)["probabilities"], _np.load(adapted / name)["probabilities"]
+        assert _np.abs(a - b).max() < tol, name

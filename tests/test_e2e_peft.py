@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, load_checkpoint, predict_with_network
+from conftest import (QUICK_SETTINGS, TARGET_ID, TINY, assert_one_line_error, assert_same_probabilities,
+                      load_checkpoint, predict_with_network)
 from test_e2e_freezing import parameters
 
 pytestmark = pytest.mark.slow
@@ -131,11 +132,7 @@ def test_lora_stock_prediction_equals_the_adapted_network_and_merge_rebuilds_it(
     net.decoder.deep_supervision = False
     adapted = predict_with_network(net, fold, "lora", LORA, ws.root / "raw" / ws.target / "imagesTs",
                                    tmp_path / "adapted")
-    cases = sorted(p.name for p in stock.glob("*.npz"))
-    assert len(cases) == 2 and cases == sorted(p.name for p in adapted.glob("*.npz"))
-    for case in cases:
-        a, b = np.load(stock / case)["probabilities"], np.load(adapted / case)["probabilities"]
-        assert np.abs(a - b).max() < 1e-5, case
+    assert_same_probabilities(stock, adapted, cases=2)
     import SimpleITK as sitk
     for seg in sorted(stock.glob("*.nii.gz")):
         assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(seg))),

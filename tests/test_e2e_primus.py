@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import QUICK_SETTINGS, TARGET_ID, load_checkpoint, predict_with_network
+from conftest import QUICK_SETTINGS, TARGET_ID, assert_same_probabilities, load_checkpoint, predict_with_network
 from nets import primus
 
 pytestmark = pytest.mark.slow
@@ -80,8 +79,4 @@ def test_primus_lora_through_nnunetv2_train_and_predict(workspace, tmp_path):
     assert type(net).__name__ == "Primus" and lora_modules(net) and payload["rank"] == 4
     adapted = predict_with_network(net, fold, CONF, LORA, ws.root / "raw" / ws.target / "imagesTs",
                                    tmp_path / "adapted")
-    cases = sorted(p.name for p in stock.glob("*.npz"))
-    assert len(cases) == 2 and cases == sorted(p.name for p in adapted.glob("*.npz"))
-    for case in cases:
-        a, b = np.load(stock / case)["probabilities"], np.load(adapted / case)["probabilities"]
-        assert np.abs(a - b).max() < 1e-5, case
+    assert_same_probabilities(stock, adapted, cases=2)
