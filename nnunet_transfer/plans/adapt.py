@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from nnunet_transfer.blocks import BlockModel
+from nnunet_transfer.blocks import BlockModel, is_primus
 from nnunet_transfer.checkpoints import (ADAPTED_KEY, LoadedWeights, alias_groups, canonical_key, is_seg_key,
                                          load_into, load_weights)
 from nnunet_transfer.errors import ArchitectureError, ConfigError, DataError, TransferError
@@ -52,7 +52,8 @@ from nnunet_transfer.plans.adapt_report import FRESH, FROM_SOURCE, AdaptReport, 
 from nnunet_transfer.plans.family import _n_stages, check_family
 from nnunet_transfer.plans.kernels import KernelRuleError, describe_kernel_change, map_kernel
 from nnunet_transfer.plans.model_folder import resolve_checkpoint
-from nnunet_transfer.plans.nnssl import NnsslPlan, encoder_tensors, in_encoder, plan_of, refuse_primus
+from nnunet_transfer.plans.nnssl import NnsslPlan, encoder_tensors, in_encoder, plan_of
+from nnunet_transfer.plans.primus import map_primus_state, token_grid
 from nnunet_transfer.plans.weights import METHODS, WeightsReport, adapt_first_conv, check_weights, find_first_conv
 
 _DECODER = re.compile(r"^decoder\.(stages|transpconvs|seg_layers)\.(\d+)\.(.*)$")
@@ -85,6 +86,26 @@ def _tensor_rule(name: str, s: torch.Tensor, t: torch.Tensor) -> tuple[str, str,
     except KernelRuleError as e:
         return "not_transferable", str(e), None
     return "mapped", describe_kernel_change(s.shape[2:], t.shape[2:], transposed=transposed), mapped.to(t.dtype)
+
+
+def _block_rows(model: BlockModel, actions: Mapping[str, TensorAction]) -> tuple[list[BlockRow], dict[str, Any]]:
+    """Per block of ``model``, the parameters by action; and the heads' summary."""
+    param_action = {n: actions[n] for n in model.all_param_names if n in actions}
+    rows = []
+    for b in model.blocks:
+        counts: dict[str, int] = {}
+        mods: list[str] = []
+        names = [n for n in b.param_names if n in param_action]
+        for n in names:
+            a = param_action[n]
+            counts[a.action] = counts.get(a.action, 0) + a.numel
+            if a.action in FROM_SOURCE and a.source and stage_module(a.source) not in mods:
+                mods.append(stage_module(a.source))
+        rows.append(BlockRow(b.number, b.group, sum(param_action[n].numel for n in names), counts, mods,
+                             [n for n in names if param_action[n].action in FRESH]))
+    carried = sum(param_action[n].reason == "source rows carried" for n in model.seg_param_names
+                  if n in param_action)
+    return rows, {"params": model.n_seg_params, "tensors": len(model.seg_param_names), "carried": carried}
 
 
 def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_channels: int | None = None,
@@ -173,22 +194,7 @@ def adapt_state(source: Mapping[str, torch.Tensor], network: nn.Module, *, in_ch
 
     # parameters outside the state dict (LoRA's adapters, when a trainer's network is mapped at load time) are
     # nothing a checkpoint holds: the report counts the state dict's tensors
-    param_action = {n: actions[n] for n in model.all_param_names if n in actions}
-    rows = []
-    for b in model.blocks:
-        counts: dict[str, int] = {}
-        mods: list[str] = []
-        names = [n for n in b.param_names if n in param_action]
-        for n in names:
-            a = param_action[n]
-            counts[a.action] = counts.get(a.action, 0) + a.numel
-            if a.action in FROM_SOURCE and a.source and stage_module(a.source) not in mods:
-                mods.append(stage_module(a.source))
-        rows.append(BlockRow(b.number, b.group, sum(param_action[n].numel for n in names), counts, mods,
-                             [n for n in names if param_action[n].action in FRESH]))
-    carried = sum(param_action[n].reason == "source rows carried" for n in model.seg_param_names
-                  if n in param_action)
-    heads = {"params": model.n_seg_params, "tensors": len(model.seg_param_names), "carried": carried}
+    rows, heads = _block_rows(model, actions)
     dropped: dict[str, int] = {}
     for n in src:
         # files whose aliases do not share memory still name norms as all_modules.k: not a tensor of their own
@@ -232,7 +238,10 @@ def map_checkpoint(weights: LoadedWeights, network: nn.Module, *, in_channels: i
       ``encoder_only``; the decoder and the heads keep the target's fresh initialisation (reason
       :data:`NNSSL_DECODER`). The input projection takes the target's K channels by ``method`` — ``repeat``
       from a 1-channel checkpoint is nnssl's rule, the weight repeated K times and divided by K;
-    * an nnssl Primus checkpoint: not yet (:func:`nnunet_transfer.plans.nnssl.refuse_primus`).
+    * an nnssl Primus checkpoint (onto a Primus target): its patch embedding and transformer, by
+      :func:`nnunet_transfer.plans.primus.map_primus_state` — the positional embedding interpolated when the token
+      grids differ, the input projection taking the target's channels by ``method``; the up-projection (decoder and
+      heads) keeps the target's fresh initialisation (:func:`_map_nnssl_primus`).
     """
     label = source_label or str(weights.path)
     if not weights.is_nnssl:
@@ -241,7 +250,12 @@ def map_checkpoint(weights: LoadedWeights, network: nn.Module, *, in_channels: i
                            source_class=_nnunet_source_class(weights))
     plan = plan_of(weights)
     if plan.is_primus:
-        refuse_primus(plan)
+        return _map_nnssl_primus(weights, plan, network, in_channels=in_channels, method=method, seed=seed,
+                                 source_label=label, target_label=target_label)
+    if is_primus(unwrap(network)):
+        raise ArchitectureError(f"the nnssl checkpoint holds a convolutional U-Net ({plan.arch_class_name}) and the "
+                                f"target network is a Primus: plan the target for the checkpoint with nnunet_transfer "
+                                f"plans from-checkpoint -d TARGET -c {weights.path} -n NAME")
     return _map_nnssl_conv(weights, plan, network, in_channels=in_channels, method=method, seed=seed,
                            source_label=label, target_label=target_label)
 
@@ -280,6 +294,106 @@ def _map_nnssl_conv(weights: LoadedWeights, plan: NnsslPlan, network: nn.Module,
     report.notes.append(NNSSL_DECODER + "; the segmentation heads start fresh")
     report.notes.extend(plan.notes)
     return state, report
+
+
+def _primus_depth(state: Mapping[str, torch.Tensor], encoder: str) -> int:
+    """The number of transformer blocks under ``encoder`` (``eva.blocks.<i>.…``)."""
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(encoder) + r"\.blocks\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def target_token_grid(network: nn.Module, patch_embed_size: list[int]) -> tuple[int, ...]:
+    """The token grid a Primus was built for: its rotary embedding's feature shape (``input_shape`` / patch
+    embedding), which dynamic-network-architectures keeps; refused for a Primus without one."""
+    grid = getattr(getattr(getattr(network, "eva", None), "rope", None), "feat_shape", None)
+    if grid is None or len(grid) != len(patch_embed_size):
+        raise ArchitectureError(f"cannot tell the token grid of the target {type(network).__name__} (it has no "
+                                f"rotary embedding with a feature shape); build it with use_rot_pos_emb=True")
+    return tuple(int(g) for g in grid)
+
+
+def _map_nnssl_primus(weights: LoadedWeights, plan: NnsslPlan, network: nn.Module, *, in_channels: int | None,
+                      method: str, seed: int, source_label: str, target_label: str
+                      ) -> tuple[dict[str, torch.Tensor], AdaptReport]:
+    """An nnssl Primus checkpoint's patch embedding and transformer onto a Primus target (see
+    :func:`map_checkpoint`); the report's blocks are the target's (patch embedding + transformer blocks, then the
+    up-projection stages)."""
+    net = unwrap(network)
+    if not is_primus(net):
+        raise ArchitectureError(f"the nnssl checkpoint holds a Primus transformer ({plan.arch_class_name}) and the "
+                                f"target network is a {type(net).__name__}: plan the target for the checkpoint with "
+                                f"nnunet_transfer plans from-checkpoint -d TARGET -c {weights.path} -n NAME")
+    state, kw = weights.state, plan.arch_kwargs
+    proj = plan.keys_to_in_proj[0] + ".weight"
+    if proj not in state or state[proj].ndim != 5:
+        raise DataError(f"{weights.path}: keys_to_in_proj[0] {plan.keys_to_in_proj[0]!r} has no patch-embedding "
+                        f"weight {proj!r} in network_weights")
+    embed, depth = int(state[proj].shape[0]), _primus_depth(state, plan.key_to_encoder)
+    if (embed, depth) != (kw["embed_dim"], kw["eva_depth"]) or list(state[proj].shape[2:]) != kw["patch_embed_size"]:
+        raise DataError(f"{weights.path}: its tensors are a Primus of embed_dim {embed}, {depth} transformer blocks "
+                        f"and a {list(state[proj].shape[2:])} patch embedding, but its plan names "
+                        f"{plan.arch_class_name} (embed_dim {kw['embed_dim']}, {kw['eva_depth']} blocks, "
+                        f"{kw['patch_embed_size']}): the checkpoint does not match its own adaptation plan")
+    if plan.pretrain_patch_size is None:
+        raise DataError(f"{weights.path}: the adaptation plan gives no pretraining patch size (pretrain_plan's "
+                        f"configuration patch_size), which the positional embedding was learned for")
+    own = net.state_dict()
+    target_proj = "down_projection.proj.weight"
+    k_tgt = int(own[target_proj].shape[1])
+    if in_channels is not None and in_channels != k_tgt:
+        raise ConfigError(f"--in-channels {in_channels} does not match the target: its plans and dataset.json give "
+                          f"the patch embedding {k_tgt} input channel(s); pass --in-channels {k_tgt}")
+    source = dict(state)
+    c_src = int(state[proj].shape[1])
+    if c_src != k_tgt:
+        source[proj] = adapt_first_conv(state[proj], in_channels=k_tgt, method=method)
+    pe = kw["patch_embed_size"]
+    src_grid = token_grid(plan.pretrain_patch_size, pe)
+    tgt_grid = target_token_grid(net, pe)
+    n_prefix = int(getattr(net.eva, "num_prefix_tokens", 0))  # register tokens' rows of the embedding, kept
+    mapping = map_primus_state(source, own, source_patch_size=[g * e for g, e in zip(src_grid, pe)],
+                               target_patch_size=[g * e for g, e in zip(tgt_grid, pe)], patch_embed_size=pe,
+                               n_prefix=n_prefix, key_to_stem=plan.key_to_stem, key_to_encoder=plan.key_to_encoder,
+                               keys_to_in_proj=plan.keys_to_in_proj, key_to_lpe=plan.key_to_lpe)
+    model = BlockModel.from_network(net)
+    seg = set(model.seg_param_names)
+    got = set(mapping.from_checkpoint)
+    stem_enc = {"down_projection": plan.key_to_stem, "eva": plan.key_to_encoder}
+    actions: dict[str, TensorAction] = {}
+    for name, t in own.items():
+        part = name.split(".", 1)[0]
+        src_name = stem_enc[part] + name[len(part):] if part in stem_enc else None
+        act = TensorAction(name, "new", None, None, list(t.shape), t.numel())
+        if name in got:
+            act.source, act.source_shape = src_name, list(state[src_name].shape)
+            act.action = "copied"
+            if name == target_proj and c_src != k_tgt:
+                act.action, act.reason = "channels", f"channels {c_src}->{k_tgt} by {method!r}"
+            elif src_name == plan.key_to_lpe and src_grid != tgt_grid:
+                act.action = "mapped"
+                act.reason = f"interpolated (trilinear) from the token grid {list(src_grid)} to {list(tgt_grid)}"
+        elif name in seg:
+            act.action, act.reason = "head", "the heads start fresh (an nnssl checkpoint has none)"
+        elif name.startswith("up_projection."):
+            act.reason = NNSSL_DECODER
+        else:
+            act.reason = "not in the checkpoint (nnU-Net master does not load it either)"
+        actions[name] = act
+    rows, heads = _block_rows(model, actions)
+    report = AdaptReport(source_label, target_label, type(net).__name__, depth, _primus_depth(own, "eva"), seed,
+                         rows, heads, list(actions.values()), {}, [c_src, k_tgt] if c_src != k_tgt else None,
+                         method if c_src != k_tgt else None, origin="nnssl")
+    rest = [k for k in state if not in_encoder(k, plan)]
+    if rest:
+        report.dropped["pretraining decoder and heads (nnssl)"] = len(rest)
+    report.notes.append(plan.summary())
+    if c_src != k_tgt:
+        rule = " (nnssl's rule: the weight repeated over the channels and divided by their number)" \
+            if c_src == 1 and method == "repeat" else ""
+        report.notes.append(f"patch embedding: {c_src} -> {k_tgt} channels by {method!r}{rule}")
+    report.notes += [n for n in mapping.notes if "input projection" not in n]
+    report.notes.append(NNSSL_DECODER + "; the up-projection (decoder and heads) starts fresh")
+    return mapping.state, report
 
 
 @dataclass

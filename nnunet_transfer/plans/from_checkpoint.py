@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from nnunet_transfer.blocks import layout_from_architecture
 from nnunet_transfer.checkpoints import load_weights
 from nnunet_transfer.config import PLANS_KEY, TransferConfig
 from nnunet_transfer.errors import ConfigError, DataError
@@ -33,7 +34,7 @@ from nnunet_transfer.plans.adapt import map_checkpoint
 from nnunet_transfer.plans.adapt_report import AdaptReport
 from nnunet_transfer.plans.configure import _NAME, _parse_ints, check_specs, resolved_configuration, write_plans
 from nnunet_transfer.plans.model_folder import resolve_checkpoint
-from nnunet_transfer.plans.nnssl import NnsslPlan, plan_of, refuse_primus
+from nnunet_transfer.plans.nnssl import NnsslPlan, plan_of
 
 #: nnU-Net master's ``preprocess_like_nnssl`` sets this batch size
 NNSSL_BATCH_SIZE = 2
@@ -68,7 +69,10 @@ class FromCheckpointResult:
 
 
 def divisor(plan: NnsslPlan) -> list[int]:
-    """Per axis, what a patch size must be divisible by: the product of the network's strides."""
+    """Per axis, what a patch size must be divisible by: the product of the network's strides (a Primus: its
+    patch embedding)."""
+    if plan.is_primus:
+        return plan.patch_embed_size
     strides = plan.arch_kwargs["strides"]
     dims = plan.spatial_dims
     per_stage = [[s] * dims if isinstance(s, int) else list(s) for s in strides]
@@ -80,8 +84,9 @@ def check_patch(patch: list[int], plan: NnsslPlan) -> None:
     bad = [a for a, (p, d) in enumerate(zip(patch, div)) if p % d]
     if bad:
         fix = [max(d, round(p / d) * d) for p, d in zip(patch, div)]
+        how = f"the patch embedding is {div}" if plan.is_primus else f"the network downsamples by {div}"
         raise ConfigError(f"--patch-size {','.join(map(str, patch))}: axis {bad[0]} is not divisible by {div[bad[0]]} "
-                          f"(the network downsamples by {div}); e.g. --patch-size {','.join(map(str, fix))}")
+                          f"({how}); e.g. --patch-size {','.join(map(str, fix))}")
 
 
 def from_checkpoint(dataset: str | int, checkpoint: str | Path, name: str, *, base: str = "3d_fullres",
@@ -109,8 +114,6 @@ def from_checkpoint(dataset: str | int, checkpoint: str | Path, name: str, *, ba
                           f"checkpoint give the target the source's plans (nnunet_transfer plans transfer -s SOURCE "
                           f"-t TARGET) or map it onto the target's (nnunet_transfer weights adapt)")
     plan = plan_of(weights)
-    if plan.is_primus:
-        refuse_primus(plan)
     base_conf = resolved_configuration(plans, base)
     if len(base_conf.get("patch_size", [])) != plan.spatial_dims:
         raise ConfigError(f"base configuration {base!r} is {len(base_conf.get('patch_size', []))}-D, the checkpoint's "
@@ -126,7 +129,7 @@ def from_checkpoint(dataset: str | int, checkpoint: str | Path, name: str, *, ba
     if settings:
         merged = {**base_conf.get(PLANS_KEY, {}), **settings}
         TransferConfig.from_mapping(merged)  # a typo fails now, not at the start of training
-        check_specs(merged, plan.arch_kwargs["n_stages"], where=f"configuration {name!r}")
+        check_specs(merged, layout_from_architecture(conf["architecture"]), where=f"configuration {name!r}")
         conf[PLANS_KEY] = merged
     out = copy.deepcopy(plans)
     out["configurations"][name] = conf

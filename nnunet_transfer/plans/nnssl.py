@@ -11,6 +11,11 @@ decoder), ``init_args``, ``trainer_name``, … — plus ``nnssl_adaptation_plan`
     key_to_encoder ("encoder.stages"), key_to_stem ("encoder.stem"),
     keys_to_in_proj (("encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0")), key_to_lpe (Primus)
 
+A Primus pretraining (nnssl's ``BaseEvaMAETrainer`` and its kin) saves an ``EvaMAE`` — ``down_projection``
+(patch embedding), ``eva`` (the transformer), a reconstruction ``decoder`` / ``up_projection`` and
+``mask_token`` — with ``key_to_encoder = "eva"``, ``key_to_stem = "down_projection"``, ``keys_to_in_proj =
+("down_projection.proj",)`` and ``key_to_lpe = "eva.pos_embed"``.
+
 What a target takes from it is what nnU-Net master's ``PretrainedTrainer.load_pretrained_weights`` takes
 (``nnunetv2/training/nnUNetTrainer/pretraining/pretrainedTrainer.py``): the tensors under ``key_to_encoder``
 and ``key_to_stem``, renamed to the target network's own ``key_to_encoder`` / ``key_to_stem``; the stem's
@@ -21,11 +26,17 @@ are :func:`nnunet_transfer.plans.adapt.map_checkpoint`.
 Architectures (:func:`read_plan`): the presets ``ResEncL`` / ``NoSkipResEncL`` (nnssl's
 ``architecture_registry``, restated in :data:`RESENC_L_KWARGS`), and ``ResidualEncoderUNet`` /
 ``PlainConvUNet`` with their kwargs, are built from nnU-Net 2.8.1 plans as dynamic-network-architectures'
-classes (:meth:`NnsslPlan.architecture`). Primus checkpoints: not yet (:func:`refuse_primus`). Anything
-else is refused in one line that says why.
+classes (:meth:`NnsslPlan.architecture`). Primus: the presets ``PrimusS`` / ``PrimusB`` / ``PrimusM`` /
+``PrimusL`` (nnssl's ``get_network_by_name`` and nnU-Net master's ``get_network_from_name``: dynamic-network-
+architectures' ``PrimusX`` sizes with an 8³ patch embedding, :data:`PRIMUS_PRESETS`) and the class ``Primus``
+with its kwargs (nnssl's ``get_network_from_plans`` builds it, for sizes other than the presets'), written to
+nnU-Net 2.8.1 plans as ``dynamic_network_architectures.architectures.primus.Primus`` with explicit
+``embed_dim`` / ``eva_depth`` / ``eva_numheads``, which this package's trainers build (nnU-Net 2.8.1's own build
+cannot, :mod:`nnunet_transfer.nnunet_io`). Anything else is refused in one line that says why.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import pydoc
 from dataclasses import dataclass, field
@@ -35,6 +46,7 @@ import torch
 
 from nnunet_transfer.checkpoints import NNSSL_KEY, LoadedWeights
 from nnunet_transfer.errors import ArchitectureError, DataError
+from nnunet_transfer.plans.primus import PRIMUS_CLASS
 
 UNET_MODULE = "dynamic_network_architectures.architectures.unet"
 #: the convolutional classes a plan may name, and the dotted names nnU-Net 2.8.1 plans give them
@@ -54,6 +66,20 @@ RESENC_L_KWARGS = {
 PRESETS = {"ResEncL": ("ResidualEncoderUNet", RESENC_L_KWARGS),
            "NoSkipResEncL": ("ResidualEncoderUNet", RESENC_L_KWARGS)}
 PRIMUS = ("PrimusS", "PrimusB", "PrimusM", "PrimusL", "Primus")
+#: nnssl's Primus presets: dynamic-network-architectures' ``_PRIMUS_CONFIGS`` sizes and ``PrimusS`` … ``PrimusL``
+#: defaults (``init_values=0.1``, ``scale_attn_inner=True``), the 8³ patch embedding nnssl and nnU-Net master pass
+#: (tests/plans/test_nnssl_primus.py holds them to the installed package)
+PRIMUS_PRESETS = {
+    "PrimusS": {"embed_dim": 396, "eva_depth": 12, "eva_numheads": 6},
+    "PrimusB": {"embed_dim": 792, "eva_depth": 12, "eva_numheads": 12},
+    "PrimusM": {"embed_dim": 864, "eva_depth": 16, "eva_numheads": 12},
+    "PrimusL": {"embed_dim": 1056, "eva_depth": 24, "eva_numheads": 16},
+}
+PRIMUS_PRESET_COMMON = {"patch_embed_size": [8, 8, 8], "init_values": 0.1, "scale_attn_inner": True}
+#: Primus kwargs that name a class; nnU-Net plans pass them as dotted strings (``_kw_requires_import``)
+_PRIMUS_CLASS_KWARGS = ("decoder_norm", "decoder_act", "rope_impl")
+#: Primus kwargs nnU-Net or this package pass themselves (input_shape: the configuration's patch size)
+_PRIMUS_PASSED = ("self", "input_channels", "num_classes", "input_shape")
 #: kwargs that name a class (nnU-Net plans' ``_kw_requires_import``)
 _CLASS_KWARGS = ("conv_op", "norm_op", "dropout_op", "nonlin", "block")
 #: kwargs nnU-Net passes itself when it builds a network from plans
@@ -67,8 +93,8 @@ class NnsslPlan:
     """A validated nnssl adaptation plan, in the terms nnU-Net 2.8.1 plans use."""
 
     arch_class_name: str  # as the checkpoint names it (``ResEncL``, ``ResidualEncoderUNet``, ``PrimusM``, …)
-    network_class_name: str | None  # dotted dynamic-network-architectures class; None for Primus
-    arch_kwargs: dict | None  # plans form (classes as dotted strings); None for Primus
+    network_class_name: str  # dotted dynamic-network-architectures class
+    arch_kwargs: dict  # plans form (classes as dotted strings)
     pretrain_num_input_channels: int
     recommended_downstream_patchsize: list[int]
     pretrain_patch_size: list[int] | None
@@ -88,25 +114,21 @@ class NnsslPlan:
 
     def architecture(self) -> dict:
         """The configuration's ``architecture`` entry of nnU-Net 2.8.1 plans that builds this network."""
-        if self.network_class_name is None:
-            refuse_primus(self)
         kwargs = dict(self.arch_kwargs)
+        names = _PRIMUS_CLASS_KWARGS if self.is_primus else _CLASS_KWARGS
         return {"network_class_name": self.network_class_name, "arch_kwargs": kwargs,
-                "_kw_requires_import": [k for k in _CLASS_KWARGS if k in kwargs]}
+                "_kw_requires_import": [k for k in names if k in kwargs]}
+
+    @property
+    def patch_embed_size(self) -> list[int] | None:
+        """A Primus' patch embedding (its token size per axis); None for a convolutional U-Net."""
+        return list(self.arch_kwargs["patch_embed_size"]) if self.is_primus else None
 
     def summary(self) -> str:
         cls = (self.network_class_name or self.arch_class_name).rsplit(".", 1)[-1]
         arch = self.arch_class_name if cls == self.arch_class_name.rsplit(".", 1)[-1] else f"{self.arch_class_name} ({cls})"
         return (f"nnssl checkpoint: {arch}, {self.pretrain_num_input_channels} input channel(s), recommended "
                 f"patch size {self.recommended_downstream_patchsize}")
-
-
-def refuse_primus(plan: NnsslPlan) -> None:
-    """The seam for Primus checkpoints: one line until the Primus block model, LoRA on linears and the
-    positional-embedding interpolation are merged."""
-    raise ArchitectureError(f"the nnssl checkpoint holds a Primus transformer ({plan.arch_class_name}): Primus "
-                            f"checkpoints are not supported yet (this build maps the encoders of ResEncL, "
-                            f"ResidualEncoderUNet and PlainConvUNet checkpoints)")
 
 
 def _where(path: Any) -> str:
@@ -156,6 +178,53 @@ def _conv_kwargs(cls_name: str, kwargs: Any, where: str) -> dict:
     return out
 
 
+def _primus_kwargs(name: str, arch: Mapping, where: str) -> dict:
+    """A Primus plan's kwargs in plans form: a preset's (:data:`PRIMUS_PRESETS`), or the class ``Primus``'s own
+    ``arch_kwargs`` checked against dynamic-network-architectures' signature (no network built)."""
+    short = name.rsplit(".", 1)[-1]
+    if short in PRIMUS_PRESETS:
+        return {**PRIMUS_PRESETS[short], **copy.deepcopy(PRIMUS_PRESET_COMMON)}
+    if short != "Primus" or name not in ("Primus", PRIMUS_CLASS):
+        raise ArchitectureError(f"{where}.architecture_plans.arch_class_name is {name!r}: of the Primus family this "
+                                f"package builds {sorted(PRIMUS_PRESETS)} and {PRIMUS_CLASS} (with its kwargs)")
+    kwargs = arch.get("arch_kwargs")
+    if not isinstance(kwargs, Mapping):
+        raise DataError(f"{where}.architecture_plans.arch_kwargs is {kwargs!r}: the class Primus needs its kwargs "
+                        f"(embed_dim, patch_embed_size, eva_depth, eva_numheads, …); a preset names PrimusS/B/M/L")
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    params = inspect.signature(Primus.__init__).parameters
+    allowed = {k for k in params if k not in _PRIMUS_PASSED}
+    unknown = sorted(set(kwargs) - allowed - {"input_shape"})
+    if unknown:
+        raise ArchitectureError(f"{where}.architecture_plans.arch_kwargs has {unknown}, which Primus of "
+                                f"dynamic-network-architectures does not take (it takes {sorted(allowed)})")
+    out = {k: copy.deepcopy(v) for k, v in kwargs.items() if k != "input_shape"}  # the target's patch size
+    for k in ("embed_dim", "patch_embed_size"):
+        if k not in out:
+            raise DataError(f"{where}.architecture_plans.arch_kwargs lacks {k!r}, which Primus needs")
+    for k in ("embed_dim", "eva_depth", "eva_numheads"):
+        v = out.get(k, params[k].default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DataError(f"{where}.architecture_plans.arch_kwargs.{k} must be an integer >= 1, got {v!r}")
+        out[k] = v  # explicit: nnU-Net plans state the network, not dynamic-network-architectures' defaults
+    out["patch_embed_size"] = _ints(out["patch_embed_size"], "architecture_plans.arch_kwargs.patch_embed_size",
+                                    where, n=3)
+    if out["embed_dim"] % out["eva_numheads"]:
+        raise DataError(f"{where}.architecture_plans.arch_kwargs: embed_dim {out['embed_dim']} is not divisible by "
+                        f"eva_numheads {out['eva_numheads']}")
+    for k in _PRIMUS_CLASS_KWARGS:
+        v = out.get(k)
+        if v is None:
+            continue
+        if isinstance(v, type):
+            v = out[k] = f"{v.__module__}.{v.__name__}"
+        if not isinstance(v, str) or pydoc.locate(v) is None:
+            raise ArchitectureError(f"{where}.architecture_plans.arch_kwargs.{k} = {v!r} names no importable class; "
+                                    f"nnU-Net 2.8.1 plans pass a class as its dotted name")
+    return out
+
+
 def read_plan(raw: Any, *, path: Any = "checkpoint") -> NnsslPlan:
     """Validate an nnssl checkpoint's ``nnssl_adaptation_plan``; one-line errors naming the key that is missing
     or odd (:class:`DataError`) or why the architecture cannot be built from nnU-Net 2.8.1 plans
@@ -199,7 +268,17 @@ def read_plan(raw: Any, *, path: Any = "checkpoint") -> NnsslPlan:
                   key_to_encoder=raw["key_to_encoder"], key_to_stem=raw["key_to_stem"],
                   keys_to_in_proj=tuple(in_proj), key_to_lpe=lpe)
     if short in PRIMUS:
-        return NnsslPlan(network_class_name=None, arch_kwargs=None, **common)
+        kwargs = _primus_kwargs(name, arch, where)
+        if len(patch) != 3:
+            raise DataError(f"{where}.recommended_downstream_patchsize {patch} has {len(patch)} axes, a Primus is 3-D")
+        for what, size in (("recommended_downstream_patchsize", patch), ("pretrain patch size", pretrain_patch)):
+            if size is not None and any(p % e for p, e in zip(size, kwargs["patch_embed_size"])):
+                raise DataError(f"{where}: the {what} {size} is not a multiple of the patch embedding "
+                                f"{kwargs['patch_embed_size']} on every axis")
+        if lpe is None:
+            raise DataError(f"{where}.key_to_lpe is null: a Primus checkpoint names its positional embedding "
+                            f"(nnssl writes 'eva.pos_embed')")
+        return NnsslPlan(network_class_name=PRIMUS_CLASS, arch_kwargs=kwargs, **common)
     notes: list[str] = []
     if short in PRESETS:
         cls_name, kwargs = PRESETS[short]
@@ -213,8 +292,8 @@ def read_plan(raw: Any, *, path: Any = "checkpoint") -> NnsslPlan:
         kwargs = _conv_kwargs(cls_name, arch.get("arch_kwargs"), where)
     else:
         raise ArchitectureError(f"{where}.architecture_plans.arch_class_name is {name!r}, which nnU-Net 2.8.1 plans "
-                                f"cannot build: this package maps {sorted(PRESETS) + sorted(CONV_CLASSES)} "
-                                f"(Primus: not yet)")
+                                f"cannot build: this package maps {sorted(PRESETS) + sorted(CONV_CLASSES)} and "
+                                f"{list(PRIMUS)}")
     dims = 3 if kwargs["conv_op"].endswith("3d") else 2
     if len(patch) != dims:
         raise DataError(f"{where}.recommended_downstream_patchsize {patch} has {len(patch)} axes, the network is "
@@ -271,5 +350,5 @@ def encoder_tensors(weights: LoadedWeights, plan: NnsslPlan, *, to_encoder: str,
     return out
 
 
-__all__ = ["CONV_CLASSES", "RESENC_L_KWARGS", "PRESETS", "PRIMUS", "NnsslPlan", "read_plan", "plan_of",
-           "refuse_primus", "in_encoder", "encoder_tensors"]
+__all__ = ["CONV_CLASSES", "RESENC_L_KWARGS", "PRESETS", "PRIMUS", "PRIMUS_CLASS", "PRIMUS_PRESETS",
+           "PRIMUS_PRESET_COMMON", "NnsslPlan", "read_plan", "plan_of", "in_encoder", "encoder_tensors"]

@@ -201,7 +201,8 @@ def test_refusals_of_the_mapping_are_one_line(ckpt, tmp_path):
                   key_to_lpe="eva.pos_embed")
     p2, _, _ = write_nnssl_checkpoint(tmp_path / "primus.pth", plan=primus)
     cases.append((lambda: map_checkpoint(load_weights(p2), target_network(arch)), ArchitectureError,
-                  "holds a Primus transformer (PrimusM): Primus checkpoints are not supported yet"))
+                  "holds a Primus transformer (PrimusM) and the target network is a ResidualEncoderUNet: plan the "
+                  "target for the checkpoint with nnunet_transfer plans from-checkpoint"))
     wrong_key = copy.deepcopy(raw)
     wrong_key["key_to_encoder"] = "encoder.blocks"
     p3, _, _ = write_nnssl_checkpoint(tmp_path / "key.pth", plan=wrong_key)
@@ -337,3 +338,201 @@ def test_load_nnssl_encoder_into_a_network_that_already_carries_lora_adapters(ck
                torch.equal(after[k], before[k]) for k in after)
     assert all(not n.endswith(("lora_A", "lora_B")) for t in report.tensors for n in [t.name])
     assert {b.block: b.share for b in report.blocks} == {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.0, 5: 0.0}
+
+
+# --------------------------------------------------------------------------- Primus checkpoints
+def primus_plans(architecture: dict, patch=(16, 16, 16)) -> dict:
+    """The test plans with a Primus configuration 'net' (``architecture``, ``patch``)."""
+    from nnunet_transfer.plans.primus import add_primus_configuration
+
+    return add_primus_configuration(json.loads((DATA / "nnUNetPlans_3d_32.json").read_text()), base="3d_fullres",
+                                    new="net", architecture=architecture, patch=patch)
+
+
+def primus_network(architecture: dict, *, patch=(16, 16, 16), channels: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_network(primus_plans(architecture, patch), "net", dataset_json(channels))
+
+
+@pytest.fixture
+def primus_ckpt(tmp_path):
+    """(path, network_weights, plan) of a tiny 1-channel nnssl EvaMAE checkpoint pretrained on 32³ patches."""
+    from nnssl_ckpt import write_nnssl_primus_checkpoint
+
+    return write_nnssl_primus_checkpoint(tmp_path / "nnssl_primus.pth")
+
+
+def test_primus_presets_are_dynamic_network_architectures_and_build_the_same_network():
+    """nnssl names PrimusS/B/M/L without kwargs; the plan states them as the class Primus with explicit sizes, which
+    must be dynamic-network-architectures' PrimusX (its size table and its defaults) — checked by building PrimusS
+    both ways: same tensors, same output."""
+    import inspect
+
+    from dynamic_network_architectures.architectures import primus as dna
+    from nnssl_ckpt import primus_adaptation_plan
+    from nnunet_transfer.plans.nnssl import PRIMUS_PRESET_COMMON, PRIMUS_PRESETS
+
+    assert PRIMUS_PRESETS == {f"Primus{k}": v for k, v in dna._PRIMUS_CONFIGS.items()}
+    for name in PRIMUS_PRESETS:
+        params = inspect.signature(getattr(dna, name).__init__).parameters
+        assert {k: params[k].default for k in ("init_values", "scale_attn_inner")} == \
+            {k: PRIMUS_PRESET_COMMON[k] for k in ("init_values", "scale_attn_inner")}
+    plan = read_plan(primus_adaptation_plan(arch_class_name="PrimusS", patch=(160, 160, 160)))
+    arch = plan.architecture()
+    assert arch == {"network_class_name": "dynamic_network_architectures.architectures.primus.Primus",
+                    "arch_kwargs": {"embed_dim": 396, "eva_depth": 12, "eva_numheads": 6,
+                                    "patch_embed_size": [8, 8, 8], "init_values": 0.1, "scale_attn_inner": True},
+                    "_kw_requires_import": []}
+    ours = primus_network(arch, seed=0).eval()
+    torch.manual_seed(1)
+    theirs = dna.PrimusS(input_channels=1, output_channels=3, patch_embed_size=(8, 8, 8),
+                         input_shape=(16, 16, 16)).eval()
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
+def test_a_primus_checkpoint_maps_its_patch_embedding_and_transformer_decoder_fresh(primus_ckpt):
+    """Pretrained on 32³, fine-tuned on 16³ with 2 channels: every tensor of the stem and the encoder is the
+    checkpoint's (the positional embedding as nnU-Net master interpolates it, the patch embedding repeated over the
+    channels / 2), the up-projection and the rest the target's own; the report's shares counted independently."""
+    from plans.test_primus import master_interpolate_pos_embed
+
+    path, pt, raw = primus_ckpt
+    arch = read_plan(raw).architecture()
+    net = primus_network(arch, channels=2, seed=4)
+    fresh = {k: v.clone() for k, v in net.state_dict().items()}
+    state, report = map_checkpoint(load_weights(path), net, source_label="ckpt", target_label="tgt")
+    assert list(state) == list(fresh)
+    from_ckpt = set()
+    for k, v in state.items():
+        if k == "eva.pos_embed":
+            expected = master_interpolate_pos_embed(pt[k], pretrained_patch=(32, 32, 32), patch=(16, 16, 16),
+                                                    patch_embed_size=(8, 8, 8))
+        elif k == "down_projection.proj.weight":
+            expected = pt[k].repeat(1, 2, 1, 1, 1) / 2
+        elif k.startswith(("eva.", "down_projection.")):
+            expected = pt[k]
+        else:
+            expected = fresh[k]
+        assert torch.equal(v, expected), k
+        if k.startswith(("eva.", "down_projection.")):
+            from_ckpt.add(k)
+    assert report.origin == "nnssl" and report.channels == [1, 2]
+    action = {t.name: t.action for t in report.tensors}
+    assert action["eva.pos_embed"] == "mapped" and action["down_projection.proj.weight"] == "channels"
+    assert {action[k] for k in from_ckpt} <= {"copied", "mapped", "channels"}
+    assert action["up_projection.decode.2.weight"] == "head" and action["mask_token"] == "new"
+    params = dict(net.named_parameters())
+    from nnunet_transfer.blocks import BlockModel
+
+    for b, row in zip(BlockModel.from_network(net).blocks, report.blocks):
+        n = sum(params[p].numel() for p in b.param_names)
+        assert row.params == n and row.from_source == sum(params[p].numel() for p in b.param_names if p in from_ckpt)
+    # blocks 1-4: patch embedding + transformer blocks; 5-6: the up-projection stages (the heads apart)
+    assert [b.share for b in report.blocks] == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert report.dropped == {"pretraining decoder and heads (nnssl)":
+                              sum(not k.startswith(("eva.", "down_projection.")) for k in pt)}
+    assert "positional embedding interpolated (trilinear) from the token grid [4, 4, 4] to [2, 2, 2]" in report.text()
+    # the loader the trainers use leaves everything else as nnU-Net initialised it
+    net2 = primus_network(arch, channels=2, seed=4)
+    load_nnssl_encoder(net2, path)
+    assert all(torch.equal(v, state[k]) for k, v in net2.state_dict().items())
+
+
+def test_primus_checkpoints_are_refused_in_one_line(primus_ckpt, tmp_path, ckpt):
+    from nnssl_ckpt import TINY_PRIMUS, primus_adaptation_plan, write_nnssl_primus_checkpoint
+
+    path, pt, raw = primus_ckpt
+    arch = read_plan(raw).architecture()
+    cases = []
+    # weights of the tiny Primus under a plan naming PrimusS
+    p1, _, _ = write_nnssl_primus_checkpoint(tmp_path / "mislabelled.pth")
+    mislabelled = read_checkpoint(p1, trust=False)
+    mislabelled["nnssl_adaptation_plan"] = primus_adaptation_plan(arch_class_name="PrimusS")
+    torch.save(mislabelled, p1)
+    cases.append((lambda: map_checkpoint(load_weights(p1), primus_network(arch)), DataError,
+                  "its tensors are a Primus of embed_dim 48, 4 transformer blocks and a [8, 8, 8] patch embedding, "
+                  "but its plan names PrimusS (embed_dim 396, 12 blocks"))
+    cases.append((lambda: map_checkpoint(load_weights(path), target_network(read_plan(ckpt[2]).architecture())),
+                  ArchitectureError, "holds a Primus transformer (Primus) and the target network is a "
+                                     "ResidualEncoderUNet"))
+    cases.append((lambda: map_checkpoint(load_weights(ckpt[0]), primus_network(arch)), ArchitectureError,
+                  "holds a convolutional U-Net (ResidualEncoderUNet) and the target network is a Primus"))
+    for call, error, message in cases:
+        with pytest.raises(error) as e:
+            call()
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    plan_cases = [
+        (dict(arch_class_name="Primus", arch_kwargs=None), DataError, "the class Primus needs its kwargs"),
+        (dict(arch_class_name="Primus", arch_kwargs={**TINY_PRIMUS, "depth": 3}), ArchitectureError,
+         "has ['depth'], which Primus of dynamic-network-architectures does not take"),
+        (dict(arch_class_name="Primus", arch_kwargs={**TINY_PRIMUS, "eva_numheads": 5}), DataError,
+         "embed_dim 48 is not divisible by eva_numheads 5"),
+        (dict(arch_class_name="PrimusV2S"), ArchitectureError, "arch_class_name is 'PrimusV2S', which nnU-Net 2.8.1"),
+        (dict(arch_class_name="Primus", arch_kwargs=TINY_PRIMUS, patch=(36, 32, 32)), DataError,
+         "[36, 32, 32] is not a multiple of the patch embedding [8, 8, 8]"),
+    ]
+    for kw, error, message in plan_cases:
+        with pytest.raises(error) as e:
+            read_plan(primus_adaptation_plan(**kw), path="x.pth")
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    no_lpe = primus_adaptation_plan(arch_kwargs=TINY_PRIMUS)
+    no_lpe["key_to_lpe"] = None
+    with pytest.raises(DataError, match="key_to_lpe is null: a Primus checkpoint names its positional embedding"):
+        read_plan(no_lpe, path="x.pth")
+
+
+@pytest.fixture
+def primus_env(tmp_path, monkeypatch, primus_ckpt) -> Path:
+    for var, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "pre"), ("nnUNet_results", "res")):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    (tmp_path / "pre" / TGT).mkdir()
+    (tmp_path / "pre" / TGT / "nnUNetPlans.json").write_text(json.dumps(primus_plans(
+        read_plan(primus_ckpt[2]).architecture())))
+    (tmp_path / "pre" / TGT / "dataset.json").write_text(json.dumps(dataset_json(1)))
+    return tmp_path
+
+
+def test_the_commands_take_a_primus_checkpoint(primus_env, primus_ckpt, capsys):
+    """plans from-checkpoint writes the class Primus with explicit sizes and the recommended patch; weights check /
+    adapt report per block; the adapted file is what nnU-Net's own loader takes."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    path, pt, raw = primus_ckpt
+    plans_file = primus_env / "pre" / TGT / "nnUNetPlans.json"
+    assert main(["plans", "from-checkpoint", "-d", "902", "-c", str(path), "-n", "ssl", "--patch-size",
+                 "16,16,24"]) == 0
+    printed = capsys.readouterr().out
+    conf = json.loads(plans_file.read_text())["configurations"]["ssl"]
+    assert conf == {"inherits_from": "3d_fullres", "architecture": read_plan(raw).architecture(),
+                    "patch_size": [16, 16, 24], "batch_size": 2}
+    assert conf["architecture"]["arch_kwargs"] == {"embed_dim": 48, "patch_embed_size": [8, 8, 8], "eva_depth": 4,
+                                                   "eva_numheads": 2}
+    assert "architecture dynamic_network_architectures.architectures.primus.Primus, patch size [16, 16, 24]" in printed
+    assert main(["plans", "from-checkpoint", "-d", "902", "-c", str(path), "-n", "ssl2", "--patch-size",
+                 "16,16,20"]) == 2
+    err = capsys.readouterr().err
+    assert "axis 2 is not divisible by 8 (the patch embedding is [8, 8, 8]); e.g. --patch-size 16,16,16" in err
+    assert err.count("\n") == 1
+    assert main(["weights", "check", str(path), "-d", "902", "-c", "ssl"]) == 0
+    printed = capsys.readouterr().out
+    assert "nnssl encoder + stem:" in printed and "OK: -pretrained_weights" in printed
+    out = primus_env / "adapted.pth"
+    assert main(["weights", "adapt", str(path), "-d", "902", "-c", "ssl", "-o", str(out), "--seed", "3"]) == 0
+    saved = read_checkpoint(out, trust=False)
+    assert saved[ADAPTED_KEY]["origin"] == "nnssl"
+    plans = json.loads(plans_file.read_text())
+    torch.manual_seed(9)
+    net = build_network(plans, "ssl", dataset_json(1))
+    load_pretrained_weights(net, str(out))
+    torch.manual_seed(3)
+    fresh = build_network(plans, "ssl", dataset_json(1)).state_dict()
+    for k, v in net.state_dict().items():
+        if k.startswith(("eva.blocks.", "down_projection.")):
+            assert torch.equal(v, pt[k]), k
+        elif k.startswith("up_projection."):
+            assert torch.equal(v, fresh[k]), k
