@@ -113,6 +113,19 @@ class Workspace:
                  f"train {trainer} {configuration}", train=True)
         return self.fold_folder(dataset, configuration, trainer, fold)
 
+    def train_compiled(self, dataset, configuration: str, trainer: str, *, pretrained=None, cont=False,
+                       fold=0) -> Path:
+        """``nnUNetv2_train`` with nnU-Net's torch.compile path forced on the CPU (tests/train_compiled.py says
+        how): nnU-Net's own ``run_training_entry`` with the same command line."""
+        import subprocess
+        import sys
+
+        args = train_args(dataset, configuration, fold, trainer, pretrained=pretrained, cont=cont)[1:]
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("train_compiled.py")), *map(str, args)],
+                              env={**self.env, **TRAIN_ENV}, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return self.fold_folder(dataset, configuration, trainer, fold)
+
     def fold_folder(self, dataset, configuration: str, trainer: str, fold=0) -> Path:
         name = self.dataset_name(dataset)
         return self.root / "results" / name / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"

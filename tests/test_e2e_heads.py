@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from nnunet_transfer.pipeline import TRAIN_ENV, train_args
 from nnunet_transfer.trainers import nnUNetTrainerFinetune
 from nnunet_transfer.training.pretrained import target_network
 
@@ -89,22 +85,13 @@ def test_encoder_only_variant_keeps_decoder_and_heads_bit_identical(workspace, t
     assert len(list(out.glob("*.nii.gz"))) == 2
 
 
-def train_compiled(ws, dataset, configuration: str, trainer: str, pretrained) -> Path:
-    """``nnUNetv2_train`` with nnU-Net's torch.compile path forced on the CPU (tests/train_compiled.py says how)."""
-    args = train_args(dataset, configuration, 0, trainer, pretrained=pretrained)[1:]
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("train_compiled.py")), *args],
-                          env={**ws.env, **TRAIN_ENV}, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return ws.fold_folder(dataset, configuration, trainer)
-
-
 def test_amiri_preset_without_block_2n_minus_1_keeps_the_pretrained_heads_frozen_compiled(workspace):
     # Amiri's "block 1" strategy: the 1x1 output layer is part of block 2N-1 (= 5 here), which it leaves out, so
     # the heads are the source's and stay so -- through nnU-Net's torch.compile path, with one output (no deep
     # supervision: the paper's network has one)
     ws = workspace
     ws.configure(TARGET_ID, TINY, "amiri_first", {**SETTINGS, "deep_supervision": False})
-    fold = train_compiled(ws, TARGET_ID, "amiri_first", "nnUNetTrainerPartialFT_first", ws.source_checkpoint)
+    fold = ws.train_compiled(TARGET_ID, "amiri_first", "nnUNetTrainerPartialFT_first", pretrained=ws.source_checkpoint)
     source = parameters(load_checkpoint(ws.source_checkpoint)["network_weights"])
     final = parameters(load_checkpoint(fold / "checkpoint_final.pth")["network_weights"])
     assert final.keys() == source.keys()

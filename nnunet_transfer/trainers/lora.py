@@ -39,6 +39,7 @@ from nnunet_transfer.errors import ConfigError, DataError, TransferError
 from nnunet_transfer.fileio import save_atomic
 from nnunet_transfer.netutil import unwrap
 from nnunet_transfer.nnunet_io import build_network
+from nnunet_transfer.plans.adapt import load_nnssl_encoder
 from nnunet_transfer.plans.model_folder import resolve_checkpoint
 from nnunet_transfer.policies.lora import (PAYLOAD_FORMAT, adapter_parameter_names, adapter_payload,
                                            apply_adapter_payload, check_rank, inject_lora, load_lora_state,
@@ -192,12 +193,15 @@ def merged_network(adapter_file: str | os.PathLike, base_file: str | os.PathLike
     args = payload["init_args"]
     net = build_network(args["plans"], args["configuration"], args["dataset_json"])
     base = load_weights(resolve_checkpoint(base_file))
-    blocking = compare(base.state, net).blocking
-    if blocking:
-        raise DataError(f"base {base.path} does not fit the network of the adapters' plans "
-                        f"({args['configuration']}): " + "; ".join(m.line() for m in blocking[:3]))
-    own = net.state_dict()
-    net.load_state_dict({**own, **{k: v for k, v in base.state.items() if k in own and v.shape == own[k].shape}})
+    if base.is_nnssl:  # the run loaded its encoder and stem as -pretrained_weights does; the rest trained in full
+        load_nnssl_encoder(net, base.path)
+    else:
+        blocking = compare(base.state, net).blocking
+        if blocking:
+            raise DataError(f"base {base.path} does not fit the network of the adapters' plans "
+                            f"({args['configuration']}): " + "; ".join(m.line() for m in blocking[:3]))
+        own = net.state_dict()
+        net.load_state_dict({**own, **{k: v for k, v in base.state.items() if k in own and v.shape == own[k].shape}})
     apply_adapter_payload(net, payload)  # refuses a base whose frozen tensors differ from the training's
     return net, payload
 
