@@ -154,6 +154,27 @@ class Workspace:
                   "-np", 1], f"preprocess {dataset_id}")
         return folder
 
+    def alias_target(self, dataset_id: int, name: str, *, of: int) -> Path:
+        """Dataset DATASET_ID: dataset OF's raw cases (linked) and preprocessed data (copied, no splits files)
+        under another id, known by name from then on; no second preprocessing."""
+        import shutil
+
+        source = self.dataset_name(of)
+        alias = f"Dataset{dataset_id:03d}_{name}"
+        raw = self.root / "raw" / alias
+        for sub in ("imagesTr", "labelsTr"):
+            (raw / sub).mkdir(parents=True)
+            for f in (self.root / "raw" / source / sub).iterdir():
+                (raw / sub / f.name).symlink_to(f)
+        shutil.copy(self.root / "raw" / source / "dataset.json", raw / "dataset.json")
+        pre = self.root / "preprocessed"
+        shutil.copytree(pre / source, pre / alias, ignore=shutil.ignore_patterns("splits_*"))
+        plans = json.loads((pre / alias / "nnUNetPlans.json").read_text())
+        plans["dataset_name"] = alias
+        (pre / alias / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
+        self.extra_datasets[dataset_id] = alias
+        return raw
+
     def dataset_name(self, dataset) -> str:
         return {SOURCE_ID: self.source, TARGET_ID: self.target, **self.extra_datasets}[int(dataset)]
 
@@ -234,3 +255,121 @@ def assert_same_probabilities(stock, adapted, *, cases: int, tol: float = 1e-5) 
     for name in names:
         a, b = _np.load(stock / name)["probabilities"], _np.load(adapted / name)["probabilities"]
         assert _np.abs(a - b).max() < tol, name
+
+
+# --------------------------------------------------------------------------- the smoke studies' data and runs
+# Session-scoped so that more than one module analyses the same real runs: tests/test_e2e_study.py checks the
+# Karimi smoke study itself (kill, resume, SLURM path, report), tests/test_e2e_analyze.py runs every
+# ``nnunet_transfer analyze`` study on its four finished runs (2 R.I., 2 T.L., snapshots every epoch) instead of
+# training four runs of its own.
+EXAMPLES = Path(__file__).parents[1] / "examples"
+# datasets of the studies (912: held-out test set, shared by the Karimi and Sagie smoke studies, whose splits
+# are identical; 913: the same images under another id for Amiri's cross-validation): a study writes its
+# dataset's splits_final.json, which would change every other test's folds on the shared target 902
+FIXED, CV = 912, 913
+
+
+EVAL_ID = 911  # tests/test_e2e_experiments.py's dataset (its own splits file)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(workspace):
+    """Target 912 (10 cases, preprocessed with the source's plans) and, made from it before anything else writes
+    into it, 913 and 911: the same cases and preprocessed data under other ids, each with a splits file of its own
+    (913: Amiri's cross-validation; 911: tests/test_e2e_experiments.py's ``splits``); no second preprocessing."""
+    ws = workspace
+    ws.add_target(FIXED, "StudySmoke", n_train=10, seed=12)
+    ws.alias_target(CV, "StudySmokeCV", of=FIXED)
+    ws.alias_target(EVAL_ID, "EvalSplits", of=FIXED)
+    return ws
+
+
+def copy_example(name: str, dest: Path) -> Path:
+    """The shipped smoke file, unchanged, in a folder of the test's (its output is relative to it)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(EXAMPLES / name / "smoke.toml", dest / "smoke.toml"))
+
+
+def trained_logs(fold: Path) -> list[str]:
+    return sorted(p.name for p in fold.glob("training_log_*.txt"))
+
+
+def final_facts(study, runs) -> dict:
+    from nnunet_transfer.study.state import file_stamp, results_folder, sha256
+
+    out = {}
+    for r in runs:
+        fold = results_folder(study, r)
+        if (fold / "checkpoint_final.pth").is_file():
+            out[r.id] = (file_stamp(fold / "checkpoint_final.pth"), sha256(fold / "checkpoint_final.pth"),
+                         trained_logs(fold))
+    return out
+
+
+@pytest.fixture(scope="session")
+def karimi(smoke_data, tmp_path_factory):
+    """examples/karimi/smoke.toml run whole by ``study run``, killed in the middle of a run and resumed (locally,
+    then the rest as SLURM jobs through submitit's LocalExecutor), then reported. The facts recorded along the
+    way are tests/test_e2e_study.py's to check; its four finished runs are never trained again by anyone."""
+    import signal
+    import subprocess
+    import time
+
+    from nnunet_transfer.cli.main import main
+    from nnunet_transfer.pipeline import executable
+    from nnunet_transfer.study.plan import prepare
+    from nnunet_transfer.study.state import results_folder, run_dir
+    from nnunet_transfer.study.status import study_status
+
+    ws = smoke_data
+    path = copy_example("karimi", tmp_path_factory.mktemp("karimi"))
+    plan = prepare(path)
+    study, runs = plan.study, plan.runs
+    assert len(runs) == 4  # 2 strategies x 2 sizes
+    log = open(path.parent / "study_run.log", "w")
+    proc = subprocess.Popen([executable("nnunet_transfer"), "study", "run", str(path)], env=ws.env, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    killed = None
+    deadline = time.monotonic() + 1800  # a guard against a hang, not a measurement
+    try:
+        while killed is None and proc.poll() is None and time.monotonic() < deadline:
+            done = [r for r in runs if (run_dir(study, r) / "pred").is_dir()]
+            for r in runs:
+                fold = results_folder(study, r)
+                logs = list(fold.glob("training_log_*.txt")) if done else []
+                # "Epoch 1" is printed after epoch 0's checkpoint_latest was written in full
+                if logs and not (fold / "checkpoint_final.pth").exists() and "Epoch 1" in logs[0].read_text():
+                    os.killpg(proc.pid, signal.SIGSTOP)  # freeze, look again, then kill: never mid-final
+                    if not (fold / "checkpoint_final.pth").exists():
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        killed = r
+                        break
+                    os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and killed is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert killed is not None, f"study run ended before a run could be killed mid-run: {path.parent / 'study_run.log'}"
+    fold = results_folder(study, killed)
+    latest = load_checkpoint(fold / "checkpoint_latest.pth")
+    facts = {"path": path, "study": study, "runs": runs, "killed": killed,
+             "latest_epoch": latest["current_epoch"], "latest_log": latest["logging"],
+             "before": final_facts(study, runs), "status_after_kill": {p.run.id: p for p in study_status(path).progress}}
+    # 1. rerun the killed run here (--executor local, the default)
+    assert main(["study", "run", str(path), "--only", killed.id]) == 0
+    facts["after_local"] = final_facts(study, runs)
+    # 2. the rest as SLURM jobs: submitit's LocalExecutor runs RunJob in local processes
+    pending = [r for r in runs if r.id not in facts["after_local"]]
+    facts["pending"] = pending
+    assert main(["study", "run", str(path), "--executor", "slurm", "--cluster", "local", "--wait"]) == 0
+    facts["after_slurm"] = final_facts(study, runs)
+    # 3. a third run has nothing left to do
+    assert main(["study", "run", str(path)]) == 0
+    facts["after_all"] = final_facts(study, runs)
+    assert main(["study", "report", str(path), "-o", str(path.parent / "report")]) == 0
+    facts["report"] = path.parent / "report"
+    return facts

@@ -1,5 +1,10 @@
-"""``nnunet_transfer analyze`` end to end: tiny runs trained by the real nnUNetv2_train with snapshots
-(2 from scratch, 2 fine-tuned from the source model), then every study through the command line."""
+"""``nnunet_transfer analyze`` end to end on real nnUNetv2_train runs with snapshots: the four runs of the Karimi
+smoke study (tests/conftest.py ``karimi``: 2 from scratch, 2 fine-tuned from the source model, on dataset 912 with
+2 and all training cases, a snapshot every epoch), which the suite trains once for tests/test_e2e_study.py and
+this module; then every study through the command line.
+
+The bad-input checks add configurations to the plans of the shared target 902 (not to the study's 912, whose
+plans file the study's report records) and analyse the study's runs with ``-d 902``: the same tiny network."""
 from __future__ import annotations
 
 import json
@@ -10,32 +15,37 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_transfer.analysis.runs import convergence_epoch
+from nnunet_transfer.analysis.runs import convergence_epoch, run_label
 from nnunet_transfer.cli.main import main
+from nnunet_transfer.study.state import results_folder
 from nnunet_transfer.training.snapshots import read_index
 
 from analysis.test_convergence import by_hand, check_filter_numbers, nanmean2, one_tile_dice
-from conftest import QUICK_SETTINGS, TARGET_ID, TINY, load_checkpoint
+from conftest import FIXED, TARGET_ID, TINY, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
 RI, TL = "nnUNetTrainerTransferBase", "nnUNetTrainerFinetune"
-EPOCHS = 3
+EPOCHS = 2  # examples/karimi/smoke.toml: num_epochs = 2, snapshot_every = 1
 # 4 patches x 512 voxels = 2048 samples >= 100 x 16 channels: no sample-size warning
 FAST = ["--patches", "4", "--device", "cpu", "--no-progress"]
 TOL = 1e-9
 
 
 @pytest.fixture(scope="module")
-def runs(workspace):
-    ws, out = workspace, {"RI": [], "TL": []}
-    for seed in (0, 1):
-        for group, trainer, pretrained in (("RI", RI, None), ("TL", TL, ws.source_checkpoint)):
-            name = f"an_{group.lower()}{seed}"
-            ws.configure(TARGET_ID, TINY, name, {**QUICK_SETTINGS, "num_epochs": EPOCHS, "snapshot_every": 1,
-                                                 "seed": seed})
-            out[group].append(ws.train(TARGET_ID, name, trainer, pretrained=pretrained))
-    return ws, out
+def runs(workspace, karimi):
+    """The Karimi smoke study's finished runs: RI = scratch (2 cases, all), TL = finetune (2 cases, all); each run
+    also by its plans configuration and nnU-Net fold (``study``) for the command line's -c/-tr/-f form."""
+    study, out = karimi["study"], {"RI": [], "TL": [], "study": {}}
+    by = {(r.strategy.name, r.size_index): r for r in karimi["runs"]}
+    for group, strategy in (("RI", "scratch"), ("TL", "finetune")):
+        for i in (0, 1):
+            run = by[(strategy, i)]
+            assert run.trainer == {"RI": RI, "TL": TL}[group]
+            fold = results_folder(study, run)
+            out[group].append(fold)
+            out["study"][fold] = run
+    return workspace, out
 
 
 def analyze(capsys, *args) -> tuple[int, str, str]:
@@ -65,7 +75,7 @@ def test_runs_wrote_snapshots(runs):
 
 def test_compare_with_default_sampling(runs, capsys, tmp_path):
     ws, r = runs
-    code, out, err = analyze(capsys, "compare", r["TL"][0], r["TL"][1], r["RI"][0], "-d", TARGET_ID, "-c", TINY,
+    code, out, err = analyze(capsys, "compare", r["TL"][0], r["TL"][1], r["RI"][0], "-d", FIXED, "-c", TINY,
                              "--device", "cpu", "-o", tmp_path)
     assert code == 0, err
     assert "warning" not in err
@@ -81,9 +91,10 @@ def test_compare_with_default_sampling(runs, capsys, tmp_path):
             assert in_unit(row[m]) and in_unit(row[f"null_{m}"]), row
         assert row["null_pwcca"] < 0.25 and row["pwcca"] > row["null_pwcca"]
     # two fine-tuned copies of one source model stay closer than a fine-tuned and a scratch network
-    tl_tl = [r_["pwcca"] for r_ in rows if "an_tl0" in r_["a"] and "an_tl1" in r_["b"]]
-    tl_ri = [r_["pwcca"] for r_ in rows if "an_tl0" in r_["a"] and "an_ri0" in r_["b"]]
-    assert sum(tl_tl) > sum(tl_ri)
+    tl0, tl1, ri0 = (f"{run_label(f)}@final" for f in (r["TL"][0], r["TL"][1], r["RI"][0]))
+    tl_tl = [r_["pwcca"] for r_ in rows if r_["a"] == tl0 and r_["b"] == tl1]
+    tl_ri = [r_["pwcca"] for r_ in rows if r_["a"] == tl0 and r_["b"] == ri0]
+    assert len(tl_tl) == len(tl_ri) == 4 and sum(tl_tl) > sum(tl_ri)
     assert valid_png(tmp_path / "compare.png")
     assert (tmp_path / "summary.md").read_text().startswith("# compare")
 
@@ -91,10 +102,11 @@ def test_compare_with_default_sampling(runs, capsys, tmp_path):
 def test_evolution(runs, capsys, tmp_path):
     ws, r = runs
     fold = r["RI"][0]
+    run = r["study"][fold]
     expected = convergence_epoch(read_index(fold), source="ema")
     # the run by trainer and fold, as nnU-Net names it
-    code, out, err = analyze(capsys, "evolution", "-d", TARGET_ID, "-c", "an_ri0", "-tr", RI, "-f", 0,
-                             *FAST, "-o", tmp_path)
+    code, out, err = analyze(capsys, "evolution", "-d", FIXED, "-c", run.configuration, "-tr", RI, "-f",
+                             run.nnunet_fold, *FAST, "-o", tmp_path)
     assert code == 0, err
     evo = json.loads((tmp_path / "evolution.json").read_text())
     assert evo["convergence_epoch"] == expected
@@ -114,7 +126,7 @@ def test_evolution(runs, capsys, tmp_path):
     assert [(c["epoch"], c["value"]) for c in conv["curve"]] == [(i + 1, pytest.approx(v)) for i, v in enumerate(log)]
     assert expected == by_hand([(i + 1, v) for i, v in enumerate(log)])
     # an explicit convergence epoch
-    code, out, err = analyze(capsys, "evolution", fold, "-d", TARGET_ID, "-c", TINY, "--convergence-epoch", 0,
+    code, out, err = analyze(capsys, "evolution", fold, "-d", FIXED, "-c", TINY, "--convergence-epoch", 0,
                              "--layers", "blocks:1", *FAST, "-o", tmp_path / "e0")
     assert code == 0, err
     assert json.loads((tmp_path / "e0" / "evolution.json").read_text())["convergence_epoch"] == 0
@@ -123,7 +135,7 @@ def test_evolution(runs, capsys, tmp_path):
 def test_groups_reuse_weights(runs, capsys, tmp_path):
     ws, r = runs
     groups = [f"RI={r['RI'][0]},{r['RI'][1]}", f"TL={r['TL'][0]},{r['TL'][1]}"]
-    code, out, err = analyze(capsys, "groups", "--group", groups[0], "--group", groups[1], "-d", TARGET_ID,
+    code, out, err = analyze(capsys, "groups", "--group", groups[0], "--group", groups[1], "-d", FIXED,
                              "-c", TINY, *FAST, "-o", tmp_path / "groups")
     assert code == 0, err
     g = json.loads((tmp_path / "groups" / "groups.json").read_text())["tables"]
@@ -137,7 +149,7 @@ def test_groups_reuse_weights(runs, capsys, tmp_path):
     assert valid_png(tmp_path / "groups" / "groups.png")
 
     code, out, err = analyze(capsys, "reuse", "--ri", f"{r['RI'][0]},{r['RI'][1]}", "--tl", str(r["TL"][0]),
-                             "--tl", str(r["TL"][1]), "-d", TARGET_ID, "-c", TINY, *FAST, "-o", tmp_path / "reuse")
+                             "--tl", str(r["TL"][1]), "-d", FIXED, "-c", TINY, *FAST, "-o", tmp_path / "reuse")
     assert code == 0, err
     reuse = json.loads((tmp_path / "reuse" / "reuse.json").read_text())
     for row in reuse["tables"]["reuse"]:
@@ -147,11 +159,12 @@ def test_groups_reuse_weights(runs, capsys, tmp_path):
     assert [x["start"].endswith("@0") for x in reuse["runs"]] == [True] * 4
     assert valid_png(tmp_path / "reuse" / "reuse.png")
 
-    code, out, err = analyze(capsys, "weights", r["TL"][0], "-d", TARGET_ID, "-c", TINY, "--device", "cpu",
+    code, out, err = analyze(capsys, "weights", r["TL"][0], "-d", FIXED, "-c", TINY, "--device", "cpu",
                              "--no-progress", "--filters", "4", "-o", tmp_path / "weights", "--converged", "final")
     assert code == 0, err
     w = json.loads((tmp_path / "weights" / "weights.json").read_text())
-    assert w["start"].endswith("fold_0@0") and w["end"].endswith("fold_0@final")
+    name = r["TL"][0].name  # fold_N
+    assert w["start"].endswith(f"{name}@0") and w["end"].endswith(f"{name}@final")
     assert all(math.isfinite(c["ratio"]) and c["ratio"] >= 0 for c in w["tables"]["conv"])
     assert {x["group"] for x in w["tables"]["group"]} == {"encoder", "bottleneck", "decoder", "seg"}
     pngs = sorted(p.name for p in (tmp_path / "weights").glob("*.png"))
@@ -186,36 +199,41 @@ def test_bad_input_on_real_runs(runs, capsys, tmp_path):
         assert len(err.strip().splitlines()) == 1 and message in err, (args, err)
 
 
-def test_weights_to_the_convergence_epoch_and_validation_mode(runs, capsys, tmp_path):
+def test_weights_to_the_convergence_epoch_and_validation_mode(runs, capsys, tmp_path, monkeypatch):
+    from nnunet_transfer.analysis import session
+
     ws, r = runs
+    # the Karimi study's report validated these snapshots in this process already: validate them again here
+    monkeypatch.setattr(session, "_VALIDATED", {})
     fold = r["TL"][0]
     # default: from the epoch-0 snapshot to the EMA convergence epoch
-    code, out, err = analyze(capsys, "weights", fold, "-d", TARGET_ID, "-c", TINY, "--device", "cpu", "--no-progress",
+    code, out, err = analyze(capsys, "weights", fold, "-d", FIXED, "-c", TINY, "--device", "cpu", "--no-progress",
                              "--no-feature-maps", "-o", tmp_path / "ema")
     assert code == 0, err
     w = json.loads((tmp_path / "ema" / "weights.json").read_text())
     e_ema = convergence_epoch(read_index(fold), source="ema")
-    assert w["start"].endswith("fold_0@0") and w["end"].endswith(f"fold_0@{e_ema}") and w["convergence_from"] == "ema"
+    name = fold.name  # fold_N
+    assert w["start"].endswith(f"{name}@0") and w["end"].endswith(f"{name}@{e_ema}") and w["convergence_from"] == "ema"
     check_filter_numbers(w["tables"], fold / "snapshots" / "epoch_0000.pth", fold / "snapshots" / f"epoch_{e_ema:04d}.pth")
     assert (tmp_path / "ema" / "convergence.json").is_file()
     # a real validation of every snapshot on the fold's validation cases (nnU-Net's split)
-    code, out, err = analyze(capsys, "weights", fold, "-d", TARGET_ID, "-c", TINY, "--device", "cpu", "--no-progress",
+    code, out, err = analyze(capsys, "weights", fold, "-d", FIXED, "-c", TINY, "--device", "cpu", "--no-progress",
                              "--no-feature-maps", "--convergence-from", "validation", "-o", tmp_path / "val")
     assert code == 0, err
     conv = json.loads((tmp_path / "val" / "convergence.json").read_text())["runs"][0]
-    pre = ws.root / "preprocessed" / ws.target
-    split = json.loads((pre / "splits_final.json").read_text())[0]["val"]
+    pre = ws.root / "preprocessed" / ws.dataset_name(FIXED)
+    split = json.loads((pre / "splits_final.json").read_text())[r["study"][fold].nnunet_fold]["val"]
     assert conv["source"] == "validation" and conv["validation"]["cases"] == split and len(split) >= 1
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    cm = PlansManager(ws.plans(TARGET_ID)).get_configuration(TINY)
+    cm = PlansManager(ws.plans(FIXED)).get_configuration(TINY)
     ds = infer_dataset_class(str(pre / cm.data_identifier))(str(pre / cm.data_identifier))
     patch = cm.patch_size
     labels = conv["validation"]["labels_or_regions"]
     from nnunet_transfer.nnunet_io import build_network
 
-    net = build_network(ws.plans(TARGET_ID), TINY, json.loads((pre / "dataset.json").read_text()), deep_supervision=False)
+    net = build_network(ws.plans(FIXED), TINY, json.loads((pre / "dataset.json").read_text()), deep_supervision=False)
     curve = []
     for entry in conv["validation"]["per_snapshot"]:
         net.load_state_dict(torch.load(fold / "snapshots" / f"epoch_{entry['epoch']:04d}.pth")["network_weights"])
@@ -228,7 +246,7 @@ def test_weights_to_the_convergence_epoch_and_validation_mode(runs, capsys, tmp_
     assert [(c["epoch"], c["value"]) for c in conv["curve"]] == [(e, pytest.approx(v, abs=1e-3)) for e, v in curve]
     assert conv["epoch"] == by_hand([(c["epoch"], c["value"]) for c in conv["curve"]])
     w = json.loads((tmp_path / "val" / "weights.json").read_text())
-    assert w["end"].endswith(f"fold_0@{conv['epoch']}")
+    assert w["end"].endswith(f"{name}@{conv['epoch']}")
     check_filter_numbers(w["tables"], fold / "snapshots" / "epoch_0000.pth",
                          fold / "snapshots" / f"epoch_{conv['epoch']:04d}.pth")
 

@@ -1,8 +1,9 @@
 """``splits`` → two strategies through the real ``nnUNetv2_train`` on one small fold each → ``nnUNetv2_predict``
 on the held-out test folder → ``evaluate`` → ``compare`` (issue 11's "done when").
 
-A dataset of its own (911, preprocessed with the source's plans): writing splits_final.json into the shared
-target 902 would change every other test's folds.
+A dataset of its own (911: tests/conftest.py's smoke_data gives it the cases and preprocessed data of the
+studies' 912, copied before anything writes into 912): writing splits_final.json into the shared target 902 would
+change every other test's folds.
 """
 from __future__ import annotations
 
@@ -21,21 +22,20 @@ from nnunet_transfer.cli.main import main
 from nnunet_transfer.experiments.metrics import label_metrics
 from nnunet_transfer.pipeline import train_args
 
-from conftest import QUICK_SETTINGS, TINY, load_checkpoint
+from conftest import EVAL_ID, QUICK_SETTINGS, TINY, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
-EVAL_ID = 911
 CONFIG = "ev_quick"
 EPOCHS = 3
 STRATEGIES = {"scratch": ("nnUNetTrainerTransferBase", False), "tl_frozen": ("nnUNetTrainerFrozenEncoder", True)}
 
 
 @pytest.fixture(scope="module")
-def study(workspace, tmp_path_factory):
-    ws = workspace
-    folder = ws.add_target(EVAL_ID, "EvalSplits", n_train=8, seed=11)
-    # 8 cases: 3 held out, 1 validation, training subsets of 2 and all (4) -> folds 0 and 1
+def study(smoke_data, tmp_path_factory):
+    ws = smoke_data
+    folder = ws.root / "raw" / ws.dataset_name(EVAL_ID)
+    # 10 cases: 3 held out, 1 validation, training subsets of 2 and all (6) -> folds 0 and 1
     assert main(["splits", "-d", str(EVAL_ID), "--n-train", "2", "all", "--test", "3", "--val", "1"]) == 0
     ws.configure(EVAL_ID, TINY, CONFIG, {**QUICK_SETTINGS, "num_epochs": EPOCHS})
     base = ws.root / "preprocessed" / folder.name
@@ -62,7 +62,7 @@ def test_no_test_case_was_trained_on(study):
     mapping = json.loads((base / "splits_mapping.json").read_text())
     splits = json.loads((base / "splits_final.json").read_text())
     test = set(mapping["test"])
-    assert len(test) == 3 and [len(s["train"]) for s in splits] == [2, 4] and [len(s["val"]) for s in splits] == [1, 1]
+    assert len(test) == 3 and [len(s["train"]) for s in splits] == [2, 6] and [len(s["val"]) for s in splits] == [1, 1]
     assert set(splits[0]["train"]) < set(splits[1]["train"])
     assert not test & {c for s in splits for c in s["train"] + s["val"]}
     assert test | set(splits[1]["train"]) | set(splits[1]["val"]) == {p.name[:-7] for p in (folder / "labelsTr").iterdir()}

@@ -105,11 +105,17 @@ def test_frozen_parameters_stay_bit_identical_and_survive_resume(workspace, trai
     assert resumed["nnunet_transfer"]["parameters"] == final["nnunet_transfer"]["parameters"]
 
 
-def test_random_frozen_encoder_is_reproducible_with_seed(workspace):
-    # the from-scratch start of another trainer with the same seed has the same random encoder
+def test_random_frozen_encoder_is_reproducible_with_seed(workspace, karimi):
+    # the from-scratch start of another trainer with the same seed has the same random encoder: the start
+    # snapshot of the Karimi smoke study's scratch runs (nnUNetTrainerTransferBase, seed 0, snapshot_every 1, the
+    # same tiny network on 912; trained once in the session, tests/conftest.py), not a training of its own
+    from nnunet_transfer.study.state import results_folder
+
     ws = workspace
-    ws.configure(TARGET_ID, TINY, "fe_random_b", SETTINGS | {"num_epochs": 1})
-    fold = ws.train(TARGET_ID, "fe_random_b", "nnUNetTrainerTransferBase")
+    scratch = [r for r in karimi["runs"] if r.strategy.name == "scratch"]
+    assert scratch and all(r.trainer == "nnUNetTrainerTransferBase" for r in scratch)
+    fold = results_folder(karimi["study"], scratch[0])
+    assert load_checkpoint(fold / "checkpoint_final.pth")["nnunet_transfer"]["settings"]["seed"] == 0
     other = ws.fold_folder(TARGET_ID, "fe_random", "nnUNetTrainerFrozenEncoder")
     a = load_checkpoint(fold / "snapshots" / "epoch_0000.pth")["network_weights"]
     b = load_checkpoint(other / "snapshots" / "epoch_0000.pth")["network_weights"]

@@ -4,7 +4,7 @@ jobs through submitit's LocalExecutor — the same code path as on a cluster), t
 study (each run trained once; one of them killed mid-training, the other or a rerun finishes), and every
 template's file through `study plan`.
 
-Datasets of their own (912: held-out test set, shared by the Karimi and Sagie smoke studies, whose splits
+Datasets of their own (tests/conftest.py's smoke_data; 912: held-out test set, shared by the Karimi and Sagie smoke studies, whose splits
 are identical; 913: the same images under another id for Amiri's cross-validation): a study writes its
 dataset's splits_final.json, which would change every other test's folds on the shared target 902.
 """
@@ -23,42 +23,14 @@ import pytest
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.pipeline import executable
 from nnunet_transfer.study.plan import prepare
-from nnunet_transfer.study.state import file_stamp, read_state, results_folder, run_dir, sha256
+from nnunet_transfer.study.state import read_state, results_folder, run_dir
 from nnunet_transfer.study.status import study_status
 
-from conftest import load_checkpoint
+# the studies' datasets (smoke_data) and Karimi's study (karimi) are session fixtures: tests/test_e2e_analyze.py
+# analyses the Karimi study's runs too
+from conftest import CV, FIXED, copy_example, load_checkpoint, trained_logs
 
 pytestmark = pytest.mark.slow
-
-EXAMPLES = Path(__file__).parents[1] / "examples"
-FIXED, CV = 912, 913
-
-
-@pytest.fixture(scope="module")
-def smoke_data(workspace):
-    ws = workspace
-    folder = ws.add_target(FIXED, "StudySmoke", n_train=10, seed=12)
-    # 913: the same cases and preprocessed data under another id (its own splits file); no second preprocessing
-    cv = f"Dataset{CV}_StudySmokeCV"
-    raw = ws.root / "raw" / cv
-    for sub in ("imagesTr", "labelsTr"):
-        (raw / sub).mkdir(parents=True)
-        for f in (folder / sub).iterdir():
-            (raw / sub / f.name).symlink_to(f)
-    shutil.copy(folder / "dataset.json", raw / "dataset.json")
-    pre = ws.root / "preprocessed"
-    shutil.copytree(pre / folder.name, pre / cv, ignore=shutil.ignore_patterns("splits_*"))
-    plans = json.loads((pre / cv / "nnUNetPlans.json").read_text())
-    plans["dataset_name"] = cv
-    (pre / cv / "nnUNetPlans.json").write_text(json.dumps(plans, indent=2))
-    ws.extra_datasets[CV] = cv
-    return ws
-
-
-def copy_example(name: str, dest: Path) -> Path:
-    """The shipped smoke file, unchanged, in a folder of the test's (its output is relative to it)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    return Path(shutil.copy(EXAMPLES / name / "smoke.toml", dest / "smoke.toml"))
 
 
 def run_and_report(name: str, tmp_path_factory) -> Path:
@@ -69,75 +41,7 @@ def run_and_report(name: str, tmp_path_factory) -> Path:
     return path
 
 
-def trained_logs(fold: Path) -> list[str]:
-    return sorted(p.name for p in fold.glob("training_log_*.txt"))
-
-
-def final_facts(study, runs) -> dict:
-    out = {}
-    for r in runs:
-        fold = results_folder(study, r)
-        if (fold / "checkpoint_final.pth").is_file():
-            out[r.id] = (file_stamp(fold / "checkpoint_final.pth"), sha256(fold / "checkpoint_final.pth"),
-                         trained_logs(fold))
-    return out
-
-
 # --------------------------------------------------------------------------- Karimi: kill, resume, SLURM path
-@pytest.fixture(scope="module")
-def karimi(smoke_data, tmp_path_factory):
-    ws = smoke_data
-    path = copy_example("karimi", tmp_path_factory.mktemp("karimi"))
-    plan = prepare(path)
-    study, runs = plan.study, plan.runs
-    assert len(runs) == 4  # 2 strategies x 2 sizes
-    log = open(path.parent / "study_run.log", "w")
-    proc = subprocess.Popen([executable("nnunet_transfer"), "study", "run", str(path)], env=ws.env, stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    killed = None
-    deadline = time.monotonic() + 1800  # a guard against a hang, not a measurement
-    try:
-        while killed is None and proc.poll() is None and time.monotonic() < deadline:
-            done = [r for r in runs if (run_dir(study, r) / "pred").is_dir()]
-            for r in runs:
-                fold = results_folder(study, r)
-                logs = list(fold.glob("training_log_*.txt")) if done else []
-                # "Epoch 1" is printed after epoch 0's checkpoint_latest was written in full
-                if logs and not (fold / "checkpoint_final.pth").exists() and "Epoch 1" in logs[0].read_text():
-                    os.killpg(proc.pid, signal.SIGSTOP)  # freeze, look again, then kill: never mid-final
-                    if not (fold / "checkpoint_final.pth").exists():
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        killed = r
-                        break
-                    os.killpg(proc.pid, signal.SIGCONT)
-            time.sleep(0.02)
-    finally:
-        if proc.poll() is None and killed is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
-    assert killed is not None, f"study run ended before a run could be killed mid-run: {path.parent / 'study_run.log'}"
-    fold = results_folder(study, killed)
-    latest = load_checkpoint(fold / "checkpoint_latest.pth")
-    facts = {"path": path, "study": study, "runs": runs, "killed": killed,
-             "latest_epoch": latest["current_epoch"], "latest_log": latest["logging"],
-             "before": final_facts(study, runs), "status_after_kill": {p.run.id: p for p in study_status(path).progress}}
-    # 1. rerun the killed run here (--executor local, the default)
-    assert main(["study", "run", str(path), "--only", killed.id]) == 0
-    facts["after_local"] = final_facts(study, runs)
-    # 2. the rest as SLURM jobs: submitit's LocalExecutor runs RunJob in local processes
-    pending = [r for r in runs if r.id not in facts["after_local"]]
-    facts["pending"] = pending
-    assert main(["study", "run", str(path), "--executor", "slurm", "--cluster", "local", "--wait"]) == 0
-    facts["after_slurm"] = final_facts(study, runs)
-    # 3. a third run has nothing left to do
-    assert main(["study", "run", str(path)]) == 0
-    facts["after_all"] = final_facts(study, runs)
-    assert main(["study", "report", str(path), "-o", str(path.parent / "report")]) == 0
-    facts["report"] = path.parent / "report"
-    return facts
-
-
 def test_finished_runs_were_never_retrained(karimi):
     before = karimi["before"]
     assert before and karimi["killed"].id not in before  # at least one run finished before the kill
