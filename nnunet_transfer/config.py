@@ -102,6 +102,16 @@ def _heads(key: str, v: Any) -> None:
                       f"got {v!r}")
 
 
+def _pause_at(key: str, v: Any) -> None:
+    """Epoch counts after which a run pauses: null, or a non-empty list of increasing integers >= 1."""
+    if v is None:
+        return
+    if (not isinstance(v, list) or not v or not all(is_int(e) and e >= 1 for e in v)
+            or any(b <= a for a, b in zip(v, v[1:]))):
+        raise ConfigError(f"setting {key!r} must be null or a non-empty list of increasing epoch counts >= 1 "
+                          f"(e.g. [10, 30]; text 10,30), got {v!r}")
+
+
 def _stages(key: str, v: Any) -> None:
     """A staged schedule: ``[[spec, end_epoch], ..., [spec, null]]``, end epochs increasing, the last open."""
     if v is None:
@@ -168,6 +178,11 @@ class TransferConfig:
     snapshot_every: int = _setting(0, _int_at_least(0),
                                    "save weights-only snapshots at the start and every N epochs (0 = off)",
                                    group="schedule", resumable=True)
+    pause_at: list | None = _setting(None, _pause_at,
+                                     "pause the run after these completed epochs (checkpoint_latest.pth written, no "
+                                     "final validation, transfer_config.json says paused); --c continues to the "
+                                     "next pause or num_epochs. The LR schedule stays the one of num_epochs",
+                                     group="schedule", resumable=True)
     # -- the run (all trainers; fixed for a run) --
     lr_scale: float = _setting(1.0, _positive_float,
                                "multiplies nnU-Net's initial_lr (1e-2); Finetune defaults to 0.5", group="run")
@@ -305,6 +320,13 @@ def _coerce_special(key: str, v: Any) -> Any:
         return math.inf
     if key == "heads" and isinstance(v, str) and v.strip() not in HEADS_MODES:
         return parse_heads_text(v)
+    if key == "pause_at":
+        if is_int(v):
+            return [v]
+        if isinstance(v, str) and re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", v):
+            return [int(e) for e in v.split(",")]
+        if isinstance(v, tuple):
+            return list(v)
     if key == "stages":
         if isinstance(v, str):
             return parse_stages_text(v)
@@ -383,7 +405,7 @@ def parse_cli_value(key: str, text: str) -> Any:
         return _coerce_special(key, t)
     if t.lower() in ("null", "none"):
         return None
-    if key == "stages":
+    if key in ("stages", "pause_at"):
         return _coerce_special(key, t)
     if t.lower() in ("true", "false"):
         return t.lower() == "true"

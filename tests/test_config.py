@@ -33,6 +33,10 @@ BAD = [
     ({"decoder_init": "zeros"}, r"setting 'decoder_init' must be one of \['pretrained', 'random'\]"),
     ({"freeze_seg": 1}, r"setting 'freeze_seg' must be true or false, got 1"),
     ({"trainable": ""}, r"setting 'trainable' must be a non-empty block spec string"),
+    ({"pause_at": [3, 2]}, r"setting 'pause_at' must be null or a non-empty list of increasing epoch counts >= 1 "
+                           r"\(e.g. \[10, 30\]; text 10,30\), got \[3, 2\]"),
+    ({"pause_at": [0]}, r"setting 'pause_at' must be null or a non-empty list of increasing epoch counts"),
+    ({"pause_at": []}, r"setting 'pause_at' must be null or a non-empty list of increasing epoch counts"),
     ({"epochs": 10}, r"unknown setting 'epochs'; valid settings for this trainer: \['allow_random_anchor'"),
 ]
 
@@ -85,3 +89,11 @@ def test_cli_values_are_parsed_to_json_types(key, text, value):
 def test_cli_set_errors(items, message):
     with pytest.raises(ConfigError, match=message):
         parse_settings(items)
+
+
+def test_pause_at_text_and_single_epoch():
+    assert parse_cli_value("pause_at", "10, 30") == [10, 30]
+    assert parse_cli_value("pause_at", "5") == [5]
+    assert parse_cli_value("pause_at", "null") is None
+    assert TransferConfig.from_mapping({"pause_at": 4}).pause_at == [4]
+    assert "pause_at" in TransferConfig.resumable_keys()  # a pause says when, not what: --c may change it

@@ -60,6 +60,16 @@ def add_parser(sub) -> None:
     s.add_argument("file", help="study file (.toml)")
     s.set_defaults(func=run_status)
 
+    rr = verbs.add_parser("replay-racing", help="simulate [racing] on a study that ran in full",
+                          description="From the EMA pseudo-Dice curves logged in the runs' checkpoint_final.pth, "
+                                      "simulate racing: which strategies each size would have dropped at which rung, "
+                                      "the training epochs saved, and whether the full study's winner and every "
+                                      "strategy not significantly worse than it (paired test, Holm) survive.")
+    rr.add_argument("file", help="study file (.toml) of a study that ran in full")
+    rr.add_argument("--rule", choices=("paired", "halving"), default=None, help="default: the file's [racing]")
+    rr.add_argument("--rungs", default=None, help="comma-separated epochs or fractions, e.g. 0.1,0.3")
+    rr.set_defaults(func=run_replay)
+
     rep = verbs.add_parser("report", help="evaluate, compare per size, plot across sizes, write report.md",
                            description="Evaluate every done run on its test cases, compare the strategies per "
                                        "training-set size against the file's baseline, plot Dice against n_train "
@@ -98,6 +108,21 @@ def run_status(args) -> int:
     from nnunet_transfer.study import study_status
 
     print(study_status(args.file).text())
+    return 0
+
+
+def run_replay(args) -> int:
+    from nnunet_transfer.errors import ConfigError
+    from nnunet_transfer.study import replay_racing
+
+    rungs = None
+    if args.rungs is not None:
+        try:
+            rungs = [float(x) if "." in x else int(x) for x in args.rungs.split(",")]
+        except ValueError:
+            raise ConfigError(f"--rungs {args.rungs!r} must be comma-separated epochs (10,30) or fractions "
+                              f"(0.1,0.3)") from None
+    print(replay_racing(args.file, rule=args.rule, rungs=rungs).text())
     return 0
 
 

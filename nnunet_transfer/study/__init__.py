@@ -51,4 +51,4 @@ def init_study(template, dataset, pretrained, out, **kw):
     return f(template, dataset, pretrained, out, **kw)
 
 
-__all__ = ["load_study", "prepare", "run_study", "study_status", "report_study", "init_study"]
+__all__ = ["load_study", "prepare", "run_study", "replay_racing", "study_status", "report_study", "init_study"]

@@ -88,6 +88,7 @@ class Study:
     slurm: dict[str, Any] = field(default_factory=dict)
     base_settings: dict = field(default_factory=dict)  # the base configuration's own settings
     analysis: AnalysisSpec | None = None  # [analysis]; its snapshot_every is in ``settings``
+    racing: Any = None  # [racing] (:class:`~nnunet_transfer.study.read_racing.Racing`); its rungs are pause_at
 
     def strategy(self, name: str) -> Strategy:
         return next(s for s in self.strategies if s.name == name)

@@ -44,6 +44,7 @@ from nnunet_transfer.figures import colors, figure
 from nnunet_transfer.fileio import plain, write_atomic
 from nnunet_transfer.nnunet_io import load_dataset_json
 from nnunet_transfer.study.analysis import analyse_study
+from nnunet_transfer.study.racing import racing_markdown
 from nnunet_transfer.study.plan import prepare
 from nnunet_transfer.study.runner import evaluate_run, job_alive
 from nnunet_transfer.study.model import Study, sweep_label
@@ -363,6 +364,7 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
     lines.append("")
     size_keys = [str(s) for s in sp.n_train]
     lines += _convergence_lines(study, done, strategies, size_keys)
+    lines += racing_markdown(study, [p.run for p in prog])
     for lab in labels:
         lines += [f"## Dice across training-set sizes — {_label_title(lab, names)}", "",
                   "Mean ± sd over the test cases; **bold** = best at that size; `*` = differs from the baseline; "

@@ -40,7 +40,7 @@ from nnunet_transfer.study.plan import prepare
 from nnunet_transfer.study.read_execution import SLURM_KEYS
 from nnunet_transfer.study.spec import load_study
 from nnunet_transfer.study.state import (EVAL_MARKER, PRED_MARKER, RUN_FILE, RunLock, base_configuration_hash,
-                                         definition, evaluation_current, evaluation_key, file_stamp, host_pid, progress,
+                                         definition, evaluation_current, evaluation_key, file_stamp, host_pid, paused_after, progress,
                                          read_json, read_state, results_folder, run_dir, update_state, write_json)
 from nnunet_transfer.study.table import Run, build_table, plan_study_splits, test_folder
 
@@ -71,8 +71,8 @@ class RunSummary:
 
     def text(self) -> str:
         names = {"busy": "held by another process"}
-        parts = [f"{self.count(k)} {names.get(k, k)}" for k in ("done", "skipped", "submitted", "queued", "busy",
-                                                                "failed") if self.count(k)]
+        parts = [f"{self.count(k)} {names.get(k, k)}" for k in ("done", "skipped", "paused", "dropped", "submitted",
+                                                                "queued", "busy", "failed") if self.count(k)]
         lines = [f"{len(self.outcomes)} runs: " + ", ".join(parts)]
         lines += [f"  held: {o.run}: {o.message}" for o in self.outcomes if o.result == "busy"]
         lines += [f"  failed: {o.run}: {o.message.splitlines()[0] if o.message else ''}" for o in self.failed]
@@ -104,8 +104,11 @@ def evaluate_run(study: Study, run: Run) -> Path:
 
 
 def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_id: str | None = None,
-                env: dict | None = None, say: Callable[[str], None] = print) -> Outcome:
-    """Train (or continue), predict and evaluate one run, unless it is done or another process holds it."""
+                env: dict | None = None, say: Callable[[str], None] = print, until: int | None = None) -> Outcome:
+    """Train (or continue), predict and evaluate one run, unless it is done or another process holds it.
+
+    A run that pauses (setting ``pause_at``, the rungs of [racing]) ends as "paused" after its training;
+    ``until``: a rung — a run paused there or later is not trained now (racing trains every run to a rung)."""
     folder = run_dir(study, run)
     lock = RunLock(folder)
     if not lock.acquire(job_id=job_id, job_alive=job_alive):
@@ -124,6 +127,10 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
                 except Exception as e:  # a scoring problem: the run stays done, the report says it again
                     return Outcome(run.id, "failed", message=f"evaluate: {e}")
             return Outcome(run.id, "skipped", message="done")
+        fold = results_folder(study, run)
+        at = paused_after(fold)
+        if until is not None and at is not None and at >= until:
+            return Outcome(run.id, "paused", message=f"paused after epoch {at}")
         d = definition_
         saved = read_json(folder / RUN_FILE)
         if saved is None:
@@ -140,7 +147,6 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
         update_state(study, run, state="running", attempt=attempt, attempt_started=now,
                      started=state.get("started", now), job_id=job_id or state.get("job_id"), error=None,
                      **host_pid())
-        fold = results_folder(study, run)
         t0 = time.perf_counter()
         log = None
         try:
@@ -155,6 +161,13 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
                 args = pipeline.train_args(study.dataset, run.configuration, run.nnunet_fold, run.trainer,
                                            pretrained=pretrained, cont=cont, device=study.device, plans=study.plans)
                 pipeline.run_step(args, env=env, log=log, what=f"nnUNetv2_train of {run.id}")
+                at = paused_after(fold)
+                if at is not None:
+                    seconds = time.perf_counter() - t0
+                    update_state(study, run, state="paused", epochs_trained=at, attempt_started=None, log=None,
+                                 seconds=(state.get("seconds") or 0.0) + seconds)
+                    say(f"{run.id} paused after epoch {at}")
+                    return Outcome(run.id, "paused", seconds, f"paused after epoch {at}")
                 if not (fold / "checkpoint_final.pth").is_file():
                     raise TransferError(f"nnUNetv2_train of {run.id} ended without {fold}/checkpoint_final.pth; "
                                         f"see {log}")
@@ -243,6 +256,10 @@ def run_study(study: Study | str | Path, *, executor: str = "local", only: str |
     if executor not in EXECUTORS:
         raise ConfigError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     study = study if isinstance(study, Study) else load_study(study)
+    if study.racing is not None:
+        # nnunet_transfer.study.run_study dispatches a racing study to study.racing.run_racing
+        raise ConfigError(f"study file {study.path} has [racing]: run it with `nnunet_transfer study run` "
+                          f"(nnunet_transfer.study.run_study), which trains rung by rung")
     with _planning(study):
         plan = prepare(study)
     study = plan.study

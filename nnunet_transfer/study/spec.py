@@ -106,6 +106,7 @@ from nnunet_transfer.study.problems import Problems, expand_path, read_name, rea
 from nnunet_transfer.study.read_analysis import read_analysis, read_analysis_table
 from nnunet_transfer.study.read_execution import read_environment, read_slurm
 from nnunet_transfer.study.read_inputs import read_pretrained, read_splits
+from nnunet_transfer.study.read_racing import read_racing
 from nnunet_transfer.study.read_scoring import read_predict, read_scoring
 from nnunet_transfer.study.read_strategies import read_settings, read_strategies
 
@@ -115,7 +116,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 (pyproject depends
     import tomli as tomllib
 
 TOP_LEVEL = ("study", "pretrained", "splits", "settings", "scoring", "predict", "analysis", "environment", "slurm",
-             "strategy")
+             "racing", "strategy")
 STUDY_KEYS = ("name", "target", "configuration", "plans", "output", "baseline", "device")
 DEVICES = ("cuda", "cpu", "mps")
 MARKER = ".nnunet_transfer_study"  # in a study folder: what makes it one (study plan writes it)
@@ -211,6 +212,13 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
                        f"strategies: {', '.join(map(str, names))}")
     analysis = read_analysis(p, an, every, strategies, names, baseline, configuration,
                              check_data and dataset is not None, dataset, plans) if an is not None else None
+    racing = None
+    if "racing" in doc:
+        epochs = [{**base_settings, **settings, **s.settings}.get("num_epochs", 1000) for s in strategies]
+        racing = read_racing(p, doc["racing"], epochs)
+        if racing is not None:
+            # every run pauses at the rungs (a schedule setting: the runs stay the runs of the study without racing)
+            settings = {**settings, "pause_at": list(racing.rungs)}
     scoring = read_scoring(p, doc.get("scoring", {}))
     disable_tta, processes, checkpoint = read_predict(p, doc.get("predict", {}))
     environment = read_environment(p, doc.get("environment", {}))
@@ -223,7 +231,7 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
                  baseline=baseline, device=device, pretrained=pretrained, splits=splits, settings=settings,
                  strategies=tuple(strategies), scoring=scoring, disable_tta=disable_tta,
                  predict_processes=processes, predict_checkpoint=checkpoint, environment=environment, slurm=slurm,
-                 base_settings=base_settings, analysis=analysis)
+                 base_settings=base_settings, analysis=analysis, racing=racing)
 
 
 

@@ -302,9 +302,21 @@ def progress(study: Study, run: Run, *, job_alive=None, locked: bool | None = No
     elif final:
         p.state = "trained"
         p.detail = "predictions missing or older than checkpoint_final"
+    elif resume and paused_after(fold) is not None:
+        p.state, p.detail = "paused", f"paused after epoch {paused_after(fold)} (racing rung)"
     elif resume or state.get("state") == "running":
         p.state = "interrupted"
     return p
+
+
+def paused_after(fold: Path) -> int | None:
+    """The completed epochs of a run that paused (setting ``pause_at``; ``transfer_config.json`` says so) and has
+    not finished since, or None."""
+    if (fold / "checkpoint_final.pth").is_file():
+        return None
+    record = read_json(fold / "transfer_config.json") if (fold / "transfer_config.json").is_file() else None
+    paused = (record or {}).get("paused")
+    return int(paused["after_epoch"]) if paused else None
 
 
 def host_pid() -> dict:
@@ -313,5 +325,5 @@ def host_pid() -> dict:
 
 __all__ = ["Holder", "lock_holder", "run_dir", "results_folder", "read_state", "update_state", "check_definitions", "definition",
            "RunLock", "is_locked", "progress", "Progress", "epochs_done", "prediction_current", "evaluation_current",
-           "evaluation_key", "write_json", "read_json", "file_stamp", "sha256", "checkpoint_file",
+           "evaluation_key", "write_json", "paused_after", "read_json", "file_stamp", "sha256", "checkpoint_file",
            "PRED_MARKER", "EVAL_MARKER", "RUN_FILE", "STATE_FILE"]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_transfer.study.model import Study
+from nnunet_transfer.study.racing import dropped_before, racing_lines, read_decisions
 from nnunet_transfer.study.runner import job_alive
 from nnunet_transfer.study.spec import load_study
 from nnunet_transfer.study.state import Progress, progress
@@ -33,7 +34,8 @@ class StatusResult:
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         counts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
-        return "\n".join([fmt(head), *map(fmt, rows), "", f"{len(rows)} runs: {counts}"])
+        return "\n".join([fmt(head), *map(fmt, rows), "", f"{len(rows)} runs: {counts}",
+                          *racing_lines(self.study)])
 
 
 def _elapsed(seconds: float | None) -> str:
@@ -49,7 +51,14 @@ def study_status(study: Study | str | Path, *, check_jobs: bool = True) -> Statu
     if not isinstance(study, Study):
         study = load_study(study)
     runs = build_table(study, plan_study_splits(study))
-    return StatusResult(study, [progress(study, r, job_alive=job_alive if check_jobs else None) for r in runs])
+    out = [progress(study, r, job_alive=job_alive if check_jobs else None) for r in runs]
+    if study.racing is not None:
+        decisions = read_decisions(study)
+        for p in out:
+            at = dropped_before(decisions, p.run.size_index).get(p.run.strategy.name)
+            if at is not None and p.state in ("paused", "interrupted", "pending"):
+                p.state, p.detail = "dropped", f"dropped by racing at epoch {at}"
+    return StatusResult(study, out)
 
 
 __all__ = ["study_status", "StatusResult"]

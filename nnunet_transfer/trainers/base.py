@@ -48,6 +48,8 @@ from nnunet_transfer.training.pretrained import (PretrainedFile, check_pretraine
 from nnunet_transfer.training.run_record import (all_trainable_counts, config_file_content, drift_line,
                                                  parameter_counts, settings_line, start_lines,
                                                  write_config_file)
+from nnunet_transfer.training.pausing import (PAUSED_KEY, RNG_KEY, capture_rng, pause_due, paused_text,
+                                              restore_rng)
 from nnunet_transfer.training.schedule import LR_SCHEDULES, WarmupPolyLRScheduler, make_optimizer
 from nnunet_transfer.training.snapshots import START_FILE, save_snapshot, save_weights
 from nnunet_transfer.training.stopping import (EarlyStopping, best_follows_monitor, end_of_epoch,
@@ -100,6 +102,9 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             # in transfer_state: it travels in every checkpoint and transfer_config.json, and --c restores it
             self.transfer_state["stopping"] = EarlyStopping(cfg.early_stopping, cfg.patience).state()
         self._writing_best = False
+        self._paused = False  # this process ended the run at a pause (setting pause_at)
+        self._rng_at_pause: dict | None = None  # the random state written into the pause's checkpoint
+        self._rng_to_restore: dict | None = None  # read back from it on --c
 
     # ------------------------------------------------------------------ command line (before any folder)
     @classmethod
@@ -360,6 +365,12 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
                     save_snapshot(self.network, self.output_folder, 0, trainer_name=self.__class__.__name__,
                                   same_as=start)
         self._after_train_start()
+        if self._rng_to_restore is not None:
+            # after nnU-Net built its loaders (drawing a first batch each): the next epoch draws as it would have
+            restore_rng(self._rng_to_restore, (self.dataloader_train, self.dataloader_val))
+            self._rng_to_restore = None
+            self.print_to_log_file("nnunet_transfer: continuing a paused run from epoch "
+                                   f"{self.current_epoch}; the random state of the pause is restored")
 
     def _transfer_heads(self) -> None:
         """Copy the planned segmentation-head rows (setting ``heads``) after nnU-Net loaded the rest."""
@@ -392,6 +403,13 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             # nnU-Net's loop runs over a fixed range(current_epoch, num_epochs): leaving it is the only way to
             # end early; on_train_end then writes checkpoint_final.pth as after the last epoch
             self.on_train_end()
+        except _PauseTraining:
+            # not nnU-Net's on_train_end: no checkpoint_final.pth, checkpoint_latest.pth stays for --c
+            self._paused = True
+            for loader in (self.dataloader_train, self.dataloader_val):
+                if hasattr(loader, "_finish"):  # background augmentation workers
+                    loader._finish()
+            self.print_to_log_file("nnunet_transfer: " + paused_text(self.transfer_state[PAUSED_KEY]))
 
     def on_epoch_start(self):
         stopped = stopped_text(self.transfer_state.get("stopping"))
@@ -427,6 +445,22 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self._after_epoch(epoch)
         if stop:
             raise _StopTraining
+        if pause_due(self.transfer_config.pause_at, done, self.num_epochs):
+            self._pause(done)
+
+    def _pause(self, done: int) -> None:
+        """End this process's training after ``done`` completed epochs: checkpoint_latest.pth with the random
+        state, transfer_config.json marked paused (:mod:`~nnunet_transfer.training.pausing`)."""
+        self.transfer_state[PAUSED_KEY] = {"after_epoch": done, "num_epochs": self.num_epochs}
+        self._rng_at_pause = capture_rng((self.dataloader_train, self.dataloader_val))
+        if self.local_rank == 0:
+            self.current_epoch -= 1  # nnU-Net's checkpoint stores current_epoch + 1
+            try:
+                self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+            finally:
+                self.current_epoch += 1
+            self._write_config_file()
+        raise _PauseTraining
 
     # ------------------------------------------------------------------ early stopping
     def _best_follows_monitor(self) -> bool:
@@ -469,6 +503,9 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         return drift_from_file(self.blocks, os.path.join(self.output_folder, START_FILE), self._weights_for_drift())
 
     def perform_actual_validation(self, save_probabilities: bool = False):
+        if self._paused:
+            self.print_to_log_file("nnunet_transfer: no final validation: the run is paused, not finished")
+            return
         if not self.transfer_config.final_validation:
             self.print_to_log_file("nnunet_transfer: final validation skipped (final_validation=false); "
                                    "set it to true and run nnUNetv2_train ... --val to validate later")
@@ -509,8 +546,11 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
 
     def _checkpoint_state(self) -> dict:
         """The checkpoint's ``"nnunet_transfer"`` entry (:func:`~nnunet_transfer.training.checkpoint_state.checkpoint_state`)."""
+        extras = self._checkpoint_extras()
+        if self._rng_at_pause is not None:
+            extras = {**extras, RNG_KEY: self._rng_at_pause}
         return checkpoint_state(self.__class__.__name__, self.transfer_config.to_json_dict(), self.transfer_state,
-                                self._checkpoint_extras())
+                                extras)
 
     def save_checkpoint(self, filename: str) -> None:
         # nnU-Net 2.8 builds and writes its checkpoint dict inside this one method with no hook for
@@ -556,8 +596,14 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             super().load_checkpoint(filename_or_checkpoint)
             restore_transfer_state(self.transfer_state, state)
             self._restore_checkpoint_extras(state)
+        # a checkpoint written at a pause: its random state goes back once the loaders exist (on_train_start)
+        self._rng_to_restore = state.get(RNG_KEY)
         self._resumed = True
 
 
 class _StopTraining(Exception):
     """Raised at the end of an epoch to leave nnU-Net's training loop (early stopping)."""
+
+
+class _PauseTraining(Exception):
+    """Raised at the end of an epoch to leave nnU-Net's training loop at a pause (setting ``pause_at``)."""

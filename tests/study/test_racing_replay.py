@@ -1,0 +1,63 @@
+"""study replay-racing and the racing record: on a study tree whose runs 'ran in full' (checkpoint_final.pth with
+an EMA pseudo-Dice curve of known values), the replay drops what the rules say, counts the epochs exactly, and
+``study status`` shows the decisions of racing.json."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnunet_transfer.experiments.racing import decide
+from nnunet_transfer.study.racing import RACING_FILE, racing_lines, replay, unit_of
+from nnunet_transfer.study.spec import load_study
+from nnunet_transfer.study.state import results_folder, write_json
+from nnunet_transfer.study.table import build_table, plan_study_splits
+
+from study.fake_tree import DEFAULT_STUDY, make_tree, set_env
+
+TEXT = DEFAULT_STUDY.replace("val = 1", "val = 1\nrepeats = 3") + "\n[racing]\nrungs = [1, 2]\n"
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    set_env(monkeypatch, tmp_path)
+    s = load_study(make_tree(tmp_path, n_cases=8, study_text=TEXT))
+    runs = build_table(s, plan_study_splits(s))
+    for r in runs:
+        # scratch: 0.5, 0.6, 0.7, 0.8 (+ a per-unit offset); frozen: 0.25 below, with a different offset per unit
+        offset = 0.01 * r.repeat
+        curve = [0.4 + 0.1 * e + offset - (0.25 + 0.02 * (r.repeat % 2) if r.strategy.name == "frozen" else 0.0)
+                 for e in range(1, r.num_epochs + 1)]
+        fold = results_folder(s, r)
+        fold.mkdir(parents=True, exist_ok=True)
+        torch.save({"logging": {"ema_fg_dice": curve}, "current_epoch": r.num_epochs}, fold / "checkpoint_final.pth")
+    return s, runs
+
+
+def test_replay_drops_the_worse_strategy_at_the_first_rung_and_counts_the_epochs(study):
+    s, runs = study
+    for rule in ("paired", "halving"):
+        result = replay(s, rule=rule)
+        assert [row["n_train"] for row in result.rows] == [2, 4]
+        for row in result.rows:
+            assert row["dropped"] == {"frozen": 1}
+            assert (row["winner"], row["winner_kept"], row["wrong"]) == ("scratch", True, [])
+            # 2 strategies x 3 repeats x 4 epochs; frozen stops after 1 epoch in each of its 3 units
+            assert (row["full"], row["spent"]) == (24, 24 - 3 * 3)
+        assert "37.5 % of the training epochs saved" in result.text()
+
+
+def test_replay_with_other_rungs_and_a_study_without_them(study):
+    s, _ = study
+    assert replay(s, rule="paired", rungs=[2]).rows[0]["dropped"] == {"frozen": 2}
+
+
+def test_status_lines_show_the_recorded_decisions_with_evidence(study):
+    s, runs = study
+    units = {n: {unit_of(r): 0.5 - (0.2 if n == "frozen" else 0) + 0.01 * r.repeat
+                 for r in runs if r.size_index == 0 and r.strategy.name == n} for n in ("scratch", "frozen")}
+    verdicts = decide(units, baseline="scratch", rule="paired")
+    write_json(s.output / RACING_FILE, {"rungs": [1, 2], "sizes": {"0": {"1": {
+        "signals": units, "verdicts": [v.to_dict() for v in verdicts], "dropped": ["frozen"]}}}})
+    text = "\n".join(racing_lines(s))
+    assert "size index 0, rung 1: live scratch; dropped frozen" in text
+    assert "frozen: worse than scratch: mean paired difference -0.2000 over 3 units" in text
