@@ -63,6 +63,11 @@ def _non_negative_float_or_inf(key: str, v: Any) -> None:
         raise ConfigError(f"setting {key!r} must be a number >= 0 (or inf), got {v!r}")
 
 
+def _finite_non_negative(key: str, v: Any) -> None:
+    if not _is_number(v) or not math.isfinite(v) or v < 0:
+        raise ConfigError(f"setting {key!r} must be a finite number >= 0, got {v!r}")
+
+
 def _optional_non_negative_float(key: str, v: Any) -> None:
     if v is not None and (not _is_number(v) or not math.isfinite(v) or v < 0):
         raise ConfigError(f"setting {key!r} must be a finite number >= 0 or null, got {v!r}")
@@ -112,6 +117,16 @@ def _pause_at(key: str, v: Any) -> None:
                           f"(e.g. [10, 30]; text 10,30), got {v!r}")
 
 
+def _optional_names(key: str, v: Any) -> None:
+    if v is None:
+        return
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise ConfigError(f"setting {key!r} must be a list of label names (text: organ,lesion; [] = none, whatever "
+                          f"dataset.json says) or null, got {v!r}")
+    if len(set(v)) != len(v):
+        raise ConfigError(f"setting {key!r} names a label twice: {v!r}")
+
+
 def _stages(key: str, v: Any) -> None:
     """A staged schedule: ``[[spec, end_epoch], ..., [spec, null]]``, end epochs increasing, the last open."""
     if v is None:
@@ -147,7 +162,7 @@ def _stages(key: str, v: Any) -> None:
 
 #: setting groups: a trainer class reads the settings of its groups (its ``transfer_keys`` are built from
 #: :meth:`TransferConfig.keys` of them, e.g. ``keys("schedule", "run")`` for every trainer)
-SETTING_GROUPS = ("schedule", "run", "freeze", "blockwise", "l2sp", "stages", "lora")
+SETTING_GROUPS = ("schedule", "run", "freeze", "blockwise", "l2sp", "stages", "lora", "distill")
 
 
 def _setting(default: Any, check, doc: str, *, group: str, resumable: bool = False, spec: bool = False):
@@ -216,6 +231,11 @@ class TransferConfig:
                                       "nnU-Net's deep supervision (a loss on every decoder resolution); false trains "
                                       "the full-resolution output only, as nnUNetTrainerNoDeepSupervision does",
                                       group="run")
+    unannotated: list | None = _setting(None, _optional_names,
+                                        "source classes the target's label maps do not annotate (they are labelled "
+                                        "background there): the loss merges them with background (marginal loss); "
+                                        "null = the target dataset.json's \"unannotated\" list, if any; [] = none",
+                                        group="run")
     # -- freezing --
     freeze_seg: bool = _setting(False, _bool,
                                 "freeze the segmentation heads too (only meaningful with heads transferred; "
@@ -259,6 +279,12 @@ class TransferConfig:
                                  group="lora")
     lora_targets: str = _setting("encoder+decoder", _spec, "block spec of the convolutions that get adapters",
                                  group="lora", spec=True)
+
+    # -- distillation from the source (continual learning) --
+    distill_weight: float = _setting(1.0, _finite_non_negative,
+                                     "weight of the KL term that keeps the source's probabilities of the old "
+                                     "classes where the target label is background/unannotated (0 = off)",
+                                     group="distill")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -327,6 +353,8 @@ def _coerce_special(key: str, v: Any) -> Any:
             return [int(e) for e in v.split(",")]
         if isinstance(v, tuple):
             return list(v)
+    if key == "unannotated" and isinstance(v, str):
+        return [x.strip() for x in v.split(",") if x.strip()] if v.strip() not in ("[]", "") else []
     if key == "stages":
         if isinstance(v, str):
             return parse_stages_text(v)
@@ -405,7 +433,7 @@ def parse_cli_value(key: str, text: str) -> Any:
         return _coerce_special(key, t)
     if t.lower() in ("null", "none"):
         return None
-    if key in ("stages", "pause_at"):
+    if key in ("stages", "pause_at", "unannotated"):
         return _coerce_special(key, t)
     if t.lower() in ("true", "false"):
         return t.lower() == "true"

@@ -140,12 +140,13 @@ class Workspace:
                   "-nps", processes, "--disable_tta", "--disable_progress_bar"], f"predict {trainer}")
         return out
 
-    def add_target(self, dataset_id: int, name: str, **generate) -> Path:
-        """Generate target DATASET_ID (``make_dataset(..., TARGET, n_test=0, physical_size=32, **generate)``),
-        give it the source's plans (``plans transfer``), preprocess it, and know it by name from then on."""
+    def add_target(self, dataset_id: int, name: str, domain=None, **generate) -> Path:
+        """Generate target DATASET_ID (``make_dataset(..., TARGET, n_test=0, physical_size=32, **generate)``; another
+        ``domain`` of nnunet_transfer.data if given), give it the source's plans (``plans transfer``), preprocess it,
+        and know it by name from then on."""
         from nnunet_transfer.data import TARGET, make_dataset
 
-        folder = make_dataset(self.root / "raw", dataset_id, name, TARGET, **{"n_test": 0, "physical_size": 32.0,
+        folder = make_dataset(self.root / "raw", dataset_id, name, domain or TARGET, **{"n_test": 0, "physical_size": 32.0,
                                                                              **generate})
         self.extra_datasets[dataset_id] = folder.name
         self.run(["nnunet_transfer", "plans", "transfer", "-s", SOURCE_ID, "-t", dataset_id, "-np", 1],

@@ -85,7 +85,7 @@ def test_every_exported_trainer_has_a_unique_non_builtin_name():
     source = "\n".join(p.read_text() for p in P(nnunetv2.__path__[0], "training", "nnUNetTrainer").rglob("*.py"))
     for name in T.__all__:
         assert name not in builtin and f"class {name}(" not in source, name
-    assert len(set(T.__all__)) == len(T.__all__) == 28
+    assert len(set(T.__all__)) == len(T.__all__) == 29
 
 
 def test_new_heads_train_when_asked():

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
                    help="fold folder of the run that made the predictions (recorded in summary.json; compare "
                         "then reports its trainable share and time to convergence). Default: OUT's parent "
                         "when that is a fold folder")
+    p.add_argument("--before", default=None, metavar="SOURCE_PRED",
+                   help="the source model's predictions of the same cases (e.g. nnUNetv2_predict of the source on its "
+                        "held-out imagesTs, evaluated against its labelsTs): summary.json then reports forgetting, "
+                        "the Dice of each evaluated label before and after fine-tuning (documentation/continual.md)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -37,6 +41,7 @@ def run(args) -> int:
 
     result = evaluate_folders(args.pred, args.ref, args.out, labels=args.labels, nsd_tolerance=args.nsd_tolerance,
                               connectivity=args.connectivity, num_processes=args.num_processes,
-                              file_ending=args.file_ending, run=args.run, progress=args.progress)
+                              file_ending=args.file_ending, run=args.run, progress=args.progress,
+                              before=args.before)
     print(result.text())
     return 0

@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "plans",
     "weights",
     "lora",
+    "labels",
     "pool",
     "analyze",
     "splits",

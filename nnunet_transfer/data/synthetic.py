@@ -114,10 +114,19 @@ def _save_nifti(arr: np.ndarray, spacing: tuple[float, float, float], path: Path
 
 def make_dataset(raw_root: str | Path, dataset_id: int, name: str, domain: Domain, *, n_train: int,
                  n_test: int = 0, seed: int = 0, physical_size: float = 40.0,
-                 label_distractors: bool = False) -> Path:
-    """Write ``DatasetXXX_name`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json) under raw_root."""
+                 label_distractors: bool = False, unannotated: tuple[str, ...] = (),
+                 declare_unannotated: bool = False) -> Path:
+    """Write ``DatasetXXX_name`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json) under raw_root.
+
+    ``unannotated``: label names (of :data:`LABELS`) whose voxels the *training* label maps call background —
+    a target that labels only its new class (``label_distractors``) while the organ and lesion are in every
+    image; ``dataset.json`` still lists every label (the union the network outputs) and, with
+    ``declare_unannotated``, names them under ``"unannotated"``. The test label maps keep every class."""
     if not 1 <= dataset_id <= 999:
         raise DataError(f"dataset id must be in 1..999, got {dataset_id}")
+    unknown = [n for n in unannotated if n not in LABELS or LABELS[n] == 0]
+    if unknown:
+        raise DataError(f"unannotated labels {unknown} are not foreground labels of the generated data {LABELS}")
     if n_train < 2:
         raise DataError(f"n_train must be at least 2 (nnU-Net needs a train/val split), got {n_train}")
     folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
@@ -128,6 +137,9 @@ def make_dataset(raw_root: str | Path, dataset_id: int, name: str, domain: Domai
         split = "Tr" if i < n_train else "Ts"
         case = f"{name.lower()}_{i:03d}"
         img, seg = make_case(rng, domain, physical_size, label_distractors=label_distractors)
+        if split == "Tr":
+            for n in unannotated:
+                seg[seg == LABELS[n]] = 0
         _save_nifti(img, domain.spacing, folder / f"images{split}" / f"{case}_0000.nii.gz")
         _save_nifti(seg, domain.spacing, folder / f"labels{split}" / f"{case}.nii.gz")
     dataset_json = {
@@ -135,6 +147,7 @@ def make_dataset(raw_root: str | Path, dataset_id: int, name: str, domain: Domai
         "labels": {**LABELS, **({EXTRA_LABEL[0]: EXTRA_LABEL[1]} if label_distractors else {})},
         "numTraining": n_train,
         "file_ending": ".nii.gz",
+        **({"unannotated": list(unannotated)} if unannotated and declare_unannotated else {}),
         "name": name,
         "description": "nnunet-transfer generated data: " + repr(domain),
     }

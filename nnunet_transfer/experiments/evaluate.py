@@ -11,7 +11,10 @@ Outputs (written only after every case was evaluated, so a failure leaves nothin
 * ``OUT/per_case.csv`` — one row per case and label: ``case, label`` and :data:`METRIC_COLUMNS`
   (infinite distances written as ``inf``);
 * ``OUT/summary.json`` — per label and metric mean / median / sd over the finite values, with the count of
-  infinite ones; lesion counts pooled over cases; the inputs, the settings and the run (``--run``).
+  infinite ones; lesion counts pooled over cases; the inputs, the settings and the run (``--run``); with
+  ``before`` (``--before``: the *source* model's predictions of the same cases, e.g. its held-out test set),
+  ``"forgetting"``: per label the mean Dice before and after fine-tuning, the drop and the share kept
+  (:func:`forgetting`).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.experiments.metrics import (COUNT_COLUMNS, METRIC_COLUMNS, case_metrics, check_connectivity,
-                                                 empty_label_metrics)
+                                                 dice, empty_label_metrics)
 from nnunet_transfer.fileio import plain, write_atomic
 
 PER_CASE = "per_case.csv"
@@ -250,6 +253,8 @@ class EvaluationResult:
             name = f" ({names[str(lab)]})" if str(lab) in names else ""
             lines.append(f"  label {lab}{name}: " + ", ".join(fmt(m) for m in ("dice", "hd95", "assd", "nsd",
                                                                                  "lesion_f1")))
+        if "forgetting" in self.summary:
+            lines.append(forgetting_text(self.summary["forgetting"]))
         return "\n".join(lines)
 
 
@@ -268,15 +273,54 @@ def _parse_labels(labels: Iterable[int] | None) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def forgetting(before: Mapping[int, float], after: Mapping[int, float], names: Mapping | None = None) -> dict:
+    """Forgetting of the old classes: per label the mean Dice ``before`` (the source model) and ``after``
+    (fine-tuned) on the same cases, the drop (before − after) and the share kept (after / before; None when the
+    source scored 0), and the same over the mean of the labels."""
+    names = names or {}
+    per = {}
+    for lab in before:
+        b, a = float(before[lab]), float(after[lab])
+        per[str(lab)] = {"name": names.get(lab, names.get(str(lab))), "before": b, "after": a, "drop": b - a,
+                         "kept": a / b if b > 0 else None}
+    mb = float(np.mean([float(v) for v in before.values()]))
+    ma = float(np.mean([float(after[lab]) for lab in before]))
+    return {"labels": [int(lab) for lab in before], "per_label": per,
+            "mean": {"before": mb, "after": ma, "drop": mb - ma, "kept": ma / mb if mb > 0 else None}}
+
+
+def forgetting_text(f: Mapping) -> str:
+    """One line per label and one for the mean: ``Dice before -> after (kept %)``."""
+    def one(d):
+        kept = "-" if d["kept"] is None else f"{100 * d['kept']:.0f} %"
+        return f"Dice {d['before']:.3f} -> {d['after']:.3f} (drop {d['drop']:.3f}, kept {kept})"
+    lines = [f"  forgetting, label {lab}{' (' + d['name'] + ')' if d.get('name') else ''}: {one(d)}"
+             for lab, d in f["per_label"].items()]
+    return "\n".join(lines + [f"  forgetting, mean of labels {f['labels']}: {one(f['mean'])}"])
+
+
+def mean_dice(pred: Path, ref: Path, file_ending: str, labels: Sequence[int]) -> dict[int, float]:
+    """Mean Dice per label of the predictions in ``pred`` against ``ref`` (same cases), nnU-Net's reader."""
+    cases = pair_cases(pred, ref, file_ending)
+    reader = reader_class(file_ending, cases[0][2])
+    values: dict[int, list[float]] = {lab: [] for lab in labels}
+    for _, p, r in cases:
+        a, b = read_label_map(p, reader)[0], read_label_map(r, reader)[0]
+        for lab in labels:
+            values[lab].append(dice(a, b, lab))
+    return {lab: float(np.mean(v)) for lab, v in values.items()}
+
+
 def evaluate_folders(pred: str | Path, ref: str | Path, out: str | Path, *, labels: Iterable[int] | None = None,
                      nsd_tolerance: float = 1.0, connectivity: int = 26, num_processes: int = 1,
                      file_ending: str | None = None, run: str | Path | None = None,
-                     progress: bool = True) -> EvaluationResult:
+                     progress: bool = True, before: str | Path | None = None) -> EvaluationResult:
     """Evaluate every prediction in ``pred`` against ``ref``; write ``per_case.csv`` and ``summary.json``.
 
     ``labels``: label values (default: every label found in the references); ``nsd_tolerance``: τ in mm;
     ``connectivity``: lesion components (6, 18, 26); ``num_processes``: cases in parallel (one case in
-    memory per process); ``run``: the fold folder of the run that made the predictions (for ``compare``).
+    memory per process); ``run``: the fold folder of the run that made the predictions (for ``compare``);
+    ``before``: the source model's predictions of the same cases (forgetting of the evaluated labels).
     """
     from tqdm.auto import tqdm
 
@@ -290,6 +334,9 @@ def evaluate_folders(pred: str | Path, ref: str | Path, out: str | Path, *, labe
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")
     labels_t = _parse_labels(labels)
+    if before is not None and not Path(before).is_dir():
+        raise DataError(f"--before {before}: folder not found; give the source model's predictions of the same "
+                        f"cases (nnUNetv2_predict of the source on REF's images)")
     if isinstance(nsd_tolerance, bool) or not isinstance(nsd_tolerance, numbers.Real) or \
             not math.isfinite(nsd_tolerance) or nsd_tolerance < 0:
         raise DataError(f"--nsd-tolerance {nsd_tolerance!r} is not a distance in mm (a number >= 0)")
@@ -361,6 +408,10 @@ def evaluate_folders(pred: str | Path, ref: str | Path, out: str | Path, *, labe
                         "both directions); nsd and hd95_max as DeepMind's surface-distance (surface elements "
                         "weighted by area); nsd_voxel counts MedPy's surface voxels within the tolerance"),
     }
+    if before is not None:
+        after = {lab: float(np.mean([r["dice"] for r in rows if r["label"] == lab])) for lab in final}
+        summary["forgetting"] = {"before_pred": str(Path(before).resolve()),
+                                 **forgetting(mean_dice(Path(before), ref, file_ending, final), after, names)}
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / PER_CASE, rows_to_csv(rows))
     write_atomic(out / SUMMARY, json.dumps(plain(summary), indent=2))

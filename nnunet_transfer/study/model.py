@@ -67,6 +67,17 @@ class AnalysisSpec:
 
 
 @dataclass(frozen=True)
+class SourceTest:
+    """[source_test]: the source's held-out test set, on which every run's old classes are scored against the source
+    model's own predictions (forgetting, documentation/continual.md)."""
+
+    images: Path
+    labels: Path
+    pretrained: str                       # a key of Study.pretrained: the source model (a fold folder or checkpoint)
+    old_labels: tuple[int, ...] | None = None  # None: every label of the references
+
+
+@dataclass(frozen=True)
 class Study:
     path: Path
     name: str
@@ -89,6 +100,7 @@ class Study:
     base_settings: dict = field(default_factory=dict)  # the base configuration's own settings
     analysis: AnalysisSpec | None = None  # [analysis]; its snapshot_every is in ``settings``
     racing: Any = None  # [racing] (:class:`~nnunet_transfer.study.read_racing.Racing`); its rungs are pause_at
+    source_test: SourceTest | None = None  # [source_test]: forgetting on the source's test set
 
     def strategy(self, name: str) -> Strategy:
         return next(s for s in self.strategies if s.name == name)
@@ -122,4 +134,4 @@ def sweep_label(value: Any) -> str:
 
 
 
-__all__ = ["Study", "Strategy", "Scoring", "AnalysisSpec", "ANALYSES", "PREDICT_CHECKPOINTS", "sweep_label"]
+__all__ = ["Study", "SourceTest", "Strategy", "Scoring", "AnalysisSpec", "ANALYSES", "PREDICT_CHECKPOINTS", "sweep_label"]

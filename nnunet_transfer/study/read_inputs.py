@@ -10,8 +10,10 @@ from nnunet_transfer.config import is_int
 from nnunet_transfer.errors import DataError
 from nnunet_transfer.experiments.splits import parse_size, read_case_list
 from nnunet_transfer.study.folds import SplitSpec
+from nnunet_transfer.study.model import SourceTest
 from nnunet_transfer.study.problems import Problems, expand_path, read_int, read_name, read_str, read_table
 
+SOURCE_TEST_KEYS = ("images", "labels", "pretrained", "old_labels")
 SPLITS_KEYS = ("n_train", "repeats", "test", "test_cases", "folds", "folds_to_run", "val", "seed")
 
 
@@ -122,4 +124,47 @@ def _test_cases(p: Problems, v: Any, base: Path) -> tuple[tuple[str, ...] | None
 
 
 
-__all__ = ["read_pretrained", "read_splits", "SPLITS_KEYS"]
+def read_source_test(p: Problems, content: Any, base: Path, check: bool,
+                     pretrained: dict[str, Path | None]) -> SourceTest | None:
+    """[source_test]: the source's test images and labels, the [pretrained] entry that is the source model, the old
+    classes (default: every label of the references)."""
+    before = len(p)
+    st = read_table(p, "source_test", content, SOURCE_TEST_KEYS)
+    if st is None:
+        return None
+    folders = {}
+    for key in ("images", "labels"):
+        if key not in st:
+            p.add("source_test", f"{key} is missing: the source's held-out test {key} (e.g. "
+                                 f"\"$nnUNet_raw/Dataset901_Source/{key}Ts\")")
+            continue
+        text = read_str(p, "source_test", key, st[key])
+        path = expand_path(text, base, what=f"{key} =", p=p, table="source_test", strict=check) if text else None
+        if path is not None and check and not path.is_dir():
+            p.add("source_test", f"{key} = {text!r}: folder {path} not found; fix the path (relative paths are "
+                                 f"relative to the study file)", DataError)
+            continue
+        folders[key] = path.resolve() if (path is not None and check) else path
+    name = st.get("pretrained")
+    if name is None:
+        if len(pretrained) != 1:
+            p.add("source_test", f"pretrained is missing: name the [pretrained] entry that is the source model "
+                                 f"(entries: {', '.join(pretrained) or 'none'})")
+        else:
+            name = next(iter(pretrained))
+    elif name not in pretrained:
+        p.add("source_test", f"pretrained = {name!r} is not an entry of [pretrained] (entries: "
+                             f"{', '.join(pretrained) or 'none'})")
+    old = st.get("old_labels")
+    if old is not None:
+        if not isinstance(old, list) or not old or not all(is_int(v) and v > 0 for v in old):
+            p.add("source_test", f"old_labels = {old!r} must be a list of the source's foreground label values, "
+                                 f"e.g. [1, 2]")
+        else:
+            old = tuple(dict.fromkeys(old))
+    if len(p) > before or "images" not in folders or "labels" not in folders:
+        return None
+    return SourceTest(images=folders["images"], labels=folders["labels"], pretrained=name, old_labels=old)
+
+
+__all__ = ["read_pretrained", "read_splits", "read_source_test", "SPLITS_KEYS", "SOURCE_TEST_KEYS"]

@@ -17,7 +17,10 @@ sizes, and write one ``report.md`` that reads like the papers' results sections.
    ``<metric>_vs_<setting>.png`` (Dice and precision against the swept value, one line per size: Sagie
    et al. Fig. 1), ``runs.csv`` (every run: state, epochs, seconds, its own test Dice per label), and
    ``report.md``.
-5. **Analysis** — with ``[analysis]``, Karimi et al.'s evolution, groups, feature reuse and filter change of the
+5. **Forgetting** — with ``[source_test]``, each done run's old classes scored on the *source's* test set against
+   the source model's own predictions (``runs/<id>/source_eval``, written by ``study run``): a table of the mean
+   old-class Dice before and after and the share kept, per strategy and size (``forgetting.csv``).
+6. **Analysis** — with ``[analysis]``, Karimi et al.'s evolution, groups, feature reuse and filter change of the
    runs (``OUT/analysis/<study>/``, :mod:`nnunet_transfer.study.analysis`), linked from ``report.md``.
 
 Cost: evaluation is per case (distance transforms on each case's bounding box), pooling and comparing are
@@ -46,7 +49,7 @@ from nnunet_transfer.nnunet_io import load_dataset_json
 from nnunet_transfer.study.analysis import analyse_study
 from nnunet_transfer.study.racing import racing_markdown
 from nnunet_transfer.study.plan import prepare
-from nnunet_transfer.study.runner import evaluate_run, job_alive
+from nnunet_transfer.study.runner import SOURCE_EVAL, evaluate_run, job_alive
 from nnunet_transfer.study.model import Study, sweep_label
 from nnunet_transfer.study.state import (Progress, RunLock, evaluation_current, progress, read_state, results_folder,
                                          run_dir, write_json)
@@ -269,8 +272,12 @@ def report_study(study: Study | str | Path, out: str | Path, *, plots: bool = Tr
     if study.analysis is not None:  # [analysis]: Karimi's analyses of the runs (nnunet_transfer.study.analysis)
 
         analysis = analyse_study(study, prog, out, say=say)
+    forget = forgetting_lines(study, runs, done, out) if study.source_test is not None else []
+    if forget:
+        files.append(out / FORGETTING)
+    extra = [*forget, *(analysis.markdown(out) if analysis is not None else ())]
     text = report_markdown(study, prog, comparisons, pooled, labels, names, metrics, missing, n_train, out,
-                           extra=analysis.markdown(out) if analysis is not None else ())
+                           extra=extra)
     (out / REPORT).write_text(text)
     files.append(out / REPORT)
     write_json(out / "report.json", {"study": str(study.path), "compared": compared, "missing": missing,
@@ -279,6 +286,46 @@ def report_study(study: Study | str | Path, out: str | Path, *, plots: bool = Tr
                                      [{"analysis": o.job.kind, "folder": str(o.out.relative_to(out)), "state": o.state,
                                        "error": o.error} for o in analysis.outcomes]})
     return ReportResult(out=out, files=files, evaluated=evaluated, compared=compared, missing=missing, progress=prog)
+
+
+FORGETTING = "forgetting.csv"
+
+
+def forgetting_lines(study: Study, runs: Sequence[Run], done: set, out: Path) -> list[str]:
+    """[source_test]: ``forgetting.csv`` (one row per done run) and a markdown table per strategy and size (means
+    over the runs of the old classes' Dice on the source's test set, before = the source model, after = the run)."""
+    rows = []
+    for r in runs:
+        path = run_dir(study, r) / SOURCE_EVAL / "summary.json"
+        if r.id not in done or not path.is_file():
+            continue
+        f = json.loads(path.read_text()).get("forgetting")
+        if f:
+            rows.append({"run": r.id, "strategy": r.strategy.name, "n_train": r.n_train, "size_index": r.size_index,
+                         "before": f["mean"]["before"], "after": f["mean"]["after"], "kept": f["mean"]["kept"],
+                         **{f"after_{lab}": d["after"] for lab, d in f["per_label"].items()}})
+    if not rows:
+        return ["", "## Forgetting (source test set)", "",
+                "No run has been scored on [source_test] yet (`study run` does it after each run's evaluation)."]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out / FORGETTING, buf.getvalue())
+    lines = ["", "## Forgetting (source test set)", "",
+             f"Old classes' mean Dice on the source's held-out test set ({study.source_test.labels}): the source model "
+             f"(before) and each run (after), means over the runs; kept = after / before. Per run: "
+             f"[{FORGETTING}]({FORGETTING}).", "",
+             "| strategy | n_train | runs | before | after | kept |", "|---|---|---|---|---|---|"]
+    order = [s.name for s in study.strategies]
+    for i, size in enumerate(study.splits.n_train):
+        for n in order:
+            sel = [row for row in rows if row["strategy"] == n and row["size_index"] == i]
+            if sel:
+                b, a = float(np.mean([x["before"] for x in sel])), float(np.mean([x["after"] for x in sel]))
+                lines.append(f"| {n} | {size} | {len(sel)} | {b:.3f} | {a:.3f} | "
+                             f"{'-' if b <= 0 else f'{100 * a / b:.0f} %'} |")
+    return lines
 
 
 def _write_runs_csv(path: Path, study: Study, prog: Sequence[Progress], labels: Sequence[int]) -> Path:

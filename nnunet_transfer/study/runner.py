@@ -80,8 +80,9 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------- one run
-def _predict_args(study: Study, run: Run, out: Path) -> list:
-    args = ["nnUNetv2_predict", "-i", test_folder(study, run.fold) / "imagesTs", "-o", out, "-d", study.dataset,
+def _predict_args(study: Study, run: Run, out: Path, images: Path | None = None) -> list:
+    images = images if images is not None else test_folder(study, run.fold) / "imagesTs"
+    args = ["nnUNetv2_predict", "-i", images, "-o", out, "-d", study.dataset,
             "-c", run.configuration, "-f", run.nnunet_fold, "-tr", run.trainer, "-p", study.plans,
             "-device", study.device, "-npp", study.predict_processes, "-nps", study.predict_processes,
             "--disable_progress_bar"]
@@ -103,6 +104,57 @@ def evaluate_run(study: Study, run: Run) -> Path:
     return out
 
 
+SOURCE_PRED, SOURCE_EVAL = "source_pred", "source_eval"
+
+
+def source_before(study: Study, env: dict) -> Path:
+    """The source model's predictions of [source_test]'s images (``OUTPUT/source_test/before``), made once with
+    ``nnUNetv2_predict_from_modelfolder`` from the [pretrained] entry's fold folder and checkpoint."""
+    st = study.source_test
+    out = study.output / "source_test" / "before"
+    if (out / PRED_MARKER).is_file():
+        return out
+    given = Path(study.pretrained[st.pretrained])
+    fold, chk = (given, "checkpoint_final.pth") if given.is_dir() else (given.parent, given.name)
+    if not fold.name.startswith("fold_"):
+        raise TransferError(f"[source_test] pretrained = {st.pretrained!r}: {given} is not in a fold folder of an "
+                            f"nnU-Net model folder (TRAINER__PLANS__CONFIGURATION/fold_N), which "
+                            f"nnUNetv2_predict_from_modelfolder needs to predict the source's test set")
+    partial = out.with_name(f"before.partial.{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    args = ["nnUNetv2_predict_from_modelfolder", "-i", st.images, "-o", partial, "-m", fold.parent,
+            "-f", fold.name[len("fold_"):], "-chk", chk, "-device", study.device, "-npp", study.predict_processes,
+            "-nps", study.predict_processes, "--disable_progress_bar"] + (["--disable_tta"] if study.disable_tta else [])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pipeline.run_step(args, env=env, log=out.parent / "before.log", what="nnUNetv2_predict of the source model on "
+                                                                          "[source_test]")
+    write_json(partial / PRED_MARKER, {"checkpoint": file_stamp(fold / chk)})
+    if (out / PRED_MARKER).is_file():  # another study process was quicker: its predictions are the same
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        partial.replace(out)
+    return out
+
+
+def forgetting_run(study: Study, run: Run, env: dict) -> Path:
+    """The run's model on [source_test]'s images, scored against the source model's predictions of them
+    (``evaluate --before``) into ``runs/<id>/source_eval``: the old classes' Dice before and after."""
+    st = study.source_test
+    before = source_before(study, env)
+    folder = run_dir(study, run)
+    pred, partial = folder / SOURCE_PRED, folder / f"{SOURCE_PRED}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.run_step(_predict_args(study, run, partial, images=st.images), env=env, log=folder / "source_predict.log",
+                      what=f"nnUNetv2_predict of {run.id} on [source_test]")
+    shutil.rmtree(pred, ignore_errors=True)
+    partial.replace(pred)
+    out = folder / SOURCE_EVAL
+    evaluate_folders(pred, st.labels, out, labels=st.old_labels, before=before, num_processes=1,
+                     run=results_folder(study, run), progress=False)
+    return out
+
+
 def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_id: str | None = None,
                 env: dict | None = None, say: Callable[[str], None] = print, until: int | None = None) -> Outcome:
     """Train (or continue), predict and evaluate one run, unless it is done or another process holds it.
@@ -121,11 +173,13 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
     try:
         p = progress(study, run, locked=False)  # the lock is ours
         if p.done:
-            if not evaluation_current(study, run):
-                try:
+            try:
+                if not evaluation_current(study, run):
                     evaluate_run(study, run)
-                except Exception as e:  # a scoring problem: the run stays done, the report says it again
-                    return Outcome(run.id, "failed", message=f"evaluate: {e}")
+                if study.source_test is not None and not (folder / SOURCE_EVAL / "summary.json").is_file():
+                    forgetting_run(study, run, env if env is not None else nnunet_environment(extra=study.environment))
+            except Exception as e:  # a scoring problem: the run stays done, the report says it again
+                return Outcome(run.id, "failed", message=f"evaluate: {e}")
             return Outcome(run.id, "skipped", message="done")
         fold = results_folder(study, run)
         at = paused_after(fold)
@@ -189,6 +243,8 @@ def execute_run(study: Study, run: Run, *, definition_: dict | None = None, job_
             partial.replace(pred)  # the predictions appear complete or not at all
             log = None
             evaluate_run(study, run)
+            if study.source_test is not None:
+                forgetting_run(study, run, env)
         except Exception as e:  # a program failed (TransferError with its log's tail), or anything else: the
             # run is recorded as failed and the study goes on with the next one
             seconds = time.perf_counter() - t0

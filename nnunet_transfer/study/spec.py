@@ -68,6 +68,12 @@ Layout (every table but ``[study]``, ``[splits]`` and ``[[strategy]]`` is option
     groups_by = "size"           # groups per training-set size, or "all": every R.I. run vs every T.L. run
     patches = 64                 # analyze --patches, --voxels-per-patch, --measure (default: analyze's)
 
+    [source_test]                # forgetting: every run's old classes scored on the SOURCE's test set
+    images = "$nnUNet_raw/Dataset901_Source/imagesTs"
+    labels = "$nnUNet_raw/Dataset901_Source/labelsTs"
+    pretrained = "source"        # the [pretrained] entry that is the source model (default: the only one)
+    old_labels = [1, 2]          # default: every label of the references
+
     [environment]                # extra environment variables of nnU-Net's programs
     nnUNet_n_proc_DA = "12"
 
@@ -105,7 +111,7 @@ from nnunet_transfer.study.model import Study
 from nnunet_transfer.study.problems import Problems, expand_path, read_name, read_str, read_table, suggest
 from nnunet_transfer.study.read_analysis import read_analysis, read_analysis_table
 from nnunet_transfer.study.read_execution import read_environment, read_slurm
-from nnunet_transfer.study.read_inputs import read_pretrained, read_splits
+from nnunet_transfer.study.read_inputs import read_pretrained, read_source_test, read_splits
 from nnunet_transfer.study.read_racing import read_racing
 from nnunet_transfer.study.read_scoring import read_predict, read_scoring
 from nnunet_transfer.study.read_strategies import read_settings, read_strategies
@@ -116,7 +122,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 (pyproject depends
     import tomli as tomllib
 
 TOP_LEVEL = ("study", "pretrained", "splits", "settings", "scoring", "predict", "analysis", "environment", "slurm",
-             "racing", "strategy")
+             "racing", "source_test", "strategy")
 STUDY_KEYS = ("name", "target", "configuration", "plans", "output", "baseline", "device")
 DEVICES = ("cuda", "cpu", "mps")
 MARKER = ".nnunet_transfer_study"  # in a study folder: what makes it one (study plan writes it)
@@ -223,6 +229,8 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
     disable_tta, processes, checkpoint = read_predict(p, doc.get("predict", {}))
     environment = read_environment(p, doc.get("environment", {}))
     slurm = read_slurm(p, doc.get("slurm", {}))
+    source_test = (read_source_test(p, doc["source_test"], path.parent, check_data, pretrained)
+                   if "source_test" in doc else None)
     if check_data and splits is not None and dataset is not None:
         _check_sizes(p, splits, dataset)
     if p:
@@ -231,7 +239,8 @@ def _read_study(p: Problems, path: Path, doc: dict, check_data: bool) -> Study |
                  baseline=baseline, device=device, pretrained=pretrained, splits=splits, settings=settings,
                  strategies=tuple(strategies), scoring=scoring, disable_tta=disable_tta,
                  predict_processes=processes, predict_checkpoint=checkpoint, environment=environment, slurm=slurm,
-                 base_settings=base_settings, analysis=analysis, racing=racing)
+                 base_settings=base_settings, analysis=analysis, racing=racing,
+                 source_test=source_test)
 
 
 

@@ -5,6 +5,7 @@ collide with nnU-Net's built-in trainers (nnU-Net searches its own package first
 """
 from nnunet_transfer.trainers import freezing as _freezing
 from nnunet_transfer.trainers.base import nnUNetTrainerTransferBase
+from nnunet_transfer.trainers.continual import nnUNetTrainerContinual
 from nnunet_transfer.trainers.finetune import nnUNetTrainerFinetune, nnUNetTrainerFinetune_warmup
 from nnunet_transfer.trainers.freezing import *  # noqa: F401,F403 - frozen encoder/decoder, 12 presets
 from nnunet_transfer.trainers.l2sp import (nnUNetTrainerL2SP, nnUNetTrainerL2SP_Li,
@@ -28,4 +29,5 @@ __all__ = [
     "nnUNetTrainerNormOnly",
     "nnUNetTrainerBitFit",
     "nnUNetTrainerLoRA",
+    "nnUNetTrainerContinual",
 ]

@@ -41,6 +41,7 @@ from nnunet_transfer.training.checkpoint_state import (CHECKPOINT_KEY, check_res
                                                        not_ours_message, restore_transfer_state)
 from nnunet_transfer.training.drift import drift_from_file
 from nnunet_transfer.training.heads import copy_head_rows
+from nnunet_transfer.training.partial_labels import MarginalLoss, declared_unannotated, resolve_unannotated
 from nnunet_transfer.training.not_transferred import (not_transferred_names, not_transferred_text, source_names,
                                                       spare_not_transferred)
 from nnunet_transfer.training.pretrained import (PretrainedFile, check_pretrained, planned_network,
@@ -83,6 +84,10 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
             lambda: planned_network(type(self), plans, configuration, dataset_json)))
         self.pretrained_file: PretrainedFile | None = self._check_command_line(plans, configuration,
                                                                                dataset_json)
+        #: partial labels: {name: value} of the source classes the target does not annotate (marginal loss)
+        self.unannotated = resolve_unannotated(
+            *declared_unannotated(self.transfer_config.unannotated, dataset_json), dataset_json,
+            self.pretrained_file.source_labels if self.pretrained_file else None)
         super().__init__(plans, configuration, fold, dataset_json, device)
         cfg = self.transfer_config
         self.num_epochs = cfg.num_epochs
@@ -98,6 +103,8 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self._fresh_fingerprint: torch.Tensor | None = None
         self._freeze_report = None
         self._resumed = False
+        if self.unannotated:
+            self.transfer_state["unannotated"] = dict(self.unannotated)
         if cfg.early_stopping != "none":
             # in transfer_state: it travels in every checkpoint and transfer_config.json, and --c restores it
             self.transfer_state["stopping"] = EarlyStopping(cfg.early_stopping, cfg.patience).state()
@@ -203,6 +210,18 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         # nnU-Net's sets decoder.deep_supervision, which a Primus has not (its AbstractPrimus does nothing either)
         if not self.builds_primus(self.configuration_manager):
             super().set_deep_supervision_enabled(enabled)
+
+    def _wrap_loss(self, loss: nn.Module) -> nn.Module:
+        """The training loss around nnU-Net's (with the marginal loss of partial labels already applied):
+        Continual adds its distillation term here. Runs in ``initialize``, before any weights are loaded."""
+        return loss
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        if self.unannotated:
+            # region-based targets were refused in __init__ (resolve_unannotated)
+            loss = MarginalLoss(loss, self.label_manager.num_segmentation_heads, self.unannotated.values())
+        return self._wrap_loss(loss)
 
     def initialize(self):
         seed = self.transfer_config.seed
@@ -356,6 +375,9 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self._log_settings()
         for line in start_lines(self.transfer_state):
             self.print_to_log_file("nnunet_transfer: " + line)
+        if self.unannotated:
+            self.print_to_log_file(f"nnunet_transfer: partial labels: {sorted(self.unannotated)} are not annotated "
+                                   f"by the target; the loss merges them with background (marginal loss)")
         if self.local_rank == 0:
             self._write_config_file()
             if not self._resumed:
@@ -517,7 +539,11 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         """An object whose ``add_to_grads()`` runs between backward and clipping (L2-SP), or None."""
         return None
 
+    def _before_train_step(self, batch: dict) -> None:
+        """Before nnU-Net's step on ``batch`` (its ``data`` still on the CPU): Continual runs its teacher here."""
+
     def train_step(self, batch: dict) -> dict:
+        self._before_train_step(batch)
         penalty = self._gradient_penalty()
         if penalty is None:
             return super().train_step(batch)
