@@ -30,7 +30,6 @@ from nnunet_transfer.data import SOURCE
 from nnunet_transfer.experiments.evaluate import evaluate_folders, mean_dice
 
 from conftest import SOURCE_ID, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
-from test_e2e_heads import train_compiled
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +146,7 @@ def test_partial_labels_keep_the_old_classes(newclass):
 def test_distillation_keeps_the_old_classes_and_its_teacher_bit_for_bit_compiled(newclass):
     ws = newclass
     ws.configure(NEW_ID, TINY, "cl_distill", {**SETTINGS, "unannotated": [], "distill_weight": DISTILL_WEIGHT})
-    fold = train_compiled(ws, NEW_ID, "cl_distill", "nnUNetTrainerContinual", ws.source_checkpoint)
+    fold = ws.train_compiled(NEW_ID, "cl_distill", "nnUNetTrainerContinual", pretrained=ws.source_checkpoint)
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "Using torch.compile..." in log and "distillation from" in log
     source = load_checkpoint(ws.source_checkpoint)["network_weights"]
