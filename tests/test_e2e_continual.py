@@ -1,6 +1,6 @@
 """Adding a class without forgetting the ones the source knows, end to end through the stock command line.
 
-The session's source model knows organ (1) and lesion (2). Target 912 is drawn from the source's scanner with
+The session's source model knows organ (1) and lesion (2). Target 921 is drawn from the source's scanner with
 the organ and lesion in every image, but its training label maps annotate only a new class, cyst (3): organ and
 lesion are labelled background there, and its dataset.json says so (``"unannotated": ["organ", "lesion"]``); its
 test label maps hold every class. Four runs start from the source checkpoint with ``heads=by-name`` and the same
@@ -10,7 +10,7 @@ short schedule, each through ``nnUNetv2_train`` and ``nnUNetv2_predict``:
   and lesion;
 * partial labels (the marginal loss, from the dataset.json declaration);
 * distillation (``nnUNetTrainerContinual``, through nnU-Net's torch.compile path forced on the CPU);
-* pseudo-labels (``nnunet_transfer labels merge`` writes dataset 913; plain fine-tuning on it).
+* pseudo-labels (``nnunet_transfer labels merge`` writes dataset 922; plain fine-tuning on it).
 
 Forgetting is measured on the *source's* held-out test set (``evaluate --before``): the old classes' Dice of
 each run against the source model's own; the new class's Dice on the target's test set.
@@ -33,7 +33,7 @@ from conftest import SOURCE_ID, TARGET_ID, TINY, assert_one_line_error, load_che
 
 pytestmark = pytest.mark.slow
 
-NEW_ID, PSEUDO_ID = 912, 913
+NEW_ID, PSEUDO_ID = 921, 922  # 911-914: the study tests' datasets
 OLD, NEW = [1, 2], 3
 #: one epoch of 15 iterations at nnU-Net's LR (lr_scale 1): long enough for plain fine-tuning to erase most of
 #: what the source knew about organ and lesion, short enough for a CPU test — too short for the new class (below)
@@ -55,7 +55,7 @@ RESULTS: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def newclass(workspace, tmp_path_factory):
-    """Dataset 912 (see the module), its test images beside the source's in one input folder, and the source
+    """Dataset 921 (see the module), its test images beside the source's in one input folder, and the source
     model's predictions of them (the "before")."""
     ws = workspace
     t0 = time.perf_counter()
