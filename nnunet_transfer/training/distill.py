@@ -20,20 +20,7 @@ import torch
 from torch import nn
 
 from nnunet_transfer.errors import ConfigError, DataError
-
-
-def _labels(dataset_json: Mapping, side: str) -> dict[str, int]:
-    labels = dataset_json.get("labels") if isinstance(dataset_json, Mapping) else None
-    if not isinstance(labels, Mapping):
-        raise DataError(f"the {side} dataset.json has no 'labels'")
-    out = {}
-    for name, value in labels.items():
-        if isinstance(value, (list, tuple)):
-            raise ConfigError(f"the {side} dataset uses regions ({name!r}: {list(value)}); distillation matches "
-                              f"softmax classes by label name and is defined for label-based training only")
-        if name != "ignore":
-            out[str(name)] = int(value)
-    return out
+from nnunet_transfer.training.heads import label_values
 
 
 def class_match(teacher_json: Mapping, student_json: Mapping) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -41,7 +28,8 @@ def class_match(teacher_json: Mapping, student_json: Mapping) -> tuple[list[int]
     values): kept pairs are the old classes both know by name, in the teacher's order; the teacher's classes the
     target lacks go to its background, the student's classes the teacher lacks (the new ones) to the student's.
     Raises :class:`ConfigError` when they share no foreground class."""
-    teacher, student = _labels(teacher_json, "source"), _labels(student_json, "target")
+    why = "distillation matches softmax classes by label name and is defined for label-based training only"
+    teacher, student = (label_values(teacher_json, "source", why=why), label_values(student_json, "target", why=why))
     shared = [n for n, v in sorted(teacher.items(), key=lambda kv: kv[1]) if v != 0 and n in student
               and student[n] != 0]
     if not shared:

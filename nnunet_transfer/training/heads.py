@@ -39,15 +39,17 @@ class HeadPlan:
                 + (f" ({self.fallback})" if self.fallback else ""))
 
 
-def _labels(dataset_json: Mapping, side: str) -> dict[str, int]:
+def label_values(dataset_json: Mapping, side: str, *,
+                 why: str = "transferring heads is defined for label-based training only (heads=new)"
+                 ) -> dict[str, int]:
+    """``{name: value}`` of a dataset.json's labels without ``ignore``; regions refused in one line (``why``)."""
     labels = dataset_json.get("labels") if isinstance(dataset_json, Mapping) else None
     if not isinstance(labels, Mapping):
         raise DataError(f"the {side} dataset.json has no 'labels'")
     out = {}
     for name, value in labels.items():
         if isinstance(value, (list, tuple)):
-            raise ConfigError(f"the {side} dataset uses regions ({name!r}: {list(value)}); transferring heads "
-                              f"is defined for label-based training only (heads=new)")
+            raise ConfigError(f"the {side} dataset uses regions ({name!r}: {list(value)}); {why}")
         if name == "ignore":
             continue
         out[str(name)] = int(value)
@@ -73,7 +75,7 @@ def plan_heads(heads: str | Mapping, source_json: Mapping | None, target_json: M
     and the plan says why (strategies whose heads train copy the heads "when the labels agree")."""
     if heads == "new":
         return None
-    target = _labels(target_json, "target")
+    target = label_values(target_json, "target")
     if source_json is None:
         if heads == "by-name" or any(not str(v).strip().isdigit() for v in dict(heads).values()):
             raise DataError(f"heads={heads if isinstance(heads, str) else 'a mapping by name'} needs the source's "
@@ -82,7 +84,7 @@ def plan_heads(heads: str | Mapping, source_json: Mapping | None, target_json: M
                             f"heads=organ:1, or a checkpoint written by nnUNetv2_train")
         source = {str(v): int(v) for v in dict(heads).values()}
     else:
-        source = _labels(source_json, "source")
+        source = label_values(source_json, "source")
     copied = []
     if heads == "by-name":
         for name, value in target.items():
@@ -138,4 +140,4 @@ def copy_head_rows(network: nn.Module, source_heads: Mapping[str, torch.Tensor],
     return written
 
 
-__all__ = ["HeadPlan", "plan_heads", "seg_head_state", "copy_head_rows"]
+__all__ = ["HeadPlan", "plan_heads", "seg_head_state", "copy_head_rows", "label_values"]
