@@ -6,6 +6,10 @@ the names of the *unwrapped* network, so the unwrapping lives here, once.
 """
 from __future__ import annotations
 
+import importlib
+import warnings
+from types import ModuleType
+
 from torch import nn
 
 _PREFIXES = ("module.", "_orig_mod.")
@@ -20,6 +24,15 @@ def unwrap(network: nn.Module) -> nn.Module:
             network = network._orig_mod
         else:
             return network
+
+
+def primus_module() -> ModuleType:
+    """``dynamic_network_architectures.architectures.primus``, imported without the FutureWarning that timm (which
+    it imports) raises on torch >= 2.5 for its ``torch.jit.interface``: not ours to fix, and on a command's stderr it
+    reads as a problem with the user's run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.interface` is deprecated", category=FutureWarning)
+        return importlib.import_module("dynamic_network_architectures.architectures.primus")
 
 
 def strip_prefixes(name: str) -> str:

@@ -64,7 +64,7 @@ from torch import nn
 
 from nnunet_transfer.blocks.spec import KINDS, KindPart, Layout, Selection, _range_text, parse_spec
 from nnunet_transfer.errors import ArchitectureError, SpecError
-from nnunet_transfer.netutil import KERNEL_MODULES, unwrap
+from nnunet_transfer.netutil import KERNEL_MODULES, primus_module, unwrap
 
 SUPPORTED_ARCHITECTURES = (
     "dynamic_network_architectures.architectures.unet.PlainConvUNet",
@@ -137,9 +137,7 @@ def _supported_classes() -> tuple[type, ...]:
 
 
 def _primus_class() -> type:
-    from dynamic_network_architectures.architectures.primus import Primus
-
-    return Primus
+    return primus_module().Primus
 
 
 def is_primus(network: nn.Module) -> bool:
@@ -530,9 +528,7 @@ def layout_from_architecture(architecture: dict) -> Layout | None:
     if cls is not None:
         depth, patch = kw.get("eva_depth"), kw.get("patch_embed_size")
         if "config_name" in kw:  # PrimusX variants: depth from dynamic-network-architectures' table
-            from dynamic_network_architectures.architectures.primus import _PRIMUS_CONFIGS
-
-            depth = _PRIMUS_CONFIGS.get(kw["config_name"], {}).get("eva_depth")
+            depth = primus_module()._PRIMUS_CONFIGS.get(kw["config_name"], {}).get("eva_depth")
         if not isinstance(depth, int) or not patch:
             return None
         n_up = int(math.log(max(patch)) / math.log(2))  # PatchDecode's num_stages, as it computes it

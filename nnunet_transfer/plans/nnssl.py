@@ -46,6 +46,7 @@ import torch
 
 from nnunet_transfer.checkpoints import NNSSL_KEY, LoadedWeights
 from nnunet_transfer.errors import ArchitectureError, DataError
+from nnunet_transfer.netutil import primus_module
 from nnunet_transfer.plans.primus import PRIMUS_CLASS
 
 UNET_MODULE = "dynamic_network_architectures.architectures.unet"
@@ -191,8 +192,7 @@ def _primus_kwargs(name: str, arch: Mapping, where: str) -> dict:
     if not isinstance(kwargs, Mapping):
         raise DataError(f"{where}.architecture_plans.arch_kwargs is {kwargs!r}: the class Primus needs its kwargs "
                         f"(embed_dim, patch_embed_size, eva_depth, eva_numheads, …); a preset names PrimusS/B/M/L")
-    from dynamic_network_architectures.architectures.primus import Primus
-
+    Primus = primus_module().Primus
     params = inspect.signature(Primus.__init__).parameters
     allowed = {k for k in params if k not in _PRIMUS_PASSED}
     unknown = sorted(set(kwargs) - allowed - {"input_shape"})
