@@ -6,4 +6,8 @@ source "$here/scripts/setup_env.sh"
 cd "$here"
 # 2-core machines: one worker for nnU-Net's preprocessing/export
 export nnUNet_def_n_proc="${nnUNet_def_n_proc:-1}"
-exec python -m pytest -p no:cacheprovider "$@"
+# two pytest workers (pytest-xdist), one torch thread each: most of an end-to-end test is single-threaded (importing
+# torch, nnU-Net's trainer search, preprocessing, data augmentation in the main process), so two of them at once
+# use both cores; tests/conftest.py keeps each module, and the modules sharing a session fixture, on one worker.
+# NNUNET_TRANSFER_TEST_WORKERS=0 runs everything in this process.
+exec python -m pytest -p no:cacheprovider -n "${NNUNET_TRANSFER_TEST_WORKERS:-2}" --dist loadgroup "$@"

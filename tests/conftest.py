@@ -28,6 +28,31 @@ PRETRAIN_SETTINGS = {**QUICK_SETTINGS, "num_epochs": 5, "num_iterations_per_epoc
                      "final_validation": True}
 
 
+#: fixtures built once per session that several modules share: with ``pytest -n`` (scripts/test.sh) the modules
+#: using them run in one worker, so that each is built once
+SHARED_SESSION_FIXTURES = ("smoke_data", "karimi")
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one torch thread per worker and per nnU-Net process it starts (they inherit the variable): two workers
+        # share 2 cores, and torch's OpenMP threads spin-wait when there are more of them than cores
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each module is one unit for ``--dist loadgroup`` (its module fixtures built once), and the modules using a
+    shared session fixture are one unit together."""
+    shared = {item.module.__name__ for item in items
+              if any(name in item.fixturenames for name in SHARED_SESSION_FIXTURES)}
+    for item in items:
+        group = "shared-session-fixtures" if item.module.__name__ in shared else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 class Workspace:
     def __init__(self, root: Path):
         self.root = root
