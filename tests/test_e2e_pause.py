@@ -9,13 +9,16 @@ are identical under any load (``OMP_THREAD_LIMIT=1`` instead makes nnU-Net hang 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from nnunet_transfer.errors import DataError
 from nnunet_transfer.pipeline import TRAIN_ENV
+from nnunet_transfer.study.racing_signal import validation_at
 
 from conftest import TARGET_ID, TINY, load_checkpoint
 
@@ -49,6 +52,8 @@ def runs(workspace):
     never = train(ws, "pause_never")
     fold = train(ws, "pause_twice")
     seen = []
+    # the weights of the first pause, kept for the racing-signal test below (--c replaces checkpoint_latest)
+    shutil.copy(fold / "checkpoint_latest.pth", fold / "checkpoint_rung1.pth")
     for cont in (True, True):
         record = json.loads((fold / "transfer_config.json").read_text())
         latest = load_checkpoint(fold / "checkpoint_latest.pth")
@@ -92,3 +97,39 @@ def test_the_finished_run_is_done_not_paused_and_validated(runs):
     logs = "".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
     assert logs.count("the random state of the pause is restored") == 2
     assert logs.count("no final validation: the run is paused") == 2
+
+
+def test_racing_validation_signal_is_nnunets_own_prediction_and_evaluation_of_the_fold(runs, tmp_path):
+    """[racing] signal = "validation" at a rung (the weights of the pause after epoch 1) equals what nnU-Net's own
+    programs give: ``nnUNetv2_predict -chk`` of the fold's validation cases (no test-time mirroring, as the signal)
+    scored by nnU-Net's ``compute_metrics_on_folder_simple`` (foreground mean)."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
+
+    ws, _, fold, _ = runs
+    name = ws.dataset_name(TARGET_ID)
+    val = json.loads((ws.root / "preprocessed" / name / "splits_final.json").read_text())[0]["val"]
+    images, refs = tmp_path / "images", tmp_path / "refs"
+    images.mkdir(), refs.mkdir()
+    for case in val:
+        shutil.copy(ws.root / "raw" / name / "imagesTr" / f"{case}_0000.nii.gz", images)
+        shutil.copy(ws.root / "raw" / name / "labelsTr" / f"{case}.nii.gz", refs)
+    # the rung-1 weights where nnU-Net's -chk finds them, under the name the paused run gave them
+    rung = fold / "rung1" / "fold_0"
+    rung.mkdir(parents=True)
+    shutil.copy(fold / "checkpoint_rung1.pth", rung / "checkpoint_latest.pth")
+    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        shutil.copy(fold.parent / f, rung.parent / f)
+    signal = validation_at(rung, 1, dataset=name, configuration="pause_twice", plans="nnUNetPlans", device="cpu")
+    ws.run(["nnUNetv2_predict_from_modelfolder", "-i", images, "-o", tmp_path / "pred", "-m", rung.parent, "-f", 0,
+            "-chk", "checkpoint_latest.pth", "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta",
+            "--disable_progress_bar"], "predict the rung's weights")
+    labels = [v for k, v in json.loads((ws.root / "raw" / name / "dataset.json").read_text())["labels"].items()
+              if k != "background"]
+    metrics = compute_metrics_on_folder_simple(str(refs), str(tmp_path / "pred"), labels, num_processes=1)
+    assert signal is not None and signal == pytest.approx(metrics["foreground_mean"]["Dice"], abs=1e-6)
+    # the finished run holds no weights of epoch 1 any more: one line, not another epoch's value
+    with pytest.raises(DataError, match="not the weights after rung 1: the run went past the rung"):
+        validation_at(fold, 1, dataset=name, configuration="pause_twice", plans="nnUNetPlans", device="cpu")
+    # its final weights are the last "rung"
+    assert validation_at(fold, 3, dataset=name, configuration="pause_twice", plans="nnUNetPlans",
+                         device="cpu") is not None

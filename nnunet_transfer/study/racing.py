@@ -10,7 +10,8 @@ trains on)::
 so a ``study run`` killed anywhere (kill -9 included) takes every decided rung from the file — it never decides a
 rung twice — and every run from its files: a run paused at or past the rung is not trained again
 (:func:`~nnunet_transfer.study.runner.execute_run` with ``until``). A unit is one (repeat, fold) of a size; the
-signal (``ema``) is nnU-Net's EMA pseudo-Dice after the rung's epoch, from the run's own checkpoint log. The runs
+signal (:mod:`.racing_signal`) is nnU-Net's EMA pseudo-Dice after the rung's epoch (``ema``) or the Dice of the
+fold's validation cases predicted with the rung's weights (``validation``). The runs
 of a dropped strategy stay paused (``study status``: "dropped"); the report compares the survivors.
 
 :func:`replay` simulates racing on a study that ran in full, from the EMA pseudo-Dice curves in its
@@ -18,17 +19,16 @@ of a dropped strategy stay paused (``study status``: "dropped"); the report comp
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.environment import nnunet_environment
 from nnunet_transfer.errors import ConfigError, DataError
 from nnunet_transfer.experiments.racing import decide, resolve_rungs
 from nnunet_transfer.study.model import Study
 from nnunet_transfer.study.plan import prepare
+from nnunet_transfer.study.racing_signal import ema_at, validation_at
 from nnunet_transfer.study.runner import Outcome, RunSummary, _planning, execute_run, run_study, select
 from nnunet_transfer.study.spec import load_study
 from nnunet_transfer.study.state import progress, read_json, results_folder, write_json
@@ -41,16 +41,13 @@ def unit_of(run: Run) -> str:
     return f"r{run.repeat}f{run.fold}"
 
 
-def ema_at(run_folder: Path, epoch: int) -> float | None:
-    """nnU-Net's EMA pseudo-Dice after ``epoch`` completed epochs, from the run's newest checkpoint's log."""
-    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
-        path = run_folder / name
-        if path.is_file():
-            logged = read_checkpoint(path, mmap=True)["logging"].get("ema_fg_dice") or []
-            if len(logged) >= epoch:
-                v = float(logged[epoch - 1])
-                return v if math.isfinite(v) else None
-    return None
+def signal_at(study: Study, run: Run, epoch: int) -> float | None:
+    """The run's value of the study's [racing] signal after ``epoch`` completed epochs (:mod:`.racing_signal`)."""
+    folder = results_folder(study, run)
+    if study.racing.signal == "validation":
+        return validation_at(folder, epoch, dataset=study.dataset, configuration=run.configuration,
+                             plans=study.plans, device="cpu" if study.device == "cpu" else "auto")
+    return ema_at(folder, epoch)
 
 
 def _config(study: Study) -> dict:
@@ -120,7 +117,7 @@ def run_racing(study: Study | str | Path, *, executor: str = "local", only: str 
                 return summary
             signals: dict[str, dict[str, float]] = {}
             for run in live:
-                v = ema_at(results_folder(study, run), epoch)
+                v = signal_at(study, run, epoch)
                 if v is not None:
                     signals.setdefault(run.strategy.name, {})[unit_of(run)] = v
             verdicts = decide(signals, baseline=study.baseline, rule=rc.rule, alpha=rc.alpha, test=rc.test,

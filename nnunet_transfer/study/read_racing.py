@@ -68,9 +68,6 @@ def read_racing(p: Problems, content: Any, num_epochs: Sequence[int]) -> Racing 
     if len(epochs) > 1:
         p.add("racing", f"the strategies have different num_epochs ({', '.join(map(str, epochs))}); racing compares "
                         f"them at the same epochs: give every strategy one num_epochs ([settings])")
-    if values["signal"] == "validation":
-        p.add("racing", "signal = 'validation' is not available yet in `study run`; use signal = 'ema' (nnU-Net's "
-                        "EMA pseudo-Dice)")
     if len(p) > before or rungs is None or not epochs:
         return None
     n = epochs[0]
