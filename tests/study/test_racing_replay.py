@@ -85,3 +85,14 @@ def test_replay_leaves_out_nan_signals_and_refuses_rungs_past_the_schedule(study
     for rungs, epochs in (([4], [4]), ([2, 1], [2, 1]), ([0.9], [4])):
         with pytest.raises(ConfigError, match=re.escape(f"are epochs {epochs} of num_epochs 4")):
             replay(s, rule="paired", rungs=rungs)
+
+
+def test_the_replay_racing_command_prints_the_replay(study, capsys):
+    """`nnunet_transfer study replay-racing` through the command line (it failed to import its function before)."""
+    from nnunet_transfer.cli.main import main
+
+    s, _ = study
+    assert main(["study", "replay-racing", str(s.path), "--rule", "halving", "--rungs", "1,2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == replay(s, rule="halving", rungs=[1, 2]).text() + "\n"
+    assert "size 2: dropped frozen@1; full winner scratch kept; dropped wrongly none; epochs 15 of 24" in printed
