@@ -5,6 +5,7 @@ file, trained here or as SLURM jobs, resumable, ending in ``evaluate`` + ``compa
 * :func:`prepare` expands it into its runs and writes the configurations, splits and test folders
   (``study plan``, :mod:`.plan`);
 * :func:`run_study` trains, predicts and evaluates every run that is not done (``study run``, :mod:`.runner`);
+* :func:`replay_racing` simulates [racing] on a study that ran in full (``study replay-racing``, :mod:`.racing`);
 * :func:`study_status` reads every run's state from its files (``study status``);
 * :func:`report_study` pools, compares and plots (``study report``, :mod:`.report`);
 * :func:`init_study` writes a paper's protocol as a study file (``study init``, :mod:`.templates`).
@@ -29,6 +30,12 @@ def prepare(study, **kw):
 
 def run_study(study, **kw):
     from nnunet_transfer.study.runner import run_study as f  # lazy: a verb imports only its module
+
+    return f(study, **kw)
+
+
+def replay_racing(study, **kw):
+    from nnunet_transfer.study.racing import replay as f  # lazy: a verb imports only its module
 
     return f(study, **kw)
 

@@ -231,6 +231,9 @@ def replay(study: Study | str | Path, *, rule: str | None = None, rungs: Sequenc
     num_epochs = runs[0].num_epochs
     rule = rule or rc.rule
     epochs = resolve_rungs(rungs, num_epochs) if rungs is not None else list(rc.rungs)
+    if any(b <= a for a, b in zip(epochs, epochs[1:])) or not 1 <= epochs[0] or epochs[-1] >= num_epochs:
+        raise ConfigError(f"--rungs {list(rungs if rungs is not None else rc.rungs)} are epochs {epochs} of "
+                          f"num_epochs {num_epochs}; they must increase and fall before num_epochs, e.g. 0.1,0.3")
     alpha, test, eta = (rc.alpha, rc.test, rc.eta) if rc is not None else (0.05, "ttest", 2)
     missing = [r.id for r in runs if not (results_folder(study, r) / "checkpoint_final.pth").is_file()]
     if missing:
@@ -242,15 +245,22 @@ def replay(study: Study | str | Path, *, rule: str | None = None, rungs: Sequenc
         here = [r for r in runs if r.size_index == size]
         full_scores: dict[str, dict[str, float]] = {}
         for r in here:
-            full_scores.setdefault(r.strategy.name, {})[unit_of(r)] = final(study, r)
+            v = final(study, r)
+            full_scores.setdefault(r.strategy.name, {})
+            if v is not None and math.isfinite(v):
+                full_scores[r.strategy.name][unit_of(r)] = v
         verdicts = {v.strategy: v for v in decide(full_scores, baseline=study.baseline, rule="paired", alpha=alpha,
                                                   test=test)}
         winner = next(iter(verdicts.values())).best
         equal = {s for s, v in verdicts.items() if s == winner or not (v.p_holm is not None and v.p_holm < alpha)}
         live, dropped = sorted(full_scores), {}
         for e in epochs:
-            signals = {s: {unit_of(r): ema_at(results_folder(study, r), e) for r in here if r.strategy.name == s}
-                       for s in live}
+            signals = {s: {} for s in live}
+            for r in here:
+                if r.strategy.name in signals:
+                    v = ema_at(results_folder(study, r), e)
+                    if v is not None:  # NaN pseudo-Dice (no foreground in the patches): left out, as study run does
+                        signals[r.strategy.name][unit_of(r)] = v
             for v in decide(signals, baseline=study.baseline, rule=rule, alpha=alpha, test=test, eta=eta):
                 if v.dropped:
                     dropped[v.strategy] = e

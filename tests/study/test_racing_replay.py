@@ -3,6 +3,8 @@ an EMA pseudo-Dice curve of known values), the replay drops what the rules say, 
 ``study status`` shows the decisions of racing.json."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -61,3 +63,36 @@ def test_status_lines_show_the_recorded_decisions_with_evidence(study):
     text = "\n".join(racing_lines(s))
     assert "size index 0, rung 1: live scratch; dropped frozen" in text
     assert "frozen: worse than scratch: mean paired difference -0.2000 over 3 units" in text
+
+
+def test_replay_leaves_out_nan_signals_and_refuses_rungs_past_the_schedule(study, tmp_path):
+    """A run whose pseudo-Dice is NaN at a rung (no foreground in nnU-Net's validation patches: nnU-Net's EMA stays
+    NaN) is left out of that rung's pairs, as `study run` leaves it out, instead of failing the replay; rungs at or
+    after num_epochs, or not increasing, are refused with the epochs they resolve to."""
+    import math
+
+    from nnunet_transfer.errors import ConfigError
+
+    s, runs = study
+    nan_run = next(r for r in runs if r.strategy.name == "frozen" and r.size_index == 0 and r.repeat == 0)
+    path = results_folder(s, nan_run) / "checkpoint_final.pth"
+    curve = torch.load(path)["logging"]["ema_fg_dice"]
+    torch.save({"logging": {"ema_fg_dice": [math.nan] + curve[1:]}, "current_epoch": 4}, path)
+    result = replay(s, rule="paired")
+    # size 0: frozen keeps 2 units at rung 1 (differences -0.27, -0.25: one-sided t-test p = 0.012 on 1 df)
+    assert result.rows[0]["dropped"] == result.rows[1]["dropped"] == {"frozen": 1}
+    assert [(r["winner"], r["winner_kept"]) for r in result.rows] == [("scratch", True)] * 2
+    for rungs, epochs in (([4], [4]), ([2, 1], [2, 1]), ([0.9], [4])):
+        with pytest.raises(ConfigError, match=re.escape(f"are epochs {epochs} of num_epochs 4")):
+            replay(s, rule="paired", rungs=rungs)
+
+
+def test_the_replay_racing_command_prints_the_replay(study, capsys):
+    """`nnunet_transfer study replay-racing` through the command line (it failed to import its function before)."""
+    from nnunet_transfer.cli.main import main
+
+    s, _ = study
+    assert main(["study", "replay-racing", str(s.path), "--rule", "halving", "--rungs", "1,2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == replay(s, rule="halving", rungs=[1, 2]).text() + "\n"
+    assert "size 2: dropped frozen@1; full winner scratch kept; dropped wrongly none; epochs 15 of 24" in printed
