@@ -113,15 +113,13 @@ def test_racing_validation_signal_is_nnunets_own_prediction_and_evaluation_of_th
     for case in val:
         shutil.copy(ws.root / "raw" / name / "imagesTr" / f"{case}_0000.nii.gz", images)
         shutil.copy(ws.root / "raw" / name / "labelsTr" / f"{case}.nii.gz", refs)
-    # the rung-1 weights where nnU-Net's -chk finds them, under the name the paused run gave them
-    rung = fold / "rung1" / "fold_0"
+    # validation_at reads the rung's weights as the paused run held them: checkpoint_latest.pth of a fold folder
+    rung = tmp_path / "rung1" / "fold_0"
     rung.mkdir(parents=True)
     shutil.copy(fold / "checkpoint_rung1.pth", rung / "checkpoint_latest.pth")
-    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
-        shutil.copy(fold.parent / f, rung.parent / f)
     signal = validation_at(rung, 1, dataset=name, configuration="pause_twice", plans="nnUNetPlans", device="cpu")
-    ws.run(["nnUNetv2_predict_from_modelfolder", "-i", images, "-o", tmp_path / "pred", "-m", rung.parent, "-f", 0,
-            "-chk", "checkpoint_latest.pth", "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta",
+    ws.run(["nnUNetv2_predict", "-i", images, "-o", tmp_path / "pred", "-d", TARGET_ID, "-c", "pause_twice", "-f", 0,
+            "-tr", TRAINER, "-chk", "checkpoint_rung1.pth", "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta",
             "--disable_progress_bar"], "predict the rung's weights")
     labels = [v for k, v in json.loads((ws.root / "raw" / name / "dataset.json").read_text())["labels"].items()
               if k != "background"]
