@@ -8,8 +8,9 @@ short schedule, each through ``nnUNetv2_train`` and ``nnUNetv2_predict``:
 
 * plain fine-tuning (``unannotated=[]``: the dataset.json declaration switched off) — it learns to erase organ
   and lesion;
-* partial labels (the marginal loss, from the dataset.json declaration);
-* distillation (``nnUNetTrainerContinual``, through nnU-Net's torch.compile path forced on the CPU);
+* partial labels (the marginal loss, from the dataset.json declaration), through nnU-Net's torch.compile path
+  forced on the CPU;
+* distillation (``nnUNetTrainerContinual``, through the same compiled path);
 * pseudo-labels (``nnunet_transfer labels merge`` writes dataset 922; plain fine-tuning on it).
 
 Forgetting is measured on the *source's* held-out test set (``evaluate --before``): the old classes' Dice of
@@ -47,7 +48,10 @@ REMEDY_KEEPS = 0.9
 #: ... while the new class is NOT learned at this budget: the cyst's Dice is printed, not asserted. Measured on this
 #: data (2026-12-07): 40 iterations give plain fine-tuning a cyst Dice of 0.48, but at 30 iterations and nnU-Net's
 #: LR the shared features drift so far that partial labels keep 0 % and distillation (weight 10) 13 % of the old
-#: classes (pseudo-labels 98 %); meeting both criteria needs a longer schedule at a lower LR than a CPU test affords
+#: classes (pseudo-labels 98 %). Made easier to learn (a cyst darker than the organ, 10 HU, radii x 1.5-2), the cyst
+#: is learned only where the old classes are lost (partial labels: 30 its 0.27 / 19 % kept, 40 its 0.43 / 1 %, 45
+#: its 0.25 / 41 %; the network calls the organ "cyst"), and lr_scale 0.3 x 30 iterations learns no cyst at all;
+#: distillation at weight 30 x 45 iterations keeps 114 % and learns no cyst. documentation/continual.md has the table
 NEW_CLASS_LEARNED = False
 TARGET_DOMAIN = SOURCE
 RESULTS: dict[str, dict] = {}
@@ -135,7 +139,9 @@ def test_plain_fine_tuning_forgets_the_old_classes(newclass):
 def test_partial_labels_keep_the_old_classes(newclass):
     ws = newclass
     ws.configure(NEW_ID, TINY, "cl_partial", SETTINGS)  # organ and lesion: the dataset.json's declaration
-    fold = ws.train(NEW_ID, "cl_partial", "nnUNetTrainerFinetune", pretrained=ws.source_checkpoint)
+    fold = ws.train_compiled(NEW_ID, "cl_partial", "nnUNetTrainerFinetune", pretrained=ws.source_checkpoint)
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "Using torch.compile..." in log and "partial labels" in log
     info = json.loads((fold / "transfer_config.json").read_text())
     assert info["unannotated"] == {"organ": 1, "lesion": 2}
     measure(ws, "partial", NEW_ID, "cl_partial", "nnUNetTrainerFinetune")
