@@ -19,6 +19,7 @@ of a dropped strategy stay paused (``study status``: "dropped"); the report comp
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +32,7 @@ from nnunet_transfer.study.plan import prepare
 from nnunet_transfer.study.racing_signal import ema_at, validation_at
 from nnunet_transfer.study.runner import Outcome, RunSummary, _planning, execute_run, run_study, select
 from nnunet_transfer.study.spec import load_study
-from nnunet_transfer.study.state import progress, read_json, results_folder, write_json
+from nnunet_transfer.study.state import evaluation_current, progress, read_json, results_folder, run_dir, write_json
 from nnunet_transfer.study.table import Run, build_table, plan_study_splits
 
 RACING_FILE = "racing.json"
@@ -204,9 +205,10 @@ class ReplayResult:
     rule: str
     rungs: list[int]
     rows: list[dict] = field(default_factory=list)  # per size
+    judge: str = "the final EMA pseudo-Dice"  # what the full study's winner is judged on
 
     def text(self) -> str:
-        out = [f"replay of racing: rule {self.rule}, rungs {self.rungs}"]
+        out = [f"replay of racing: rule {self.rule}, rungs {self.rungs}; the full study judged on {self.judge}"]
         for r in self.rows:
             out.append(f"  size {r['n_train']}: dropped {', '.join(f'{s}@{e}' for s, e in r['dropped'].items()) or 'none'}"
                        f"; full winner {r['winner']} {'kept' if r['winner_kept'] else 'DROPPED'}; dropped wrongly "
@@ -217,12 +219,18 @@ class ReplayResult:
         return "\n".join(out)
 
 
+def report_dice(study: Study, run: Run) -> float | None:
+    """A finished run's score in the report: Dice averaged over the test cases, then over the labels."""
+    summary = read_json(run_dir(study, run) / "eval" / "summary.json") or {}
+    return (summary.get("mean_over_labels") or {}).get("dice")
+
+
 def replay(study: Study | str | Path, *, rule: str | None = None, rungs: Sequence[float | int] | None = None,
            final: Callable[[Study, Run], float] | None = None) -> ReplayResult:
     """Simulate racing on a study that ran in full (every run has ``checkpoint_final.pth``): the EMA pseudo-Dice at
     the rungs from each run's logged curve. ``final(study, run)``: the final score a strategy is judged by (default:
-    the EMA pseudo-Dice at the end); "not significantly worse than the winner" is the paired rule's test at the
-    file's alpha on the final scores."""
+    the report's mean test Dice when ``study report`` evaluated every run, else the EMA pseudo-Dice at the end);
+    "not significantly worse than the winner" is the paired rule's test at the file's alpha on the final scores."""
     study = study if isinstance(study, Study) else load_study(study)
     rc = study.racing
     if rc is None and (rule is None or rungs is None):
@@ -239,8 +247,13 @@ def replay(study: Study | str | Path, *, rule: str | None = None, rungs: Sequenc
     if missing:
         raise DataError(f"replay needs a study that ran in full; {len(missing)} run(s) have no checkpoint_final.pth, "
                         f"e.g. {missing[0]}: finish them with `study run` (without [racing])")
-    final = final or (lambda s, r: ema_at(results_folder(s, r), r.num_epochs))
-    result = ReplayResult(rule, epochs)
+    judge = "a given final score"
+    if final is None and all(evaluation_current(study, r) for r in runs):
+        final, judge = report_dice, "the mean test Dice of `study report`'s evaluations"
+    elif final is None:
+        final = lambda s, r: ema_at(results_folder(s, r), r.num_epochs)  # noqa: E731
+        judge = "the final EMA pseudo-Dice (not every run is evaluated on the test set: run `study report` first)"
+    result = ReplayResult(rule, epochs, judge=judge)
     for size in sorted({r.size_index for r in runs}):
         here = [r for r in runs if r.size_index == size]
         full_scores: dict[str, dict[str, float]] = {}
@@ -274,4 +287,5 @@ def replay(study: Study | str | Path, *, rule: str | None = None, rungs: Sequenc
     return result
 
 
-__all__ = ["run_racing", "racing_lines", "racing_markdown", "epochs_spent", "replay", "ReplayResult", "ema_at", "RACING_FILE"]
+__all__ = ["run_racing", "racing_lines", "racing_markdown", "epochs_spent", "replay", "ReplayResult", "ema_at",
+           "report_dice", "RACING_FILE"]

@@ -96,3 +96,33 @@ def test_the_replay_racing_command_prints_the_replay(study, capsys):
     printed = capsys.readouterr().out
     assert printed == replay(s, rule="halving", rungs=[1, 2]).text() + "\n"
     assert "size 2: dropped frozen@1; full winner scratch kept; dropped wrongly none; epochs 15 of 24" in printed
+
+
+def test_replay_judges_the_full_study_on_the_reports_test_dice_once_every_run_is_evaluated(study):
+    """The full study's winner is the report's (mean test Dice over cases, then labels) when `study report` has
+    evaluated every run; here the test Dice ranks the strategies against their pseudo-Dice, so the replay, which
+    drops frozen on its pseudo-Dice, drops the full study's winner — and says so."""
+    from nnunet_transfer.study.state import EVAL_MARKER, run_dir
+
+    s, runs = study
+    assert replay(s, rule="paired").rows[0]["winner"] == "scratch"  # not evaluated: judged on the EMA
+    for r in runs[:-1]:
+        write_ev(s, r, 0.9 if r.strategy.name == "frozen" else 0.3 + 0.01 * r.repeat)
+    assert "final EMA pseudo-Dice (not every run is evaluated" in replay(s, rule="paired").text()
+    write_ev(s, runs[-1], 0.9 if runs[-1].strategy.name == "frozen" else 0.3)
+    result = replay(s, rule="paired")
+    assert "judged on the mean test Dice of `study report`'s evaluations" in result.text()
+    for row in result.rows:
+        assert (row["winner"], row["winner_kept"], row["dropped"]) == ("frozen", False, {"frozen": 1})
+    # an evaluation made for other settings is not current: back to the EMA
+    (run_dir(s, runs[0]) / "eval" / EVAL_MARKER).write_text('"stale"')
+    assert replay(s, rule="paired").rows[0]["winner"] == "scratch"
+
+
+def write_ev(s, r, dice: float) -> None:
+    from nnunet_transfer.study.state import EVAL_MARKER, evaluation_key, run_dir
+
+    ev = run_dir(s, r) / "eval"
+    ev.mkdir(parents=True, exist_ok=True)
+    write_json(ev / "summary.json", {"mean_over_labels": {"dice": dice}})
+    write_json(ev / EVAL_MARKER, evaluation_key(s, r))
