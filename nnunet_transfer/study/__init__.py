@@ -4,7 +4,8 @@ file, trained here or as SLURM jobs, resumable, ending in ``evaluate`` + ``compa
 * :func:`load_study` reads and checks the file (:mod:`.spec`);
 * :func:`prepare` expands it into its runs and writes the configurations, splits and test folders
   (``study plan``, :mod:`.plan`);
-* :func:`run_study` trains, predicts and evaluates every run that is not done (``study run``, :mod:`.runner`);
+* :func:`run_study` trains, predicts and evaluates every run that is not done (``study run``, :mod:`.runner`;
+  with [racing] rung by rung, :mod:`.racing`, which also holds :func:`replay_racing`);
 * :func:`study_status` reads every run's state from its files (``study status``);
 * :func:`report_study` pools, compares and plots (``study report``, :mod:`.report`);
 * :func:`init_study` writes a paper's protocol as a study file (``study init``, :mod:`.templates`).
@@ -28,7 +29,15 @@ def prepare(study, **kw):
 
 
 def run_study(study, **kw):
-    from nnunet_transfer.study.runner import run_study as f  # lazy: a verb imports only its module
+    """``study run``: a study with [racing] rung by rung (:func:`.racing.run_racing`), any other every run not done
+    (:func:`.runner.run_study`, to which run_racing hands it)."""
+    from nnunet_transfer.study.racing import run_racing as f  # lazy: a verb imports only its module
+
+    return f(study, **kw)
+
+
+def replay_racing(study, **kw):
+    from nnunet_transfer.study.racing import replay as f  # lazy: a verb imports only its module
 
     return f(study, **kw)
 
