@@ -74,9 +74,12 @@ class ReportResult:
         if self.evaluated:
             lines.append(f"  evaluated {len(self.evaluated)} run(s) now (the others from their cached evaluation)")
         for size, names in self.compared.items():
-            left = self.missing.get(size)
+            gone = {p.run.strategy.name for p in self.progress if p.state == "dropped" and str(p.run.size) == size}
+            left = [n for n in self.missing.get(size, []) if n not in gone]
+            dropped = [n for n in self.missing.get(size, []) if n in gone]
             lines.append(f"  n_train {size}: compared {', '.join(names) or 'nothing'}"
-                         + (f"; left out (not done): {', '.join(left)}" if left else ""))
+                         + (f"; left out (not done): {', '.join(left)}" if left else "")
+                         + (f"; dropped by racing: {', '.join(dropped)}" if dropped else ""))
         return "\n".join(lines)
 
 
