@@ -260,9 +260,17 @@ def test_killed_after_the_first_rung_the_rerun_keeps_the_decision_and_retrains_n
         assert [a.read_text().splitlines()[0].count(" --c") for a in attempts] == [0] + [1] * (len(attempts) - 1)
 
 
+# nnU-Net trains on the CPU with torch.set_num_threads(cpu_count()); with two threads on a loaded machine two runs of
+# one seed can differ in the last float32 bit (tests/test_e2e_pause.py, which therefore runs on one thread; measured
+# here too: one of four survivors 1.5e-8 off its twin, losses equal, under a load average of 16 with the two studies
+# side by side). Stock `study run` cannot be made single-threaded, so weights are compared to 1e-6 and the per-run
+# Dice to 1e-3 (a voxel flipped at a near-tie); the report's tables, printed to 3 decimals, must be equal.
+WEIGHT_TOL, DICE_TOL = 1e-6, 1e-3
+
+
 def test_survivors_equal_the_same_runs_trained_in_full_without_racing(racing):
-    """Paused at both rungs and continued (and one of them killed on the way): the same weights, predictions and
-    test Dice as the full study's runs of the same strategy, split and seed."""
+    """Paused at both rungs and continued (and one of them killed on the way): the weights and test Dice of the full
+    study's runs of the same strategy, split and seed."""
     study, full = racing["study"], racing["full"]
     full_runs = {(r.strategy.name, r.repeat, r.fold): r for r in full.runs}
     compared = 0
@@ -273,12 +281,15 @@ def test_survivors_equal_the_same_runs_trained_in_full_without_racing(racing):
         assert (twin.train, twin.val, twin.test) == (r.train, r.val, r.test)
         a = load_checkpoint(results_folder(study, r) / "checkpoint_final.pth")
         b = load_checkpoint(results_folder(full.study, twin) / "checkpoint_final.pth")
+        assert a["network_weights"].keys() == b["network_weights"].keys()
         for key, w in b["network_weights"].items():
-            assert torch.equal(a["network_weights"][key], w), (r.id, key)
-        assert a["logging"]["ema_fg_dice"] == b["logging"]["ema_fg_dice"], r.id
+            assert (a["network_weights"][key].double() - w.double()).abs().max() <= WEIGHT_TOL, (r.id, key)
+        assert a["logging"]["ema_fg_dice"] == pytest.approx(b["logging"]["ema_fg_dice"], abs=WEIGHT_TOL), r.id
         mine = json.loads((run_dir(study, r) / "eval" / "summary.json").read_text())["per_label"]
         theirs = json.loads((run_dir(full.study, twin) / "eval" / "summary.json").read_text())["per_label"]
-        assert mine == theirs, r.id
+        assert mine.keys() == theirs.keys()
+        for lab in mine:
+            assert mine[lab]["dice"]["mean"] == pytest.approx(theirs[lab]["dice"]["mean"], abs=DICE_TOL), (r.id, lab)
         compared += 1
     assert compared == 4
 
@@ -314,8 +325,13 @@ def test_the_report_says_what_racing_decided_and_cost_and_compares_the_survivors
         header, rows = mine[title][:1], mine[title][1:]
         assert header == theirs[title][:1]
         assert rows == [*theirs[title][1:3], "| still | – |"], title
-    rows = lambda rep: [row for row in csv.DictReader(open(folder / rep / "compare" / "n4" / "comparison.csv"))]  # noqa: E731
-    assert rows("report") == rows("full_report") and {r["strategy"] for r in rows("report")} == set(SURVIVORS)
+    rows = lambda rep: list(csv.DictReader(open(folder / rep / "compare" / "n4" / "comparison.csv")))  # noqa: E731
+    mine, theirs = rows("report"), rows("full_report")
+    assert len(mine) == len(theirs) and {r["strategy"] for r in mine} == set(SURVIVORS)
+    for a, b in zip(mine, theirs):
+        assert (a["strategy"], a["metric"], a["label"]) == (b["strategy"], b["metric"], b["label"])
+        if a["metric"] == "dice":
+            assert float(a["mean"]) == pytest.approx(float(b["mean"]), abs=DICE_TOL), a
     states = {r["run"]: r["state"] for r in csv.DictReader(open(folder / "report" / "runs.csv"))}
     assert {rid for rid, s in states.items() if s == "dropped"} == {r.id for r in racing["runs"]
                                                                       if r.strategy.name == DROPPED}
