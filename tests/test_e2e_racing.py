@@ -261,11 +261,12 @@ def test_killed_after_the_first_rung_the_rerun_keeps_the_decision_and_retrains_n
 
 
 # nnU-Net trains on the CPU with torch.set_num_threads(cpu_count()); with two threads on a loaded machine two runs of
-# one seed can differ in the last float32 bit (tests/test_e2e_pause.py, which therefore runs on one thread; measured
-# here too: one of four survivors 1.5e-8 off its twin, losses equal, under a load average of 16 with the two studies
-# side by side). Stock `study run` cannot be made single-threaded, so weights are compared to 1e-6 and the per-run
-# Dice to 1e-3 (a voxel flipped at a near-tie); the report's tables, printed to 3 decimals, must be equal.
-WEIGHT_TOL, DICE_TOL = 1e-6, 1e-3
+# one seed drift apart from the last float32 bit on (tests/test_e2e_pause.py, which therefore runs on one thread).
+# Measured here, racing survivor vs its full-study twin: 0 / 1.5e-8 / 6.6e-6 max |weight difference| (load average 16
+# and 3), the report's tables equal every time. Stock `study run` cannot be made single-threaded, so weights are
+# compared to 1e-4 and the per-run Dice to 1e-3; the report's tables, printed to 3 decimals, must be equal. This is
+# not a bit-for-bit proof (that is test_e2e_pause.py's): it says the survivors are the full study's runs.
+WEIGHT_TOL, DICE_TOL = 1e-4, 1e-3
 
 
 def test_survivors_equal_the_same_runs_trained_in_full_without_racing(racing):
