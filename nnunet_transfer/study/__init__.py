@@ -4,7 +4,8 @@ file, trained here or as SLURM jobs, resumable, ending in ``evaluate`` + ``compa
 * :func:`load_study` reads and checks the file (:mod:`.spec`);
 * :func:`prepare` expands it into its runs and writes the configurations, splits and test folders
   (``study plan``, :mod:`.plan`);
-* :func:`run_study` trains, predicts and evaluates every run that is not done (``study run``, :mod:`.runner`);
+* :func:`run_study` trains, predicts and evaluates every run that is not done (``study run``, :mod:`.runner`;
+  with [racing] rung by rung, :mod:`.racing`);
 * :func:`replay_racing` simulates [racing] on a study that ran in full (``study replay-racing``, :mod:`.racing`);
 * :func:`study_status` reads every run's state from its files (``study status``);
 * :func:`report_study` pools, compares and plots (``study report``, :mod:`.report`);
@@ -29,7 +30,9 @@ def prepare(study, **kw):
 
 
 def run_study(study, **kw):
-    from nnunet_transfer.study.runner import run_study as f  # lazy: a verb imports only its module
+    """``study run``: a study with [racing] rung by rung (:func:`.racing.run_racing`), any other every run not done
+    (:func:`.runner.run_study`, to which run_racing hands it)."""
+    from nnunet_transfer.study.racing import run_racing as f  # lazy: a verb imports only its module
 
     return f(study, **kw)
 

@@ -32,7 +32,8 @@ from nnunet_transfer.study.plan import prepare
 from nnunet_transfer.study.racing_signal import ema_at, validation_at
 from nnunet_transfer.study.runner import Outcome, RunSummary, _planning, execute_run, run_study, select
 from nnunet_transfer.study.spec import load_study
-from nnunet_transfer.study.state import evaluation_current, progress, read_json, results_folder, run_dir, write_json
+from nnunet_transfer.study.state import (Progress, evaluation_current, progress, read_json, results_folder, run_dir,
+                                         write_json)
 from nnunet_transfer.study.table import Run, build_table, plan_study_splits
 
 RACING_FILE = "racing.json"
@@ -144,6 +145,18 @@ def run_racing(study: Study | str | Path, *, executor: str = "local", only: str 
 
 
 # --------------------------------------------------------------------------- status and report
+def mark_dropped(study: Study, prog: Sequence[Progress]) -> None:
+    """The runs of a strategy dropped at a rung (paused there, never trained on) as state "dropped", with the rung
+    (``study status``, ``study report``)."""
+    if study.racing is None:
+        return
+    decisions = read_decisions(study)
+    for p in prog:
+        at = dropped_before(decisions, p.run.size_index).get(p.run.strategy.name)
+        if at is not None and p.state in ("paused", "interrupted", "pending"):
+            p.state, p.detail = "dropped", f"dropped by racing at epoch {at}"
+
+
 def racing_lines(study: Study) -> list[str]:
     """What racing decided so far, per size and rung: live and dropped strategies with the evidence."""
     if study.racing is None:
@@ -287,5 +300,5 @@ def replay(study: Study | str | Path, *, rule: str | None = None, rungs: Sequenc
     return result
 
 
-__all__ = ["run_racing", "racing_lines", "racing_markdown", "epochs_spent", "replay", "ReplayResult", "ema_at",
-           "report_dice", "RACING_FILE"]
+__all__ = ["run_racing", "mark_dropped", "racing_lines", "racing_markdown", "epochs_spent", "replay", "ReplayResult",
+           "ema_at", "report_dice", "RACING_FILE"]

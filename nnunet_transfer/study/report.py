@@ -47,7 +47,7 @@ from nnunet_transfer.figures import colors, figure
 from nnunet_transfer.fileio import plain, write_atomic
 from nnunet_transfer.nnunet_io import load_dataset_json
 from nnunet_transfer.study.analysis import analyse_study
-from nnunet_transfer.study.racing import racing_markdown
+from nnunet_transfer.study.racing import mark_dropped, racing_markdown
 from nnunet_transfer.study.plan import prepare
 from nnunet_transfer.study.runner import SOURCE_EVAL, evaluate_run, job_alive
 from nnunet_transfer.study.model import Study, sweep_label
@@ -74,9 +74,12 @@ class ReportResult:
         if self.evaluated:
             lines.append(f"  evaluated {len(self.evaluated)} run(s) now (the others from their cached evaluation)")
         for size, names in self.compared.items():
-            left = self.missing.get(size)
+            gone = {p.run.strategy.name for p in self.progress if p.state == "dropped" and str(p.run.size) == size}
+            left = [n for n in self.missing.get(size, []) if n not in gone]
+            dropped = [n for n in self.missing.get(size, []) if n in gone]
             lines.append(f"  n_train {size}: compared {', '.join(names) or 'nothing'}"
-                         + (f"; left out (not done): {', '.join(left)}" if left else ""))
+                         + (f"; left out (not done): {', '.join(left)}" if left else "")
+                         + (f"; dropped by racing: {', '.join(dropped)}" if dropped else ""))
         return "\n".join(lines)
 
 
@@ -203,6 +206,7 @@ def report_study(study: Study | str | Path, out: str | Path, *, plots: bool = Tr
     if o == so or any(p in (so / "runs", so / "test", so / "slurm") for p in [o, *o.parents]):
         raise DataError(f"report output {out} is inside the study's own records; give it a folder of its own")
     prog = [progress(study, r, job_alive=job_alive) for r in runs]
+    mark_dropped(study, prog)  # [racing]: not "paused" but dropped, at their rung
     done = {p.run.id for p in prog if p.done}
     evaluated = []
     for r in runs:
@@ -478,13 +482,18 @@ def report_markdown(study: Study, prog: Sequence[Progress], comparisons: dict, p
         lines += ["", f"Tables: `{rel}/comparison.csv` (every metric, label, test), `{rel}/tukey.csv` (Tukey's HSD)."]
         pngs = [p for p in res.files if p.suffix == ".png"]
         lines += [f"![{p.stem}]({rel}/{p.name})" for p in pngs]
-        if missing.get(k):
-            lines.append(f"Left out at this size (runs not done): {', '.join(missing[k])}.")
+        gone = {p.run.strategy.name for p in prog if p.state == "dropped" and str(p.run.size) == k}
+        if [n for n in missing.get(k, []) if n not in gone]:
+            lines.append(f"Left out at this size (runs not done): "
+                         f"{', '.join(n for n in missing[k] if n not in gone)}.")
+        if gone & set(missing.get(k, [])):
+            lines.append(f"Dropped by racing at this size (see Racing): "
+                         f"{', '.join(n for n in missing[k] if n in gone)}.")
         lines.append("")
     lines += list(extra)
     lines += ["## Runs", "", "Every run's state, epochs, seconds and own test Dice: `runs.csv`."]
     failed = [p for p in prog if p.state == "failed"]
-    pending = [p for p in prog if not p.done and p.state != "failed"]
+    pending = [p for p in prog if not p.done and p.state not in ("failed", "dropped")]
     if failed:
         lines += ["", "Failed (see the log; `study run` tries them again):", ""]
         lines += [f"- {p.run.id}: {p.detail} (`{_log_of(study, p.run, p)}`)" for p in failed]

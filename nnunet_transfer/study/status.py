@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_transfer.study.model import Study
-from nnunet_transfer.study.racing import dropped_before, racing_lines, read_decisions
+from nnunet_transfer.study.racing import mark_dropped, racing_lines
 from nnunet_transfer.study.runner import job_alive
 from nnunet_transfer.study.spec import load_study
 from nnunet_transfer.study.state import Progress, progress
@@ -52,12 +52,7 @@ def study_status(study: Study | str | Path, *, check_jobs: bool = True) -> Statu
         study = load_study(study)
     runs = build_table(study, plan_study_splits(study))
     out = [progress(study, r, job_alive=job_alive if check_jobs else None) for r in runs]
-    if study.racing is not None:
-        decisions = read_decisions(study)
-        for p in out:
-            at = dropped_before(decisions, p.run.size_index).get(p.run.strategy.name)
-            if at is not None and p.state in ("paused", "interrupted", "pending"):
-                p.state, p.detail = "dropped", f"dropped by racing at epoch {at}"
+    mark_dropped(study, out)
     return StatusResult(study, out)
 
 
