@@ -14,6 +14,9 @@ Effect on the process → the function that does it → when:
   calls nnU-Net's own → :func:`redirect_nnunet_loader` → a trainer's ``__init__``, when ``-pretrained_weights``
   names a fold or model folder rather than the file; for an nnssl checkpoint the wrapper calls this package's
   loader instead (encoder and stem only).
+* sets torch's CPU thread count when ``NNUNET_TRANSFER_CPU_THREADS`` is set → :func:`apply_cpu_threads` → a
+  trainer's ``__init__`` on the CPU: ``nnUNetv2_train -device cpu`` sets ``torch.set_num_threads(cpu_count())``
+  before it builds the trainer, so neither ``OMP_NUM_THREADS`` nor anything else reaches it.
 * replaces ``sys.excepthook`` (our ``TransferError`` and a misspelt trainer or model folder print as one line)
   → :func:`install_excepthook` → when nnU-Net imports the ``nnUNet_extTrainer`` shim (``_ext/``), or at
   start-up (next item).
@@ -118,6 +121,27 @@ def redirect_nnunet_loader(given: str, resolved: Path, loader=None) -> bool:
 
 
 # --------------------------------------------------------------------------- sys.excepthook
+CPU_THREADS_VAR = "NNUNET_TRANSFER_CPU_THREADS"
+
+
+def apply_cpu_threads(device) -> int | None:
+    """With ``NNUNET_TRANSFER_CPU_THREADS=n``, a CPU training run uses n torch threads instead of nnU-Net's every core:
+    runs sharing a machine (two test workers, a study's ``--processes``) do not oversubscribe its cores, and a run
+    with one thread is bit-reproducible under any load (two threads are not: their float32 sums differ in the last
+    bit when the machine is loaded). Unset: nnU-Net's choice stands. Returns the count set, None when untouched."""
+    text = os.environ.get(CPU_THREADS_VAR)
+    if not text or getattr(device, "type", str(device)) != "cpu":
+        return None
+    n = int(text) if text.strip().isdigit() else 0
+    if n < 1:
+        raise DataError(f"{CPU_THREADS_VAR}={text!r} is not a positive number of torch threads for CPU training; set "
+                        f"e.g. {CPU_THREADS_VAR}=1, or unset it for nnU-Net's default (every core)")
+    import torch  # the start-up file imports this module in every process: torch only when a trainer runs
+
+    torch.set_num_threads(n)
+    return n
+
+
 def install_excepthook() -> None:
     """Print our errors (and nnU-Net's for a misspelt trainer or model folder) as one line; once per process.
 
@@ -199,6 +223,6 @@ def install_hint_hook(argv: list[str] | None = None) -> bool:
     return True
 
 
-__all__ = ["TRAIN_PROGRAMS", "HINT_PROGRAMS", "PTH_NAME", "PTH_LINE", "TrainArgs", "nnunet_train_args",
+__all__ = ["CPU_THREADS_VAR", "apply_cpu_threads", "TRAIN_PROGRAMS", "HINT_PROGRAMS", "PTH_NAME", "PTH_LINE", "TrainArgs", "nnunet_train_args",
            "pretrained_weights_argument", "redirect_nnunet_loader", "install_excepthook", "startup_hint_file",
            "install_startup_hint", "remove_startup_hint", "install_hint_hook"]

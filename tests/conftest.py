@@ -17,6 +17,7 @@ from nnunet_transfer.checkpoints import read_checkpoint
 from nnunet_transfer.data import make_transfer_pair
 from nnunet_transfer.environment import SMALL_MACHINE, nnunet_environment
 from nnunet_transfer.pipeline import TRAIN_ENV, run_step, train_args
+from nnunet_transfer.runtime import CPU_THREADS_VAR
 
 SOURCE_ID, TARGET_ID = 901, 902
 TINY = "tiny"
@@ -28,35 +29,51 @@ PRETRAIN_SETTINGS = {**QUICK_SETTINGS, "num_epochs": 5, "num_iterations_per_epoc
                      "final_validation": True}
 
 
-#: fixtures built once per session that several modules share: with ``pytest -n`` (scripts/test.sh) the modules
-#: using them run in one worker, so that each is built once
+#: session fixtures that several modules share, and those modules: with ``pytest -n`` (scripts/test.sh) these modules
+#: run in one worker, so that each fixture is built once (collection refuses a module missing from the list)
 SHARED_SESSION_FIXTURES = ("smoke_data", "karimi")
+SHARING_MODULES = ("tests/test_e2e_analyze.py", "tests/test_e2e_experiments.py", "tests/test_e2e_freezing.py",
+                   "tests/test_e2e_racing.py", "tests/test_e2e_study.py")
 
 
 def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # one torch thread per worker and per nnU-Net process it starts (they inherit the variable): two workers
-        # share 2 cores, and torch's OpenMP threads spin-wait when there are more of them than cores
+        # one torch thread per worker: two workers share 2 cores, and torch's OpenMP threads spin-wait when there
+        # are more of them than cores (nnU-Net processes get theirs from the workspace's environment)
         import torch
 
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """Each test module is one unit of work (its module fixtures built once), and the modules of
+    :data:`SHARING_MODULES` are one unit together (pytest-xdist's ``loadgroup`` marks do not reach its scheduler under
+    pytest 9: the scope is computed here from the node id instead)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "shared-session-fixtures" if path in SHARING_MODULES else path
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Each module is one unit for ``--dist loadgroup`` (its module fixtures built once), and the modules using a
-    shared session fixture are one unit together."""
-    shared = {item.module.__name__ for item in items
-              if any(name in item.fixturenames for name in SHARED_SESSION_FIXTURES)}
-    for item in items:
-        group = "shared-session-fixtures" if item.module.__name__ in shared else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+    missing = sorted({item.nodeid.split("::", 1)[0] for item in items
+                      if any(name in item.fixturenames for name in SHARED_SESSION_FIXTURES)} - set(SHARING_MODULES))
+    if missing:
+        raise pytest.UsageError(f"{missing} use a fixture of {SHARED_SESSION_FIXTURES}: add them to SHARING_MODULES "
+                                f"in tests/conftest.py, so that the fixture is built in one pytest-xdist worker only")
 
 
 class Workspace:
     def __init__(self, root: Path):
         self.root = root
-        self.env = nnunet_environment(root, defaults=SMALL_MACHINE)
+        # one torch thread per training run: bit-reproducible under any load (runtime.apply_cpu_threads), and two
+        # test workers (scripts/test.sh) do not oversubscribe two cores
+        self.env = nnunet_environment(root, defaults=SMALL_MACHINE, extra={CPU_THREADS_VAR: "1"})
         self.logs = root / "logs"
         self.n_logs = 0
         self.extra_datasets: dict[int, str] = {}  # more targets some test modules add (id -> name)
@@ -234,7 +251,7 @@ def workspace(tmp_path_factory) -> Workspace:
     root = tmp_path_factory.mktemp("nnunet_ws")
     ws = Workspace(root)
     # in-process API calls (configure, analysis) read the same folders as the subprocesses
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", CPU_THREADS_VAR):
         os.environ[var] = ws.env[var]
     return ws.build()
 
@@ -399,3 +416,4 @@ def karimi(smoke_data, tmp_path_factory):
     assert main(["study", "report", str(path), "-o", str(path.parent / "report")]) == 0
     facts["report"] = path.parent / "report"
     return facts
+

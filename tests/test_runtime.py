@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -10,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from nnunet_transfer import runtime
-from nnunet_transfer.errors import ConfigError
+from nnunet_transfer.errors import ConfigError, DataError
 
 
 def test_the_docstring_lists_every_function_that_acts_on_the_process():
     for name in ("nnunet_train_args", "pretrained_weights_argument", "redirect_nnunet_loader", "install_excepthook",
-                 "install_startup_hint", "remove_startup_hint", "install_hint_hook"):
+                 "install_startup_hint", "remove_startup_hint", "install_hint_hook", "apply_cpu_threads"):
         assert f":func:`{name}`" in runtime.__doc__, name
 
 
@@ -91,3 +92,23 @@ def test_startup_hint_file_round_trip(tmp_path):
     assert path == Path(tmp_path) / runtime.PTH_NAME and path.read_text() == runtime.PTH_LINE
     assert runtime.remove_startup_hint(str(tmp_path)) == (path, True)
     assert runtime.remove_startup_hint(str(tmp_path)) == (path, False)
+
+
+def test_cpu_threads_setting_sets_torch_threads_on_the_cpu_only_and_refuses_a_bad_value(monkeypatch):
+    import torch
+
+    from nnunet_transfer.runtime import CPU_THREADS_VAR, apply_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv(CPU_THREADS_VAR, raising=False)
+        assert apply_cpu_threads(torch.device("cpu")) is None and torch.get_num_threads() == before
+        monkeypatch.setenv(CPU_THREADS_VAR, "1")
+        assert apply_cpu_threads(torch.device("cuda")) is None and torch.get_num_threads() == before
+        assert apply_cpu_threads(torch.device("cpu")) == 1 and torch.get_num_threads() == 1
+        for bad in ("0", "two", "-1", "1.5"):
+            monkeypatch.setenv(CPU_THREADS_VAR, bad)
+            with pytest.raises(DataError, match=f"{CPU_THREADS_VAR}='{re.escape(bad)}' is not a positive number"):
+                apply_cpu_threads(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)

@@ -36,7 +36,8 @@ from nnunet_transfer.netutil import unique_named_parameters, unwrap
 from nnunet_transfer.nnunet_io import network_from_plans
 from nnunet_transfer.nnunet_compat import checkpoint_dict, train_step as nnunet_train_step
 from nnunet_transfer.policies.freezing import apply_freeze, keep_frozen_norms_in_eval
-from nnunet_transfer.runtime import nnunet_train_args, pretrained_weights_argument, redirect_nnunet_loader
+from nnunet_transfer.runtime import (apply_cpu_threads, nnunet_train_args, pretrained_weights_argument,
+                                     redirect_nnunet_loader)
 from nnunet_transfer.training.checkpoint_state import (CHECKPOINT_KEY, check_resume_settings, checkpoint_state,
                                                        not_ours_message, restore_transfer_state)
 from nnunet_transfer.training.drift import drift_from_file
@@ -88,6 +89,7 @@ class nnUNetTrainerTransferBase(nnUNetTrainer):
         self.unannotated = resolve_unannotated(
             *declared_unannotated(self.transfer_config.unannotated, dataset_json), dataset_json,
             self.pretrained_file.source_labels if self.pretrained_file else None)
+        apply_cpu_threads(device)  # before nnU-Net's __init__ seeds or builds anything
         super().__init__(plans, configuration, fold, dataset_json, device)
         cfg = self.transfer_config
         self.num_epochs = cfg.num_epochs
