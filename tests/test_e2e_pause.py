@@ -20,7 +20,7 @@ from nnunet_transfer.errors import DataError
 from nnunet_transfer.pipeline import TRAIN_ENV
 from nnunet_transfer.study.racing_signal import validation_at
 
-from conftest import TARGET_ID, TINY, load_checkpoint
+from conftest import SOURCE_ID, TARGET_ID, TINY, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +52,6 @@ def runs(workspace):
     never = train(ws, "pause_never")
     fold = train(ws, "pause_twice")
     seen = []
-    # the weights of the first pause, kept for the racing-signal test below (--c replaces checkpoint_latest)
-    shutil.copy(fold / "checkpoint_latest.pth", fold / "checkpoint_rung1.pth")
     for cont in (True, True):
         record = json.loads((fold / "transfer_config.json").read_text())
         latest = load_checkpoint(fold / "checkpoint_latest.pth")
@@ -100,34 +98,34 @@ def test_the_finished_run_is_done_not_paused_and_validated(runs):
 
 
 def test_racing_validation_signal_is_nnunets_own_prediction_and_evaluation_of_the_fold(runs, tmp_path):
-    """[racing] signal = "validation" at a rung (the weights of the pause after epoch 1) equals what nnU-Net's own
-    programs give: ``nnUNetv2_predict -chk`` of the fold's validation cases (no test-time mirroring, as the signal)
-    scored by nnU-Net's ``compute_metrics_on_folder_simple`` (foreground mean)."""
+    """[racing] signal = "validation" equals what nnU-Net's own programs give: ``nnUNetv2_predict -chk`` of the
+    fold's validation cases (no test-time mirroring, as the signal) scored by nnU-Net's
+    ``compute_metrics_on_folder_simple`` (foreground mean). On the source dataset, planned for itself, whose
+    preprocessed grid is the images' own (the signal is computed on the preprocessed grid; the target's plans
+    resample it); the rung's weights are read as a paused run holds them (``checkpoint_latest.pth``)."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
 
     ws, _, fold, _ = runs
-    name = ws.dataset_name(TARGET_ID)
+    source = ws.fold_folder(SOURCE_ID, TINY, TRAINER)
+    name, epochs = ws.source, load_checkpoint(source / "checkpoint_final.pth")["current_epoch"]
     val = json.loads((ws.root / "preprocessed" / name / "splits_final.json").read_text())[0]["val"]
     images, refs = tmp_path / "images", tmp_path / "refs"
     images.mkdir(), refs.mkdir()
     for case in val:
         shutil.copy(ws.root / "raw" / name / "imagesTr" / f"{case}_0000.nii.gz", images)
         shutil.copy(ws.root / "raw" / name / "labelsTr" / f"{case}.nii.gz", refs)
-    # validation_at reads the rung's weights as the paused run held them: checkpoint_latest.pth of a fold folder
-    rung = tmp_path / "rung1" / "fold_0"
+    rung = tmp_path / "rung" / "fold_0"
     rung.mkdir(parents=True)
-    shutil.copy(fold / "checkpoint_rung1.pth", rung / "checkpoint_latest.pth")
-    signal = validation_at(rung, 1, dataset=name, configuration="pause_twice", plans="nnUNetPlans", device="cpu")
-    ws.run(["nnUNetv2_predict", "-i", images, "-o", tmp_path / "pred", "-d", TARGET_ID, "-c", "pause_twice", "-f", 0,
-            "-tr", TRAINER, "-chk", "checkpoint_rung1.pth", "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta",
-            "--disable_progress_bar"], "predict the rung's weights")
+    shutil.copy(source / "checkpoint_final.pth", rung / "checkpoint_latest.pth")
+    signal = validation_at(rung, epochs, dataset=name, configuration=TINY, plans="nnUNetPlans", device="cpu")
+    ws.run(["nnUNetv2_predict", "-i", images, "-o", tmp_path / "pred", "-d", SOURCE_ID, "-c", TINY, "-f", 0,
+            "-tr", TRAINER, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", 0, "-nps", 0, "--disable_tta",
+            "--disable_progress_bar"], "predict the source's validation cases")
     labels = [v for k, v in json.loads((ws.root / "raw" / name / "dataset.json").read_text())["labels"].items()
               if k != "background"]
-    metrics = compute_metrics_on_folder_simple(str(refs), str(tmp_path / "pred"), labels, num_processes=1)
-    assert signal is not None and signal == pytest.approx(metrics["foreground_mean"]["Dice"], abs=1e-6)
-    # the finished run holds no weights of epoch 1 any more: one line, not another epoch's value
+    compute_metrics_on_folder_simple(str(refs), str(tmp_path / "pred"), labels, num_processes=1)
+    nnunet = json.loads((tmp_path / "pred" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    assert signal is not None and 0 < nnunet and signal == pytest.approx(nnunet, abs=1e-6)
+    # the paused-and-finished run holds no weights of epoch 1 any more: one line, not another epoch's value
     with pytest.raises(DataError, match="not the weights after rung 1: the run went past the rung"):
-        validation_at(fold, 1, dataset=name, configuration="pause_twice", plans="nnUNetPlans", device="cpu")
-    # its final weights are the last "rung"
-    assert validation_at(fold, 3, dataset=name, configuration="pause_twice", plans="nnUNetPlans",
-                         device="cpu") is not None
+        validation_at(fold, 1, dataset=ws.target, configuration="pause_twice", plans="nnUNetPlans", device="cpu")
