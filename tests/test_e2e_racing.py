@@ -6,7 +6,8 @@ rule ``halving`` with eta 3 (keep the best one by mean EMA pseudo-Dice, and the 
 session's source model; its pseudo-Dice after one epoch is several times the others'), ``scratch`` (the baseline)
 and ``still`` (random initialisation with initial_lr 1e-6: it cannot learn). Halving is a rank, not a test: given
 the signals nothing about it is left to chance. ``study run`` is killed (``kill -9`` of its process group) right
-after it recorded the first rung, and run again; beside it a study of the same two surviving strategies without
+after it recorded the first rung, and run again as SLURM jobs (submitit's LocalExecutor: one job array for rung 2,
+then one for the survivors' last epoch); beside it a study of the same two surviving strategies without
 [racing] (same splits, seeds, settings) trains in full, and the racing study's report must give its numbers.
 
 Dataset 916: dataset 912's cases and preprocessed data under another id (tests/conftest.py's ``alias_target``, no
@@ -172,8 +173,9 @@ def race(ws, folder: Path, tag: str = "", full_study: bool = True) -> dict:
     assert facts is not None, f"study run ended before it could be killed after rung 1: {folder / 'racing.log'}"
     assert proc.returncode == -signal.SIGKILL
     facts["status_after_kill"] = {p.run.id: p for p in study_status(path).progress}
-    # a new `study run` takes it from there (here, while the full study may still be training beside it)
-    assert main(["study", "run", str(path)]) == 0
+    # a new `study run` takes it from there (here, while the full study may still be training beside it): as SLURM
+    # jobs through submitit's LocalExecutor, one job array per rung (rung 2), then one for the survivors' ends
+    assert main(["study", "run", str(path), "--executor", "slurm", "--cluster", "local", "--wait"]) == 0
     if full_study:
         assert procs["full"].wait(timeout=max(1.0, deadline - time.monotonic())) == 0, (folder / "full.log").read_text()
     for f in logs.values():

@@ -30,10 +30,11 @@ from nnunet_transfer.experiments.racing import decide, resolve_rungs
 from nnunet_transfer.study.model import Study
 from nnunet_transfer.study.plan import prepare
 from nnunet_transfer.study.racing_signal import ema_at, validation_at
-from nnunet_transfer.study.runner import Outcome, RunSummary, _planning, execute_run, run_study, select
+from nnunet_transfer.study.runner import (EXECUTORS, Outcome, RunSummary, _planning, execute_run, job_alive,
+                                          run_study, select, submit)
 from nnunet_transfer.study.spec import load_study
-from nnunet_transfer.study.state import (Progress, evaluation_current, progress, read_json, results_folder, run_dir,
-                                         write_json)
+from nnunet_transfer.study.state import (Progress, evaluation_current, paused_after, progress, read_json,
+                                         results_folder, run_dir, write_json)
 from nnunet_transfer.study.table import Run, build_table, plan_study_splits
 
 RACING_FILE = "racing.json"
@@ -83,15 +84,18 @@ def dropped_before(decisions: dict, size_index: int, epoch: int | None = None) -
 
 
 def run_racing(study: Study | str | Path, *, executor: str = "local", only: str | None = None,
-               say: Callable[[str], None] = print, **_ignored) -> RunSummary:
-    """``study run`` of a study with [racing] (module docstring); without [racing], :func:`run_study`."""
+               cluster: str = "slurm", wait: bool = False, say: Callable[[str], None] = print,
+               **_ignored) -> RunSummary:
+    """``study run`` of a study with [racing] (module docstring); without [racing], :func:`run_study`.
+
+    ``--executor slurm``: the live runs of a size that have not reached the rung go out as one job array that trains
+    each to the rung (``until``); with ``--wait`` this process waits for it and decides, else the rung is decided by
+    the next ``study run`` once the jobs have ended (a rung with jobs still queued or running is left alone)."""
     study = study if isinstance(study, Study) else load_study(study)
     if study.racing is None:
-        return run_study(study, executor=executor, only=only, say=say, **_ignored)
-    if executor != "local":
-        raise ConfigError("[racing] runs with --executor local only: a SLURM study would need one job array per "
-                          "rung and a decision between them, which `study run` does not submit; run it locally or "
-                          "remove [racing]")
+        return run_study(study, executor=executor, only=only, cluster=cluster, wait=wait, say=say)
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     if only:
         raise ConfigError("--only cannot be used with [racing]: a rung is decided over every strategy of a size")
     with _planning(study):
@@ -102,6 +106,30 @@ def run_racing(study: Study | str | Path, *, executor: str = "local", only: str 
     decisions = read_decisions(study)
     summary = RunSummary()
     rc = study.racing
+
+    def train(todo: Sequence[Run], until: int | None, what: str) -> bool:
+        """Train ``todo`` (to ``until``); whether every one of them got there here and now."""
+        if executor == "local":
+            for i, run in enumerate(todo, 1):
+                say(f"[{what}] [{i}/{len(todo)}] {run.id}")
+                out = execute_run(study, run, definition_=plan.definitions[run.id], env=env, say=say, until=until)
+                if until is None or out.result in ("failed", "busy"):  # a pause at a rung is no outcome of its own
+                    summary.outcomes.append(out)
+            return not any(o.result in ("failed", "busy") for o in summary.outcomes)
+        waiting = [r for r in todo if progress(study, r, job_alive=job_alive).state in ("queued", "running")]
+        if waiting:
+            say(f"[{what}] {len(waiting)} job(s) still queued or running (e.g. {waiting[0].id}): run `study run` "
+                f"again when they have ended")
+            return False
+        if todo:
+            summary.outcomes += submit(study, todo, plan.definitions, cluster=cluster, wait=wait, say=say,
+                                       until=until)
+            if not wait:
+                say(f"[{what}] submitted; run `study run --executor {executor}` again when the jobs have ended"
+                    + (" to decide the rung" if until is not None else ""))
+                return False
+        return not any(o.result in ("failed", "busy") for o in summary.outcomes)
+
     sizes = sorted({r.size_index for r in runs})
     for epoch in rc.rungs:
         for size in sizes:
@@ -109,13 +137,11 @@ def run_racing(study: Study | str | Path, *, executor: str = "local", only: str 
                 continue  # decided before (this process or one that was killed): never again
             gone = dropped_before(decisions, size, epoch)
             live = [r for r in runs if r.size_index == size and r.strategy.name not in gone]
-            for i, run in enumerate(live, 1):
-                say(f"[rung {epoch}, size {run.n_train}] [{i}/{len(live)}] {run.id}")
-                out = execute_run(study, run, definition_=plan.definitions[run.id], env=env, say=say, until=epoch)
-                if out.result in ("failed", "busy"):
-                    summary.outcomes.append(out)
-            if any(o.result in ("failed", "busy") for o in summary.outcomes):
-                say(f"rung {epoch} of size index {size} not decided: a run failed or is held; run `study run` again")
+            todo = [r for r in live if not _reached(study, r, epoch)]
+            if not train(todo, epoch, f"rung {epoch}, size {live[0].n_train}"):
+                if executor == "local" or wait:
+                    say(f"rung {epoch} of size index {size} not decided: a run failed or is held; run `study run` "
+                        f"again")
                 return summary
             signals: dict[str, dict[str, float]] = {}
             for run in live:
@@ -130,18 +156,23 @@ def run_racing(study: Study | str | Path, *, executor: str = "local", only: str 
             write_json(study.output / RACING_FILE, decisions)  # durable before any run trains on
             say(f"rung {epoch} (size index {size}): dropped {', '.join(dropped) or 'none'}")
     gone_by_size = {size: dropped_before(decisions, size) for size in sizes}
-    for i, run in enumerate(runs, 1):
+    todo = []
+    for run in runs:
         if run.strategy.name in gone_by_size[run.size_index]:
             summary.outcomes.append(Outcome(run.id, "dropped", message=f"dropped at epoch "
                                                                        f"{gone_by_size[run.size_index][run.strategy.name]}"))
-            continue
-        p = progress(study, run)
-        if p.done:
+        elif progress(study, run).done:
             summary.outcomes.append(Outcome(run.id, "skipped", message="done"))
-            continue
-        say(f"[final] [{i}/{len(runs)}] {run.id}")
-        summary.outcomes.append(execute_run(study, run, definition_=plan.definitions[run.id], env=env, say=say))
+        else:
+            todo.append(run)
+    train(todo, None, "final")
     return summary
+
+
+def _reached(study: Study, run: Run, epoch: int) -> bool:
+    """Whether the run has trained to the rung (paused there or later, or finished)."""
+    at = paused_after(results_folder(study, run))
+    return (at is not None and at >= epoch) or progress(study, run).done
 
 
 # --------------------------------------------------------------------------- status and report

@@ -375,7 +375,7 @@ class RunJob(submitit.helpers.Checkpointable):
     """What a SLURM job runs: one run of a study. Requeued (Checkpointable) at a time limit or preemption;
     the requeued job continues the run with ``--c``."""
 
-    def __call__(self, study_file: str, run_id: str, env: dict) -> dict:
+    def __call__(self, study_file: str, run_id: str, env: dict, until: int | None = None) -> dict:
         os.environ.update({k: v for k, v in env.items() if k.startswith("nnUNet")})
         study = load_study(study_file)
         runs = {r.id: r for r in build_table(study, plan_study_splits(study))}
@@ -388,7 +388,7 @@ class RunJob(submitit.helpers.Checkpointable):
             job = None
         env = nnunet_environment(base={**os.environ, **env}, extra=study.environment)
         outcome = execute_run(study, run, definition_=definition(study, run, base_configuration_hash(study)),
-                              job_id=job, env=env)
+                              job_id=job, env=env, until=until)
         return outcome.__dict__
 
 
@@ -403,8 +403,9 @@ def executor_parameters(study: Study, cluster: str) -> dict:
 
 
 def submit(study: Study, runs: Sequence[Run], definitions: dict, *, cluster: str = "slurm", wait: bool = False,
-           say: Callable[[str], None] = print) -> list[Outcome]:
-    """One job array of the runs (``executor.map_array``); job ids go into each run's state."""
+           say: Callable[[str], None] = print, until: int | None = None) -> list[Outcome]:
+    """One job array of the runs (``executor.map_array``); job ids go into each run's state. ``until``: a rung of
+    [racing] — each job trains its run to that rung and pauses there (:func:`execute_run`)."""
     folder = study.output / "slurm"
     ctor = {}
     if "max_requeue" in study.slurm:
@@ -419,7 +420,8 @@ def submit(study: Study, runs: Sequence[Run], definitions: dict, *, cluster: str
         saved = read_json(run_dir(study, run) / RUN_FILE)
         if saved is None:
             write_json(run_dir(study, run) / RUN_FILE, definitions[run.id])
-    jobs = executor.map_array(RunJob(), [str(study.path)] * len(runs), [r.id for r in runs], [env] * len(runs))
+    jobs = executor.map_array(RunJob(), [str(study.path)] * len(runs), [r.id for r in runs], [env] * len(runs),
+                              [until] * len(runs))
     outcomes = []
     for run, job in zip(runs, jobs):
         update_state(study, run, state="submitted", job_id=str(job.job_id), cluster=cluster,

@@ -23,7 +23,6 @@ def path(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--executor", "slurm"], "[racing] runs with --executor local only"),
     (["--only", "scratch"], "--only cannot be used with [racing]"),
 ])
 def test_study_run_hands_a_racing_study_to_the_racing_loop(path, capsys, args, words):
