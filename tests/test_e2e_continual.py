@@ -34,7 +34,7 @@ from conftest import SOURCE_ID, TARGET_ID, TINY, assert_one_line_error, load_che
 
 pytestmark = pytest.mark.slow
 
-NEW_ID, PSEUDO_ID = 921, 922  # 911-914: the study tests' datasets
+NEW_ID, PSEUDO_ID = 921, 922  # 911-914, 916: the study tests' datasets; 929: the refused merges' output (free)
 OLD, NEW = [1, 2], 3
 #: one epoch of 15 iterations at nnU-Net's LR (lr_scale 1): long enough for plain fine-tuning to erase most of
 #: what the source knew about organ and lesion, short enough for a CPU test — too short for the new class (below)
@@ -214,7 +214,7 @@ def test_bad_input_is_one_line_and_writes_nothing(newclass, capsys):
         (["-d", TARGET_ID, "--classes", "organ"], "labels clash: ['organ'] are labels the target annotates"),
     ]
     for args, message in cases:
-        assert main(["labels", "merge", "-m", str(model), *map(str, args), "-o", "914"]) == 2
+        assert main(["labels", "merge", "-m", str(model), *map(str, args), "-o", "929"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("nnunet_transfer labels: error: ") and err.count("\n") == 1 and message in err, err
-        assert not list(raw.glob("Dataset914_*")) and not list(raw.glob(".Dataset914_*"))
+        assert not list(raw.glob("Dataset929_*")) and not list(raw.glob(".Dataset929_*"))
