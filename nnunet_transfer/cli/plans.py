@@ -25,9 +25,10 @@ def add_parser(sub) -> None:
                    help="source plans identifier (default nnUNetPlans; a model folder's own plans)")
     t.add_argument("-tp", dest="target_plans", default=None,
                    help="target plans identifier (default: the source's)")
-    t.add_argument("--normalization", default="target", metavar="{target,source}",
+    t.add_argument("--normalization", default=None, metavar="{target,source}",
                    help="intensity statistics for CT-normalised channels: the target's own (default) or the "
-                        "source's (nnU-Net's behaviour; only right when both share one intensity scale)")
+                        "source's (nnU-Net's behaviour; only right when both share one intensity scale). A target "
+                        "whose dataset.json declares \"unannotated\" classes keeps the source's by default")
     t.add_argument("--allow-channel-change", action="store_true",
                    help="accept another channel count or channel normalisation; schemes then follow the "
                         "target's channel names (adapt the checkpoint with `weights adapt --in-channels K`)")

@@ -155,14 +155,17 @@ def _find_checkpoints(source: str, plans: str, configuration: str) -> list[Path]
 
 
 def transfer_plans(source: str | int | Path, target: str | int, *, source_plans: str | None = None,
-                   target_plans: str | None = None, normalization: str = "target",
+                   target_plans: str | None = None, normalization: str | None = None,
                    allow_channel_change: bool = False, configuration: str | None = None,
                    num_processes: int | None = None, force: bool = False,
                    echo: Callable[[str], None] | None = None) -> TransferResult:
     """Write the source's plans for the target; see the module docstring for what differs from nnU-Net.
 
-    ``normalization="target"`` (default) takes the intensity properties from the target's own
-    fingerprint; ``"source"`` keeps the source's (nnU-Net's behaviour). ``allow_channel_change`` accepts
+    ``normalization="target"`` takes the intensity properties from the target's own fingerprint;
+    ``"source"`` keeps the source's (nnU-Net's behaviour). The default (``None``) is ``"target"``, except for a
+    target whose ``dataset.json`` declares ``"unannotated"`` classes (adding classes to the source's): its
+    fingerprint's foreground holds only the classes it labels, so the source's statistics are kept — the
+    target's window would clip the classes it leaves unlabelled (a bright lesion to the new class's range). ``allow_channel_change`` accepts
     a target whose channel count or channel normalisation differs: per-channel schemes then follow the
     target's channel names, as nnU-Net's planner would set them. ``configuration`` only chooses which
     configuration the printed next commands use (a model folder's own configuration by default).
@@ -175,7 +178,7 @@ def transfer_plans(source: str | int | Path, target: str | int, *, source_plans:
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    if normalization not in NORMALIZATION:
+    if normalization is not None and normalization not in NORMALIZATION:
         raise ConfigError(f"--normalization must be one of {', '.join(NORMALIZATION)}, got {normalization!r}")
     if is_path_argument(source) and Path(source).is_file():
         raise DataError(f"-s {source} is a file: plans transfer takes a dataset or a model folder ({LAYOUT}); for an "
@@ -239,6 +242,11 @@ def transfer_plans(source: str | int | Path, target: str | int, *, source_plans:
         raise ConfigError(f"channel normalisation differs: {'; '.join(changed)}. If the target channel is "
                           f"the same modality, name it like the source's in the target's dataset.json; to "
                           f"normalise it as its own name says, pass --allow-channel-change")
+    declared = tgt_json.get("unannotated")
+    unannotated = [str(n) for n in declared] if isinstance(declared, list) else []
+    chosen = normalization
+    if normalization is None:
+        normalization = "source" if unannotated and not count_differs else "target"
     if count_differs and normalization == "source":
         raise ConfigError("--normalization source needs the same channels in source and target (the source's "
                           f"statistics are per channel: {len(s_ch)} vs {len(t_ch)}); use --normalization target")
@@ -286,6 +294,18 @@ def transfer_plans(source: str | int | Path, target: str | int, *, source_plans:
             was = f" (the source's: {_props(s_props[k])})" if k in s_props else ""
             notes.append(f"channel {i} ({schemes_now[i]}) normalised with the target's own statistics: "
                          f"{_props(t_props[k])}{was}")
+        if ct and unannotated:
+            warnings.append(f"{tgt}'s dataset.json declares {unannotated} unannotated, and its own statistics come "
+                            f"from the voxels it labels only: classes it leaves unlabelled may fall outside that "
+                            f"clip range and look alike to the network. Leave --normalization out to keep the "
+                            f"source's statistics")
+    elif chosen is None:
+        for i in ct:
+            k = str(i)
+            notes.append(f"channel {i} ({schemes_now[i]}) normalised with the SOURCE's statistics "
+                         f"({_props(s_props[k])}), not the target's ({_props(t_props[k])}): {tgt}'s dataset.json "
+                         f"declares {unannotated} unannotated, so its foreground statistics cover only the classes "
+                         f"it labels and would clip the others; --normalization target uses its own")
     else:
         for i in ct:
             k = str(i)

@@ -109,6 +109,34 @@ def test_source_normalization_keeps_the_sources_statistics_and_warns(env):
                                          f"not its own (clip [0.5, 250], mean 110, std 45)")
 
 
+def declare_unannotated(env: Path, names: list[str]) -> None:
+    path = env / "raw" / TGT / "dataset.json"
+    dj = json.loads(path.read_text())
+    path.write_text(json.dumps({**dj, "unannotated": names}))
+
+
+def test_declared_unannotated_classes_keep_the_sources_statistics_by_default(env):
+    # adding classes: the target's fingerprint sees only the voxels it labels (the new class), so its clip range
+    # would cut the classes it leaves unlabelled; without --normalization the source's statistics stay
+    declare_unannotated(env, ["organ", "lesion"])
+    result = transfer_plans(901, 902)
+    assert result.normalization == "source" and result.warnings == []
+    assert written(env)["foreground_intensity_properties_per_channel"] == \
+           source_plans()["foreground_intensity_properties_per_channel"]
+    assert any(n.startswith("channel 0 (CTNormalization) normalised with the SOURCE's statistics (clip [-22.55, "
+                            "145.9], mean 49.98, std 33.16), not the target's (clip [0.5, 250], mean 110, std 45): "
+                            f"{TGT}'s dataset.json declares ['organ', 'lesion'] unannotated") for n in result.notes)
+
+
+def test_declared_unannotated_classes_with_target_statistics_asked_for_warn(env):
+    declare_unannotated(env, ["organ"])
+    result = transfer_plans(901, 902, normalization="target")
+    assert result.normalization == "target"
+    assert written(env)["foreground_intensity_properties_per_channel"] == {"0": TARGET_PROPS}
+    assert [w.split(":")[0] for w in result.warnings] == [f"{TGT}'s dataset.json declares ['organ'] unannotated, "
+                                                          f"and its own statistics come from the voxels it labels only"]
+
+
 def test_existing_plans_need_force_and_keep_a_backup(env):
     transfer_plans(901, 902, normalization="source")
     before = (env / "pre" / TGT / "nnUNetPlans.json").read_text()
