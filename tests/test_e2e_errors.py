@@ -145,6 +145,25 @@ def test_every_refusal_without_pretrained_weights_is_one_line(bad_files, refused
     assert not ws.fold_folder(TARGET_ID, CFG, trainer).parent.exists()
 
 
+def test_bad_cpu_thread_count_is_one_line_before_the_fold_folder(bad_files):
+    # runtime.apply_cpu_threads in the trainer's __init__, under the real nnUNetv2_train (unit-tested in
+    # tests/test_runtime.py; here: the same one line from the program, and nothing written)
+    import subprocess
+
+    from nnunet_transfer.pipeline import TRAIN_ENV, executable
+    from nnunet_transfer.runtime import CPU_THREADS_VAR
+
+    ws, _, _ = bad_files
+    trainer = "nnUNetTrainerTransferBase"
+    proc = subprocess.run([executable("nnUNetv2_train"), str(TARGET_ID), CFG, "0", "-tr", trainer, "-device", "cpu"],
+                          env={**ws.env, **TRAIN_ENV, CPU_THREADS_VAR: "two"}, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    err = _clean_failure(ws, proc, trainer)
+    line, = [x for x in err.splitlines() if x.startswith("nnunet_transfer: error:")]
+    assert line == (f"nnunet_transfer: error: {CPU_THREADS_VAR}='two' is not a positive number of torch threads for "
+                    f"CPU training; set e.g. {CPU_THREADS_VAR}=1, or unset it for nnU-Net's default (every core)")
+
+
 def test_misspelt_trainer_names_the_closest(bad_files):
     ws, _, _ = bad_files
     proc = _train(ws, "nnUNetTrainerFrozenEncodr")
