@@ -223,6 +223,6 @@ def install_hint_hook(argv: list[str] | None = None) -> bool:
     return True
 
 
-__all__ = ["CPU_THREADS_VAR", "apply_cpu_threads", "TRAIN_PROGRAMS", "HINT_PROGRAMS", "PTH_NAME", "PTH_LINE", "TrainArgs", "nnunet_train_args",
-           "pretrained_weights_argument", "redirect_nnunet_loader", "install_excepthook", "startup_hint_file",
+__all__ = ["CPU_THREADS_VAR", "apply_cpu_threads", "TRAIN_PROGRAMS", "HINT_PROGRAMS", "PTH_NAME", "PTH_LINE",
+           "TrainArgs", "nnunet_train_args", "pretrained_weights_argument", "redirect_nnunet_loader", "install_excepthook", "startup_hint_file",
            "install_startup_hint", "remove_startup_hint", "install_hint_hook"]

@@ -84,11 +84,11 @@ class Workspace:
         log = self.logs / f"{self.n_logs:03d}_{Path(str(args[0])).name}.log"
         return run_step(args, env=self.env, log=log, what=what, extra_env=TRAIN_ENV if train else None)
 
-    def run_expect_failure(self, args, train: bool = False):
+    def run_expect_failure(self, args, train: bool = False, extra_env: dict | None = None):
         import subprocess
         from nnunet_transfer.pipeline import executable
 
-        env = {**self.env, **(TRAIN_ENV if train else {})}
+        env = {**self.env, **(TRAIN_ENV if train else {}), **(extra_env or {})}
         return subprocess.run([executable(args[0]), *map(str, args[1:])], env=env, capture_output=True,
                               text=True, stdin=subprocess.DEVNULL)
 

@@ -41,7 +41,8 @@ pytestmark = pytest.mark.slow
 NEW_ID, PSEUDO_ID = 921, 922  # 911-914, 916: the study tests' datasets; 929: the refused merges' output (free)
 OLD, NEW = [1, 2], 3
 #: the module's network: nnU-Net's 3d_fullres on the 32³ images with 16, 32, 64 features (the session's "tiny"
-#: has 8, 16, 32: with 8 features before the heads no remedy learned the cyst without losing the lesion)
+#: has 8, 16, 32: with 8 features before the heads neither partial labels nor distillation learned the cyst
+#: without losing the lesion)
 ARCH = {"features": "16,32,64", "patch": "32,32,32", "batch_size": 2}
 SOURCE_CONFIG = "cl_source"
 #: the source: 400 iterations (16 epochs of 25), nnU-Net's LR decaying to 0: organ Dice 0.94, lesion 0.77

@@ -16,6 +16,7 @@ from nnunet_transfer.checkpoints import canonical_key
 from nnunet_transfer.cli.main import main
 from nnunet_transfer.nnunet_io import build_network
 from nnunet_transfer.plans.configure import add_configuration
+from nnunet_transfer.runtime import CPU_THREADS_VAR
 
 from conftest import QUICK_SETTINGS, SOURCE_ID, TARGET_ID, TINY, assert_one_line_error, load_checkpoint
 
@@ -148,16 +149,10 @@ def test_every_refusal_without_pretrained_weights_is_one_line(bad_files, refused
 def test_bad_cpu_thread_count_is_one_line_before_the_fold_folder(bad_files):
     # runtime.apply_cpu_threads in the trainer's __init__, under the real nnUNetv2_train (unit-tested in
     # tests/test_runtime.py; here: the same one line from the program, and nothing written)
-    import subprocess
-
-    from nnunet_transfer.pipeline import TRAIN_ENV, executable
-    from nnunet_transfer.runtime import CPU_THREADS_VAR
-
     ws, _, _ = bad_files
     trainer = "nnUNetTrainerTransferBase"
-    proc = subprocess.run([executable("nnUNetv2_train"), str(TARGET_ID), CFG, "0", "-tr", trainer, "-device", "cpu"],
-                          env={**ws.env, **TRAIN_ENV, CPU_THREADS_VAR: "two"}, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
+    proc = ws.run_expect_failure(["nnUNetv2_train", TARGET_ID, CFG, 0, "-tr", trainer, "-device", "cpu"], train=True,
+                                 extra_env={CPU_THREADS_VAR: "two"})
     err = _clean_failure(ws, proc, trainer)
     line, = [x for x in err.splitlines() if x.startswith("nnunet_transfer: error:")]
     assert line == (f"nnunet_transfer: error: {CPU_THREADS_VAR}='two' is not a positive number of torch threads for "

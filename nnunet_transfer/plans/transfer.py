@@ -165,9 +165,9 @@ def transfer_plans(source: str | int | Path, target: str | int, *, source_plans:
     ``"source"`` keeps the source's (nnU-Net's behaviour). The default (``None``) is ``"target"``, except for a
     target whose ``dataset.json`` declares ``"unannotated"`` classes (adding classes to the source's): its
     fingerprint's foreground holds only the classes it labels, so the source's statistics are kept — the
-    target's window would clip the classes it leaves unlabelled (a bright lesion to the new class's range). ``allow_channel_change`` accepts
-    a target whose channel count or channel normalisation differs: per-channel schemes then follow the
-    target's channel names, as nnU-Net's planner would set them. ``configuration`` only chooses which
+    target's window would clip the classes it leaves unlabelled (a bright lesion to the new class's range).
+    ``allow_channel_change`` accepts a target whose channel count or channel normalisation differs: per-channel
+    schemes then follow the target's channel names, as nnU-Net's planner would set them. ``configuration`` only chooses which
     configuration the printed next commands use (a model folder's own configuration by default).
 
     ``source`` is a dataset (id or name; its plans in ``nnUNet_preprocessed``) or a **model folder** as
